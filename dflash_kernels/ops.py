@@ -1,0 +1,515 @@
+"""Public operations of dflash_kernels (see SPEC.md and docs/DESIGN.md).
+
+Each public function validates its arguments on the host (raising
+``ValueError`` that names the argument), normalises them, allocates missing
+outputs, and calls a ``torch.ops.dflash.*`` custom op. The custom ops only
+mutate their output arguments and return nothing, so ``torch.compile``
+functionalises them and CUDA graphs capture them with static buffers. The op
+then runs the backend picked by :mod:`dflash_kernels._registry`.
+
+Every public function takes ``backend=None | "reference" | "triton" | "cuda"``.
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import _registry
+from ._validation import (
+    ACT_DTYPES,
+    FP8_DTYPES,
+    check_cache_dtype,
+    check_float,
+    check_head_dim,
+    check_int,
+    check_tensor,
+    normalize_scale,
+)
+
+__all__ = [
+    "VerifyOutput",
+    "block_attention",
+    "fuse_target_features",
+    "inject_kv",
+    "write_kv",
+    "verify_chain",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(op: str, device_type: str, backend: Optional[str]) -> str:
+    # Host-only decision, made once per trace under torch.compile.
+    return _registry.resolve(op, device_type, backend)
+
+
+# --------------------------------------------------------------------------
+# Custom ops: thin, mutation-only, dispatching to the chosen backend.
+# --------------------------------------------------------------------------
+
+@torch.library.custom_op("dflash::block_attention", mutates_args=("out", "lse"))
+def _block_attention_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
+    k_block: Optional[Tensor], v_block: Optional[Tensor], sm_scale: float, window: int,
+    k_scale: Optional[Tensor], v_scale: Optional[Tensor], out: Tensor, lse: Optional[Tensor],
+    backend: str,
+) -> None:
+    _registry.get("block_attention", backend)(
+        q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
+        sm_scale, window, k_scale, v_scale, out, lse)
+
+
+@_block_attention_op.register_fake
+def _(q, k_cache, v_cache, block_table, context_lens, k_block, v_block, sm_scale, window,
+      k_scale, v_scale, out, lse, backend):
+    return None
+
+
+@torch.library.custom_op("dflash::fuse_target_features", mutates_args=("out",))
+def _fuse_target_features_op(
+    features: List[Tensor], fc_weight: Tensor, norm_weight: Tensor, eps: float, out: Tensor,
+    backend: str,
+) -> None:
+    _registry.get("fuse_target_features", backend)(features, fc_weight, norm_weight, eps, out)
+
+
+@_fuse_target_features_op.register_fake
+def _(features, fc_weight, norm_weight, eps, out, backend):
+    return None
+
+
+@torch.library.custom_op("dflash::inject_kv", mutates_args=("k_caches", "v_caches"))
+def _inject_kv_op(
+    hidden: Tensor, kv_weight: Tensor, kv_bias: Optional[Tensor], k_norm_weight: Optional[Tensor],
+    positions: Tensor, slot_mapping: Tensor, k_caches: List[Tensor], v_caches: List[Tensor],
+    cos_sin_cache: Tensor, eps: float, rope_neox: bool, rotary_dim: int,
+    k_scale: Optional[Tensor], v_scale: Optional[Tensor], backend: str,
+) -> None:
+    _registry.get("inject_kv", backend)(
+        hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping, k_caches, v_caches,
+        cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale)
+
+
+@_inject_kv_op.register_fake
+def _(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping, k_caches, v_caches,
+      cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale, backend):
+    return None
+
+
+@torch.library.custom_op("dflash::write_kv", mutates_args=("k_caches", "v_caches"))
+def _write_kv_op(
+    k: Tensor, v: Tensor, k_norm_weight: Optional[Tensor], positions: Tensor, slot_mapping: Tensor,
+    k_caches: List[Tensor], v_caches: List[Tensor], cos_sin_cache: Tensor, eps: float,
+    rope_neox: bool, rotary_dim: int, k_scale: Optional[Tensor], v_scale: Optional[Tensor],
+    backend: str,
+) -> None:
+    _registry.get("write_kv", backend)(
+        k, v, k_norm_weight, positions, slot_mapping, k_caches, v_caches, cos_sin_cache, eps,
+        rope_neox, rotary_dim, k_scale, v_scale)
+
+
+@_write_kv_op.register_fake
+def _(k, v, k_norm_weight, positions, slot_mapping, k_caches, v_caches, cos_sin_cache, eps,
+      rope_neox, rotary_dim, k_scale, v_scale, backend):
+    return None
+
+
+@torch.library.custom_op(
+    "dflash::verify_chain", mutates_args=("accept_len", "out_tokens", "bonus", "new_seq_lens"))
+def _verify_chain_op(
+    logits: Tensor, block_tokens: Tensor, num_drafts: Tensor, temperature: Optional[Tensor],
+    top_k: Optional[Tensor], top_p: Optional[Tensor], seeds: Optional[Tensor],
+    positions: Optional[Tensor], draft_probs: Optional[Tensor], seq_lens: Optional[Tensor],
+    accept_len: Tensor, out_tokens: Tensor, bonus: Tensor, new_seq_lens: Optional[Tensor],
+    backend: str,
+) -> None:
+    _registry.get("verify_chain", backend)(
+        logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
+        draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens)
+
+
+@_verify_chain_op.register_fake
+def _(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
+      draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens, backend):
+    return None
+
+
+# --------------------------------------------------------------------------
+# block_attention
+# --------------------------------------------------------------------------
+
+def block_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
+    k_block: Optional[Tensor] = None, v_block: Optional[Tensor] = None, *,
+    sm_scale: Optional[float] = None, window: Optional[int] = None,
+    k_scale=None, v_scale=None, out: Optional[Tensor] = None, return_lse: bool = False,
+    lse_out: Optional[Tensor] = None, backend: Optional[str] = None,
+):
+    """Bidirectional attention of a drafted block over its paged context.
+
+    Args:
+        q: ``[B, S, Hq, D]`` fp16/bf16, q_norm and RoPE applied. D in 64, 128, 256.
+        k_cache, v_cache: paged caches ``[num_pages, page_size, Hkv, D]``, any
+            strides with a unit last stride; q's dtype, or fp8 (e4m3fn / e5m2)
+            with ``k_scale`` / ``v_scale`` (float or 1-element fp32 tensor).
+        block_table: int32 ``[B, max_pages]``; entries past a request's pages
+            are never read.
+        context_lens: int32 ``[B]``, context tokens in the cache per request.
+        k_block, v_block: ``[B, S, Hkv, D]`` in q's dtype (the block's own
+            keys, k_norm and RoPE applied), or both None when the block's K/V
+            are already the last S cached tokens.
+        sm_scale: softmax scale, default ``D ** -0.5``.
+        window: keys at distance ``>= window`` from a query are masked.
+        out: optional ``[B, S, Hq, D]`` output buffer in q's dtype.
+        return_lse: also return fp32 ``[B, S, Hq]`` natural-log LSE of the
+            scaled logits (``-inf`` for rows with no visible key); ``lse_out``
+            is an optional buffer for it.
+
+    Returns:
+        ``out``, or ``(out, lse)`` when ``return_lse``.
+    """
+    check_tensor("q", q, ndim=4, dtypes=ACT_DTYPES, last_contiguous=True)
+    dev = q.device
+    B, S, Hq, D = q.shape
+    check_head_dim("q", D)
+    check_tensor("k_cache", k_cache, ndim=4, device=dev, last_contiguous=True)
+    check_tensor("v_cache", v_cache, ndim=4, device=dev, shape=tuple(k_cache.shape),
+                 last_contiguous=True)
+    check_cache_dtype("k_cache", k_cache, q.dtype)
+    if v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache: expected the dtype of k_cache ({k_cache.dtype}), got {v_cache.dtype}")
+    Hkv = k_cache.shape[2]
+    if k_cache.shape[3] != D:
+        raise ValueError(f"k_cache: expected head dim {D} (from q) in dim 3, got shape {list(k_cache.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q: the number of query heads ({Hq}) must be a multiple of the KV heads ({Hkv})")
+    check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=dev)
+    if block_table.shape[0] != B:
+        raise ValueError(f"block_table: expected {B} rows (the batch of q), got shape {list(block_table.shape)}")
+    check_tensor("context_lens", context_lens, dtypes=(torch.int32,), device=dev, shape=(B,))
+    if (k_block is None) != (v_block is None):
+        raise ValueError("k_block, v_block: pass both or neither")
+    if k_block is not None:
+        check_tensor("k_block", k_block, dtypes=(q.dtype,), device=dev, shape=(B, S, Hkv, D),
+                     last_contiguous=True)
+        check_tensor("v_block", v_block, dtypes=(q.dtype,), device=dev, shape=(B, S, Hkv, D),
+                     last_contiguous=True)
+    sm_scale = D ** -0.5 if sm_scale is None else check_float("sm_scale", sm_scale, positive=True)
+    window = 0 if window is None else check_int("window", window, minimum=1)
+    k_scale = normalize_scale("k_scale", k_scale, k_cache, dev)
+    v_scale = normalize_scale("v_scale", v_scale, v_cache, dev)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        check_tensor("out", out, dtypes=(q.dtype,), device=dev, shape=(B, S, Hq, D), contiguous=True)
+    lse = None
+    if return_lse:
+        if lse_out is None:
+            lse = torch.empty((B, S, Hq), dtype=torch.float32, device=dev)
+        else:
+            lse = check_tensor("lse_out", lse_out, dtypes=(torch.float32,), device=dev,
+                               shape=(B, S, Hq), contiguous=True)
+    elif lse_out is not None:
+        raise ValueError("lse_out: only valid with return_lse=True")
+    chosen = _resolve("block_attention", dev.type, backend)
+    _block_attention_op(q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
+                        sm_scale, window, k_scale, v_scale, out, lse, chosen)
+    return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------
+# fuse_target_features
+# --------------------------------------------------------------------------
+
+def fuse_target_features(
+    features: Union[Tensor, Sequence[Tensor]], fc_weight: Tensor, norm_weight: Tensor, *,
+    eps: float = 1e-6, out: Optional[Tensor] = None, backend: Optional[str] = None,
+) -> Tensor:
+    """Context feature of the drafter: ``rms_norm(features @ fc_weight.T) * norm_weight``.
+
+    Args:
+        features: ``[N, K*H]`` fp16/bf16 (K captured target layers, concatenated)
+            or a list of K tensors ``[N, H_i]`` (no concatenation is made).
+        fc_weight: ``[H, K*H]`` in the features' dtype (``nn.Linear`` layout).
+        norm_weight: ``[H]`` (fp16, bf16 or fp32).
+        out: optional ``[N, H]`` buffer in the features' dtype.
+
+    Returns:
+        ``[N, H]`` in the features' dtype.
+    """
+    if isinstance(features, torch.Tensor):
+        check_tensor("features", features, ndim=2, dtypes=ACT_DTYPES, last_contiguous=True)
+        parts = [features]
+    elif isinstance(features, (list, tuple)) and len(features) > 0:
+        parts = list(features)
+        check_tensor("features[0]", parts[0], ndim=2, dtypes=ACT_DTYPES, last_contiguous=True)
+        for i, f in enumerate(parts[1:], 1):
+            check_tensor(f"features[{i}]", f, ndim=2, dtypes=(parts[0].dtype,),
+                         device=parts[0].device, shape=(parts[0].shape[0], None), last_contiguous=True)
+    else:
+        raise ValueError("features: expected a 2-D tensor or a non-empty list of 2-D tensors")
+    dtype, dev, N = parts[0].dtype, parts[0].device, parts[0].shape[0]
+    width = sum(p.shape[1] for p in parts)
+    check_tensor("fc_weight", fc_weight, ndim=2, dtypes=(dtype,), device=dev, last_contiguous=True)
+    if fc_weight.shape[1] != width:
+        raise ValueError(f"fc_weight: expected {width} input columns (the features' total width), "
+                         f"got shape {list(fc_weight.shape)}")
+    H = fc_weight.shape[0]
+    check_tensor("norm_weight", norm_weight, dtypes=FLOAT_DTYPES, device=dev, shape=(H,))
+    eps = check_float("eps", eps, positive=True)
+    if out is None:
+        out = torch.empty((N, H), dtype=dtype, device=dev)
+    else:
+        check_tensor("out", out, dtypes=(dtype,), device=dev, shape=(N, H), contiguous=True)
+    chosen = _resolve("fuse_target_features", dev.type, backend)
+    _fuse_target_features_op(parts, fc_weight, norm_weight, eps, out, chosen)
+    return out
+
+
+# --------------------------------------------------------------------------
+# inject_kv / write_kv
+# --------------------------------------------------------------------------
+
+def _layer_caches(name, cache, L, dev):
+    """Split a stacked ``[L, P, page, Hkv, D]`` cache or check a list of L caches."""
+    if isinstance(cache, torch.Tensor):
+        check_tensor(name, cache, ndim=5, device=dev, last_contiguous=True)
+        if cache.shape[0] != L:
+            raise ValueError(f"{name}: expected {L} layers in dim 0, got shape {list(cache.shape)}")
+        return list(cache.unbind(0))
+    if not isinstance(cache, (list, tuple)):
+        raise ValueError(f"{name}: expected a [L, num_pages, page_size, Hkv, D] tensor or a list of L caches")
+    if len(cache) != L:
+        raise ValueError(f"{name}: expected {L} per-layer caches, got {len(cache)}")
+    first = check_tensor(f"{name}[0]", cache[0], ndim=4, device=dev, last_contiguous=True)
+    for i, c in enumerate(cache[1:], 1):
+        check_tensor(f"{name}[{i}]", c, ndim=4, dtypes=(first.dtype,), device=dev,
+                     shape=tuple(first.shape))
+        if c.stride() != first.stride():
+            raise ValueError(f"{name}[{i}]: expected the strides of {name}[0] {first.stride()}, got {c.stride()}")
+    return list(cache)
+
+
+def _check_kv_common(act_dtype, dev, N, L, Hkv, D, k_norm_weight, positions, slot_mapping,
+                     k_cache, v_cache, cos_sin_cache, rope_style, rotary_dim, k_scale, v_scale, eps):
+    k_caches = _layer_caches("k_cache", k_cache, L, dev)
+    v_caches = _layer_caches("v_cache", v_cache, L, dev)
+    kc, vc = k_caches[0], v_caches[0]
+    if Hkv is None:
+        Hkv = kc.shape[2]
+    check_head_dim("k_cache", kc.shape[3])
+    if D is not None and kc.shape[3] != D:
+        raise ValueError(f"k_cache: expected head dim {D}, got shape {list(kc.shape)}")
+    D = kc.shape[3]
+    if kc.shape[2] != Hkv:
+        raise ValueError(f"k_cache: expected {Hkv} KV heads in dim 2 (per layer), got shape {list(kc.shape)}")
+    if tuple(vc.shape) != tuple(kc.shape):
+        raise ValueError(f"v_cache: expected the per-layer shape of k_cache {list(kc.shape)}, got {list(vc.shape)}")
+    check_cache_dtype("k_cache", kc, act_dtype)
+    if vc.dtype != kc.dtype:
+        raise ValueError(f"v_cache: expected the dtype of k_cache ({kc.dtype}), got {vc.dtype}")
+    if k_norm_weight is not None:
+        check_tensor("k_norm_weight", k_norm_weight, dtypes=FLOAT_DTYPES, device=dev, shape=(L, D))
+    check_tensor("positions", positions, dtypes=(torch.int64,), device=dev, shape=(N,))
+    check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), device=dev, shape=(N,))
+    if rope_style not in ("neox", "gptj"):
+        raise ValueError(f"rope_style: expected 'neox' or 'gptj', got {rope_style!r}")
+    rotary_dim = D if rotary_dim is None else check_int("rotary_dim", rotary_dim, minimum=2)
+    if rotary_dim > D or rotary_dim % 2:
+        raise ValueError(f"rotary_dim: expected an even number <= head dim {D}, got {rotary_dim}")
+    check_tensor("cos_sin_cache", cos_sin_cache, ndim=2, dtypes=(torch.float32,), device=dev,
+                 shape=(None, rotary_dim), last_contiguous=True)
+    k_scale = normalize_scale("k_scale", k_scale, kc, dev)
+    v_scale = normalize_scale("v_scale", v_scale, vc, dev)
+    eps = check_float("eps", eps, positive=True)
+    return k_caches, v_caches, rotary_dim, k_scale, v_scale, eps
+
+
+def inject_kv(
+    hidden: Tensor, kv_weight: Tensor, k_norm_weight: Optional[Tensor], positions: Tensor,
+    slot_mapping: Tensor, k_cache, v_cache, cos_sin_cache: Tensor, *,
+    kv_bias: Optional[Tensor] = None, eps: float = 1e-6, rope_style: str = "neox",
+    rotary_dim: Optional[int] = None, k_scale=None, v_scale=None, backend: Optional[str] = None,
+) -> None:
+    """Project context features to every draft layer's K/V and write them into the caches.
+
+    For each layer l and token t with ``slot_mapping[t] >= 0``:
+    ``k = rope(rms_norm_per_head(hidden[t] @ W_k[l].T + b_k[l]) * k_norm_weight[l])``,
+    ``v = hidden[t] @ W_v[l].T + b_v[l]``, written at slot ``slot_mapping[t]``.
+
+    Args:
+        hidden: ``[N, H]`` fp16/bf16 context features.
+        kv_weight: ``[L, 2, Hkv*D, H]`` in hidden's dtype (K at index 0, V at 1).
+        k_norm_weight: ``[L, D]`` or None (no K norm).
+        positions: int64 ``[N]`` absolute positions (RoPE).
+        slot_mapping: int64 ``[N]`` cache slots; negative slots are skipped.
+        k_cache, v_cache: ``[L, num_pages, page_size, Hkv, D]`` or a list of L
+            ``[num_pages, page_size, Hkv, D]`` caches (same shape, dtype and
+            strides), in hidden's dtype or fp8 with ``k_scale`` / ``v_scale``.
+        cos_sin_cache: fp32 ``[max_position, rotary_dim]``, cos then sin halves.
+        kv_bias: ``[L, 2, Hkv*D]`` or None.
+        rope_style: ``"neox"`` (rotate halves) or ``"gptj"`` (interleaved pairs).
+        rotary_dim: rotated dims (default D); the rest pass through.
+
+    The caches are written in place; nothing is returned.
+    """
+    check_tensor("hidden", hidden, ndim=2, dtypes=ACT_DTYPES, last_contiguous=True)
+    dev, (N, H) = hidden.device, hidden.shape
+    check_tensor("kv_weight", kv_weight, ndim=4, dtypes=(hidden.dtype,), device=dev,
+                 last_contiguous=True)
+    L = kv_weight.shape[0]
+    if L < 1 or kv_weight.shape[1] != 2 or kv_weight.shape[3] != H:
+        raise ValueError(f"kv_weight: expected shape [L, 2, Hkv*D, {H}], got {list(kv_weight.shape)}")
+    k_caches, v_caches, rotary_dim, k_scale, v_scale, eps = _check_kv_common(
+        hidden.dtype, dev, N, L, None, None, k_norm_weight, positions, slot_mapping,
+        k_cache, v_cache, cos_sin_cache, rope_style, rotary_dim, k_scale, v_scale, eps)
+    Hkv, D = k_caches[0].shape[2], k_caches[0].shape[3]
+    if kv_weight.shape[2] != Hkv * D:
+        raise ValueError(f"kv_weight: expected {Hkv * D} = Hkv*D output rows (from the caches) in dim 2, "
+                         f"got shape {list(kv_weight.shape)}")
+    if kv_bias is not None:
+        check_tensor("kv_bias", kv_bias, dtypes=FLOAT_DTYPES, device=dev, shape=(L, 2, Hkv * D))
+    chosen = _resolve("inject_kv", dev.type, backend)
+    _inject_kv_op(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping, k_caches,
+                  v_caches, cos_sin_cache, eps, rope_style == "neox", rotary_dim, k_scale, v_scale,
+                  chosen)
+
+
+def write_kv(
+    k: Tensor, v: Tensor, k_norm_weight: Optional[Tensor], positions: Tensor, slot_mapping: Tensor,
+    k_cache, v_cache, cos_sin_cache: Tensor, *, eps: float = 1e-6, rope_style: str = "neox",
+    rotary_dim: Optional[int] = None, k_scale=None, v_scale=None, backend: Optional[str] = None,
+) -> None:
+    """:func:`inject_kv` without the projection: K norm, RoPE, quantize, scatter.
+
+    Args:
+        k, v: ``[N, L, Hkv, D]`` fp16/bf16 projected keys and values.
+        Everything else as in :func:`inject_kv`.
+    """
+    check_tensor("k", k, ndim=4, dtypes=ACT_DTYPES, last_contiguous=True)
+    dev, (N, L, Hkv, D) = k.device, k.shape
+    check_tensor("v", v, dtypes=(k.dtype,), device=dev, shape=(N, L, Hkv, D), last_contiguous=True)
+    k_caches, v_caches, rotary_dim, k_scale, v_scale, eps = _check_kv_common(
+        k.dtype, dev, N, L, Hkv, D, k_norm_weight, positions, slot_mapping,
+        k_cache, v_cache, cos_sin_cache, rope_style, rotary_dim, k_scale, v_scale, eps)
+    chosen = _resolve("write_kv", dev.type, backend)
+    _write_kv_op(k, v, k_norm_weight, positions, slot_mapping, k_caches, v_caches, cos_sin_cache,
+                 eps, rope_style == "neox", rotary_dim, k_scale, v_scale, chosen)
+
+
+# --------------------------------------------------------------------------
+# verify_chain
+# --------------------------------------------------------------------------
+
+class VerifyOutput(NamedTuple):
+    """Result of :func:`verify_chain`.
+
+    accept_len: int32 ``[B]`` accepted drafts per request.
+    out_tokens: int32 ``[B, S]`` accepted drafts, then the bonus, then -1.
+    bonus: int32 ``[B]`` the target's token after the accepted drafts.
+    new_seq_lens: int32 ``[B]`` ``seq_lens + accept_len + 1``, or None.
+    """
+    accept_len: Tensor
+    out_tokens: Tensor
+    bonus: Tensor
+    new_seq_lens: Optional[Tensor]
+
+
+def verify_chain(
+    logits: Tensor, block_tokens: Tensor, *, num_drafts: Optional[Tensor] = None,
+    temperature: Optional[Tensor] = None, top_k: Optional[Tensor] = None,
+    top_p: Optional[Tensor] = None, seeds: Optional[Tensor] = None,
+    positions: Optional[Tensor] = None, draft_probs: Optional[Tensor] = None,
+    seq_lens: Optional[Tensor] = None, out=None, backend: Optional[str] = None,
+) -> VerifyOutput:
+    """Accept the longest agreeing prefix of each drafted block, plus a bonus token.
+
+    Args:
+        logits: ``[B, S, V]`` or ``[B*S, V]`` fp32/bf16/fp16; row (b, j) is the
+            target's distribution after block token j.
+        block_tokens: int32/int64 ``[B, S]``: the anchor, then S-1 drafts.
+        num_drafts: int32 ``[B]`` drafts to verify per request (default S-1).
+        temperature: fp32 ``[B]``; rows with ``T <= 0`` are greedy. None: all greedy.
+        top_k: int32 ``[B]`` (``<= 0`` or ``>= V``: off). Needs temperature.
+        top_p: fp32 ``[B]`` (``>= 1``: off). Needs temperature.
+        seeds, positions: int64 ``[B]``, the noise key (seed, position of the
+            anchor); required with temperature.
+        draft_probs: ``[B, S-1, V]`` draft distributions (fp32/bf16/fp16), for
+            the rejection rule; None for point-mass drafts. Needs temperature.
+        seq_lens: int32 ``[B]``; gives ``new_seq_lens = seq_lens + accept_len + 1``.
+        out: optional ``VerifyOutput`` (or 4-tuple) of output buffers;
+            ``new_seq_lens`` may be None when ``seq_lens`` is None.
+
+    Returns:
+        :class:`VerifyOutput`. The noise scheme is in docs/DESIGN.md.
+    """
+    check_tensor("block_tokens", block_tokens, ndim=2, dtypes=INDEX_DTYPES)
+    dev = block_tokens.device
+    B, S = block_tokens.shape
+    if S < 1:
+        raise ValueError("block_tokens: expected at least one column (the anchor)")
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, device=dev, last_contiguous=True)
+    if logits.dim() == 2:
+        if logits.shape[0] != B * S:
+            raise ValueError(f"logits: expected {B * S} = B*S rows, got shape {list(logits.shape)}")
+        logits = logits.view(B, S, logits.shape[1])
+    elif logits.dim() != 3 or tuple(logits.shape[:2]) != (B, S):
+        raise ValueError(f"logits: expected shape [{B}, {S}, V] or [{B * S}, V], got {list(logits.shape)}")
+    V = logits.shape[2]
+    if V < 1:
+        raise ValueError("logits: expected a vocabulary of at least one token")
+    if num_drafts is None:
+        num_drafts = torch.full((B,), S - 1, dtype=torch.int32, device=dev)
+    else:
+        check_tensor("num_drafts", num_drafts, dtypes=(torch.int32,), device=dev, shape=(B,))
+    if temperature is None:
+        for name, val in (("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
+                          ("positions", positions), ("draft_probs", draft_probs)):
+            if val is not None:
+                raise ValueError(f"{name}: only used with temperature; pass temperature (<= 0 for greedy rows)")
+    else:
+        check_tensor("temperature", temperature, dtypes=(torch.float32,), device=dev, shape=(B,))
+        if seeds is None or positions is None:
+            raise ValueError("seeds, positions: required with temperature, so that every request "
+                             "draws its own noise (keyed by seed and position)")
+        check_tensor("seeds", seeds, dtypes=(torch.int64,), device=dev, shape=(B,))
+        check_tensor("positions", positions, dtypes=(torch.int64,), device=dev, shape=(B,))
+        if top_k is not None:
+            check_tensor("top_k", top_k, dtypes=(torch.int32,), device=dev, shape=(B,))
+        if top_p is not None:
+            check_tensor("top_p", top_p, dtypes=(torch.float32,), device=dev, shape=(B,))
+        if draft_probs is not None:
+            check_tensor("draft_probs", draft_probs, dtypes=FLOAT_DTYPES, device=dev,
+                         shape=(B, S - 1, V), last_contiguous=True)
+    if seq_lens is not None:
+        check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), device=dev, shape=(B,))
+    if out is None:
+        accept_len = torch.empty((B,), dtype=torch.int32, device=dev)
+        out_tokens = torch.empty((B, S), dtype=torch.int32, device=dev)
+        bonus = torch.empty((B,), dtype=torch.int32, device=dev)
+        new_seq_lens = None if seq_lens is None else torch.empty((B,), dtype=torch.int32, device=dev)
+    else:
+        if not isinstance(out, (tuple, list)) or len(out) != 4:
+            raise ValueError("out: expected a VerifyOutput or a 4-tuple "
+                             "(accept_len, out_tokens, bonus, new_seq_lens)")
+        accept_len, out_tokens, bonus, new_seq_lens = out
+        i32 = (torch.int32,)
+        check_tensor("out.accept_len", accept_len, dtypes=i32, device=dev, shape=(B,), contiguous=True)
+        check_tensor("out.out_tokens", out_tokens, dtypes=i32, device=dev, shape=(B, S), contiguous=True)
+        check_tensor("out.bonus", bonus, dtypes=i32, device=dev, shape=(B,), contiguous=True)
+        if seq_lens is None:
+            new_seq_lens = None
+        elif new_seq_lens is None:
+            raise ValueError("out.new_seq_lens: required when seq_lens is given")
+        else:
+            check_tensor("out.new_seq_lens", new_seq_lens, dtypes=i32, device=dev, shape=(B,),
+                         contiguous=True)
+    chosen = _resolve("verify_chain", dev.type, backend)
+    _verify_chain_op(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
+                     draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens, chosen)
+    return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
