@@ -2,7 +2,8 @@
 
 Without a GPU, Triton kernels run under the interpreter on CPU tensors; the
 interpreter must be switched on before any kernel module is imported, so it is
-set here, at collection time.
+set here, at collection time. The interpreter's bf16 arithmetic is patched
+(see _interpreter_bf16.py) so bf16 kernels can be tested on CPU too.
 """
 
 import os
@@ -13,6 +14,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    import _interpreter_bf16  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
+
+    _interpreter_bf16.apply()
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
