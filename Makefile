@@ -17,7 +17,6 @@ PYTEST_ARGS ?= -n 2
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	touch $@
 
