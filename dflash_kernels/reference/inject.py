@@ -1,0 +1,138 @@
+"""PyTorch reference of the KV-injection ops (SPEC.md, docs/DESIGN.md).
+
+All math is fp32: the GEMMs accumulate in fp32, the fp32 result goes through
+bias, RMSNorm and RoPE without intermediate rounding, and is rounded once, to
+the cache dtype (or quantized to fp8 with the scale). Runs on any device and
+never reads a device value on the host: rows with a negative slot are
+neutralised with masks of host-known size, not by branching.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def rms_norm(x: torch.Tensor, weight, eps: float) -> torch.Tensor:
+    """fp32 ``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim."""
+    x = x.float()
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight.float()
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+               rotary_dim: int, neox: bool) -> torch.Tensor:
+    """RoPE on fp32 ``x [N, ..., D]`` at int64 ``positions [N]``.
+
+    ``cos_sin_cache [max_pos, rotary_dim]``: cos in the first half, sin in the
+    second. neox rotates the pairs (j, j + rotary_dim/2), gptj the pairs
+    (2j, 2j+1), both with frequency index j; dims >= rotary_dim pass through.
+    """
+    half = rotary_dim // 2
+    cs = cos_sin_cache.float()[positions]                       # [N, rotary_dim]
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+    cos, sin = cs[:, :half].reshape(shape), cs[:, half:].reshape(shape)
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if neox:
+        x1, x2 = rot[..., :half], rot[..., half:]
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    if neox:
+        rot = torch.cat([o1, o2], dim=-1)
+    else:
+        rot = torch.stack([o1, o2], dim=-1).flatten(-2)
+    return torch.cat([rot, rest], dim=-1)
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype, scale) -> torch.Tensor:
+    """Round fp32 ``x`` to the cache dtype; fp8: ``sat(x / scale)``, round to nearest even."""
+    if dtype in FP8_MAX:
+        m = FP8_MAX[dtype]
+        return (x / scale.float().reshape(())).clamp(-m, m).to(dtype)
+    return x.to(dtype)
+
+
+def scatter_rows(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
+    """``cache[slot // page, slot % page] = values[t]`` for every t with slot >= 0.
+
+    ``cache``: ``[P, page, Hkv, D]`` with any strides; ``values``: ``[N, Hkv, D]``
+    in the cache dtype. The writes go through ``index_put_`` on the cache view.
+    Every row is written somewhere (no host-side selection): a row with a
+    negative slot is redirected to the slot of the first valid row and carries
+    that row's value, so duplicate indices always carry identical bits; with no
+    valid row at all, every row rewrites slot 0 with its own old bits. The
+    copies are made on integer views, so NaN payloads survive bit for bit.
+    """
+    N = slot_mapping.shape[0]
+    if N == 0 or cache.numel() == 0:
+        return
+    page_size = cache.shape[1]
+    idt = _INT_VIEW[cache.element_size()]
+    icache = cache.view(idt)
+    ivals = values.reshape(N, *cache.shape[2:]).view(idt)
+    valid = slot_mapping >= 0
+    first = torch.argmax(valid.to(torch.int32))                  # first valid row, or 0
+    any_valid = valid[first]
+    fallback_slot = torch.where(any_valid, slot_mapping[first], torch.zeros_like(slot_mapping[first]))
+    slots = torch.where(valid, slot_mapping, fallback_slot)
+    page, row = slots // page_size, slots % page_size
+    old0 = icache[0, 0]
+    fallback_val = torch.where(any_valid, ivals[first], old0)
+    vals = torch.where(valid.view(N, 1, 1), ivals, fallback_val.unsqueeze(0))
+    icache.index_put_((page, row), vals)
+
+
+def _write_layers(k_all, v_all, k_norm_weight, positions, slot_mapping, k_caches, v_caches,
+                  cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale):
+    """k_all, v_all: fp32 ``[N, L, Hkv, D]`` before norm / RoPE."""
+    # Skipped rows (padding) may carry any position: never index the table with it.
+    positions = torch.where(slot_mapping >= 0, positions, torch.zeros_like(positions))
+    for layer, (kc, vc) in enumerate(zip(k_caches, v_caches)):
+        k = k_all[:, layer]
+        if k_norm_weight is not None:
+            k = rms_norm(k, k_norm_weight[layer], eps)
+        k = apply_rope(k, positions, cos_sin_cache, rotary_dim, rope_neox)
+        scatter_rows(kc, slot_mapping, to_cache_dtype(k, kc.dtype, k_scale))
+        scatter_rows(vc, slot_mapping, to_cache_dtype(v_all[:, layer], vc.dtype, v_scale))
+
+
+def fuse_target_features(features: list, fc_weight, norm_weight, eps: float, out) -> None:
+    """``out [N, H] = rms_norm(sum_i f_i @ W[:, off_i:off_i+w_i].T) * norm_weight``.
+
+    ``features``: list of ``[N, w_i]`` (fp16/bf16) whose widths add up to
+    ``fc_weight.shape[1]``; no concatenation is made.
+    """
+    acc = None
+    off = 0
+    for f in features:
+        w = f.shape[1]
+        part = f.float() @ fc_weight[:, off:off + w].float().T
+        acc = part if acc is None else acc + part
+        off += w
+    out.copy_(rms_norm(acc, norm_weight, eps).to(out.dtype))
+
+
+def inject_kv(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping,
+              k_caches: list, v_caches: list, cos_sin_cache, eps: float, rope_neox: bool,
+              rotary_dim: int, k_scale, v_scale) -> None:
+    """Project ``hidden [N, H]`` by ``kv_weight [L, 2, Hkv*D, H]`` (+ ``kv_bias``),
+    K norm + RoPE, and write into the L paged caches at ``slot_mapping``."""
+    N = hidden.shape[0]
+    L = kv_weight.shape[0]
+    Hkv, D = k_caches[0].shape[2], k_caches[0].shape[3]
+    proj = torch.einsum("nh,ljoh->nljo", hidden.float(), kv_weight.float())   # [N, L, 2, Hkv*D]
+    if kv_bias is not None:
+        proj = proj + kv_bias.float().unsqueeze(0)
+    proj = proj.reshape(N, L, 2, Hkv, D)
+    _write_layers(proj[:, :, 0], proj[:, :, 1], k_norm_weight, positions, slot_mapping,
+                  k_caches, v_caches, cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale)
+
+
+def write_kv(k, v, k_norm_weight, positions, slot_mapping, k_caches: list, v_caches: list,
+             cos_sin_cache, eps: float, rope_neox: bool, rotary_dim: int, k_scale, v_scale) -> None:
+    """:func:`inject_kv` from projected ``k, v [N, L, Hkv, D]``."""
+    _write_layers(k.float(), v.float(), k_norm_weight, positions, slot_mapping, k_caches, v_caches,
+                  cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale)
