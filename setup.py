@@ -1,6 +1,121 @@
-"""Build script. The compiled extension (dflash_kernels._C) is added in csrc/;
-without a CUDA toolkit this is a pure-Python install (Triton and reference backends)."""
+"""Build script: adds the compiled extension ``dflash_kernels._C`` (csrc/) when a
+CUDA toolkit (nvcc) and a CUDA build of PyTorch are present; otherwise a
+pure-Python install (Triton and reference backends). Packaging metadata lives
+in pyproject.toml.
+
+Environment:
+  DFLASH_KERNELS_NO_EXTENSION=1  skip the extension.
+  TORCH_CUDA_ARCH_LIST           e.g. "9.0a;10.0a" (default: the visible GPU's
+                                 arch, or "9.0a;10.0a" without a GPU).
+  MAX_JOBS                       parallel compile jobs (ninja); NVCC_THREADS
+                                 nvcc's own --threads (default 2).
+  CUDA_HOME                      the toolkit (default: found from nvcc).
+"""
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
 
 from setuptools import setup
 
-setup()
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "9.0a;10.0a"
+
+
+def _say(msg):
+    print(f"dflash_kernels setup: {msg}", file=sys.stderr)
+
+
+def _find_cuda_home():
+    """The toolkit root: CUDA_HOME / CUDA_PATH, else the directory above nvcc
+    (through wrapper scripts, by looking for include/cuda_runtime.h)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    for cand in candidates:
+        if (cand / "include" / "cuda_runtime.h").exists() and (cand / "bin" / "nvcc").exists():
+            return str(cand)
+    return None
+
+
+def _arch_flags():
+    """Explicit -gencode flags from TORCH_CUDA_ARCH_LIST ("9.0a;10.0a", "8.0+PTX", ...)."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not archs:
+        archs = DEFAULT_ARCHS
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                major, minor = torch.cuda.get_device_capability()
+                # Arch-specific ("a") targets for Hopper / Blackwell datacenter parts.
+                suffix = "a" if (major, minor) in ((9, 0), (10, 0)) else ""
+                archs = f"{major}.{minor}{suffix}"
+        except Exception:  # noqa: BLE001 - any failure: keep the default list
+            pass
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    flags = []
+    for entry in re.split(r"[;\s,]+", archs):
+        if not entry:
+            continue
+        ptx = entry.endswith("+PTX")
+        entry = entry[: -len("+PTX")] if ptx else entry
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", entry)
+        if m is None:
+            raise RuntimeError(f"TORCH_CUDA_ARCH_LIST: cannot parse {entry!r}")
+        num = f"{m.group(1)}{m.group(2)}{m.group(3)}"
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return archs, flags
+
+
+def _extension():
+    if os.environ.get("DFLASH_KERNELS_NO_EXTENSION", "0") not in ("", "0"):
+        _say("DFLASH_KERNELS_NO_EXTENSION is set: pure-Python install (no dflash_kernels._C)")
+        return [], {}
+    cuda_home = _find_cuda_home()
+    if cuda_home is None:
+        _say("no CUDA toolkit (nvcc) found: pure-Python install (no dflash_kernels._C)")
+        return [], {}
+    # cpp_extension reads CUDA_HOME when it is imported.
+    os.environ.setdefault("CUDA_HOME", cuda_home)
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError:
+        _say("PyTorch is not importable at build time: pure-Python install (no dflash_kernels._C)")
+        return [], {}
+    if torch.version.cuda is None:
+        _say("PyTorch is not a CUDA build: pure-Python install (no dflash_kernels._C)")
+        return [], {}
+    archs, gencode = _arch_flags()
+    nvcc_threads = os.environ.get("NVCC_THREADS", "2")
+    _say(f"building dflash_kernels._C for {archs} with {cuda_home}/bin/nvcc")
+    csrc = ROOT / "csrc"
+    ext = CUDAExtension(
+        name="dflash_kernels._C",
+        sources=[
+            os.path.relpath(csrc / "bindings.cpp", ROOT),
+            os.path.relpath(csrc / "verify_chain.cu", ROOT),
+            os.path.relpath(csrc / "write_kv.cu", ROOT),
+        ],
+        include_dirs=[str(csrc)],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            # No --use_fast_math: it turns logf into __logf and would change the noise.
+            "nvcc": ["-O3", "-std=c++17", "-lineinfo", f"--threads={nvcc_threads}", *gencode],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extension()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

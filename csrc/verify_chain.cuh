@@ -1,0 +1,193 @@
+// verify_chain kernels (docs/DESIGN.md, "verify_chain"): greedy and keyed
+// point-mass sampling. Header-only, no PyTorch.
+//
+// Kernel 1, one block per (row, vocabulary split): the best (score, id) of the
+// split, score = logit (greedy) or logit * (1/T) + Gumbel noise (sampled),
+// NaN as -inf, lowest id on exact ties. Rows past num_drafts[b] are skipped.
+// Kernel 2, one block per request: merge the splits of each needed row into
+// the target token t_j, then accept the leading drafts equal to t_{j-1}.
+#pragma once
+
+#include <cfloat>
+#include <climits>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common.cuh"
+#include "dflash_kernels.h"
+#include "philox.cuh"
+
+namespace dflash {
+namespace verify {
+
+constexpr int kThreads = 256;
+constexpr int kFinishThreads = 128;
+
+template <typename T>
+DFLASH_DEVICE float to_float(T x);
+template <>
+DFLASH_DEVICE float to_float<float>(float x) { return x; }
+template <>
+DFLASH_DEVICE float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+DFLASH_DEVICE float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Candidate (score, id) beats the incumbent: higher score, or equal score and lower id.
+DFLASH_DEVICE bool beats(float s, int32_t i, float best_s, int32_t best_i) {
+  return s > best_s || (s == best_s && i < best_i);
+}
+
+DFLASH_DEVICE void warp_argmax(float& s, int32_t& i) {
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+    const float os = __shfl_xor_sync(0xffffffffu, s, off);
+    const int32_t oi = __shfl_xor_sync(0xffffffffu, i, off);
+    if (beats(os, oi, s, i)) {
+      s = os;
+      i = oi;
+    }
+  }
+}
+
+struct RowKey {
+  bool sampled;
+  float inv_t;
+  int64_t seed;
+  int64_t position;  // absolute position of the token being drawn
+};
+
+DFLASH_DEVICE float score_of(float logit, int32_t id, const RowKey& key) {
+  float s = isnan(logit) ? -INFINITY : logit;
+  if (key.sampled) {
+    // Separate mul and add (no FMA contraction) to round like the PyTorch reference.
+    s = __fadd_rn(__fmul_rn(s, key.inv_t),
+                  gumbel_noise(key.seed, key.position, static_cast<uint32_t>(id)));
+    if (isnan(s)) s = -INFINITY;
+  }
+  return s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    split_argmax_kernel(const VerifyChainParams p) {
+  const int32_t split = blockIdx.x % p.num_splits;
+  const int64_t row = blockIdx.x / p.num_splits;
+  const int32_t b = static_cast<int32_t>(row / p.block_size);
+  const int32_t j = static_cast<int32_t>(row % p.block_size);
+  const int32_t nd = min(max(p.num_drafts[b], 0), p.block_size - 1);
+  if (j > nd) return;  // t_j is never needed: the acceptance scan stops at num_drafts
+
+  RowKey key{false, 0.f, 0, 0};
+  if (p.temperature != nullptr) {
+    const float t = p.temperature[b];
+    key.sampled = t > 0.f;
+    if (key.sampled) {
+      key.inv_t = __frcp_rn(t);
+      key.seed = p.seeds[b];
+      key.position = p.positions[b] + j + 1;
+    }
+  }
+
+  const T* logits = static_cast<const T*>(p.logits) + b * p.logits_stride_b + j * p.logits_stride_s;
+  const int32_t begin = split * p.split_len;
+  const int32_t end = min(begin + p.split_len, p.vocab);
+
+  float best_s = -INFINITY;
+  int32_t best_i = INT_MAX;
+  // Ids grow along each thread's walk, so a strict > keeps the lowest id on ties.
+  auto consider = [&](float logit, int32_t id) {
+    const float s = score_of(logit, id, key);
+    if (beats(s, id, best_s, best_i)) {
+      best_s = s;
+      best_i = id;
+    }
+  };
+
+  int32_t scalar_begin = begin;
+  if (p.vectorized) {
+    constexpr int kVec = 16 / sizeof(T);
+    const int32_t vec_end = begin + (end - begin) / kVec * kVec;
+    for (int32_t base = begin + threadIdx.x * kVec; base < vec_end; base += kThreads * kVec) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(logits + base));
+      const T* vals = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) consider(to_float(vals[e]), base + e);
+    }
+    scalar_begin = vec_end;
+  }
+  for (int32_t id = scalar_begin + threadIdx.x; id < end; id += kThreads) {
+    consider(to_float(logits[id]), id);
+  }
+
+  warp_argmax(best_s, best_i);
+  __shared__ float warp_s[kThreads / kWarpSize];
+  __shared__ int32_t warp_i[kThreads / kWarpSize];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  if (lane == 0) {
+    warp_s[warp] = best_s;
+    warp_i[warp] = best_i;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    best_s = lane < kThreads / kWarpSize ? warp_s[lane] : -INFINITY;
+    best_i = lane < kThreads / kWarpSize ? warp_i[lane] : INT_MAX;
+    warp_argmax(best_s, best_i);
+    if (lane == 0) {
+      p.workspace_score[row * p.num_splits + split] = best_s;
+      p.workspace_index[row * p.num_splits + split] = best_i;
+    }
+  }
+}
+
+template <typename TokenT>
+__global__ void __launch_bounds__(kFinishThreads)
+    accept_kernel(const VerifyChainParams p) {
+  extern __shared__ int32_t target[];  // [S]: t_j for j <= num_drafts
+  __shared__ int32_t accepted;
+  const int32_t b = blockIdx.x;
+  const int32_t S = p.block_size;
+  const int32_t nd = min(max(p.num_drafts[b], 0), S - 1);
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  constexpr int kWarps = kFinishThreads / kWarpSize;
+
+  for (int32_t j = warp; j <= nd; j += kWarps) {
+    const int64_t row = static_cast<int64_t>(b) * S + j;
+    float best_s = -INFINITY;
+    int32_t best_i = INT_MAX;
+    for (int32_t s = lane; s < p.num_splits; s += kWarpSize) {
+      const float cs = p.workspace_score[row * p.num_splits + s];
+      const int32_t ci = p.workspace_index[row * p.num_splits + s];
+      if (beats(cs, ci, best_s, best_i)) {
+        best_s = cs;
+        best_i = ci;
+      }
+    }
+    warp_argmax(best_s, best_i);
+    // INT_MAX only when no id was seen (V = 0 is rejected on the host); keep ids in [0, V).
+    if (lane == 0) target[j] = (best_i >= 0 && best_i < p.vocab) ? best_i : 0;
+  }
+  __syncthreads();
+
+  const TokenT* tokens = static_cast<const TokenT*>(p.block_tokens) + b * p.tokens_stride_b;
+  if (threadIdx.x == 0) {
+    int32_t a = 0;
+    while (a < nd && static_cast<int64_t>(tokens[(a + 1) * p.tokens_stride_s]) == target[a]) ++a;
+    accepted = a;
+    p.accept_len[b] = a;
+    p.bonus[b] = target[a];
+    if (p.new_seq_lens != nullptr) p.new_seq_lens[b] = p.seq_lens[b] + a + 1;
+  }
+  __syncthreads();
+  const int32_t a = accepted;
+  for (int32_t k = threadIdx.x; k < S; k += kFinishThreads) {
+    // Accepted drafts equal t_k, so they are already in [0, V).
+    p.out_tokens[static_cast<int64_t>(b) * S + k] = k < a ? target[k] : (k == a ? target[a] : -1);
+  }
+}
+
+}  // namespace verify
+}  // namespace dflash

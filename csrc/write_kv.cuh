@@ -1,0 +1,219 @@
+// write_kv kernel (SPEC.md "inject_kv / write_kv"): per (token, layer, KV head)
+// K RMSNorm, RoPE (neox or gptj, partial rotary_dim), fp8 quantization with
+// saturation, and the scatter of K and V into the layer's paged cache.
+// Header-only, no PyTorch.
+//
+// One group of D/8 lanes per (token, layer, head); each lane owns 8 adjacent
+// elements, so a row moves as 16-byte loads and 16-byte (8-byte for fp8)
+// stores. The normed K row is staged in shared memory for RoPE's partner
+// elements, which live in another lane for neox.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include "common.cuh"
+#include "dflash_kernels.h"
+
+namespace dflash {
+namespace writekv {
+
+constexpr int kThreads = 256;
+constexpr int kElems = 8;  // elements per lane
+
+enum class CacheKind : int { kSame = 0, kE4M3 = 1, kE5M2 = 2 };
+
+template <typename T>
+DFLASH_DEVICE float to_float(T x);
+template <>
+DFLASH_DEVICE float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+DFLASH_DEVICE float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+DFLASH_DEVICE T from_float(float x);
+template <>
+DFLASH_DEVICE __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+DFLASH_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+DFLASH_DEVICE float load_weight(const void* w, DType dtype, int64_t offset) {
+  switch (dtype) {
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(w)[offset]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(w)[offset]);
+    default: return static_cast<const float*>(w)[offset];
+  }
+}
+
+// stored = sat(value / scale): round to nearest even, finite values saturate
+// to the format's largest finite value (448 / 57344), NaN stays NaN.
+template <CacheKind kKind>
+DFLASH_DEVICE uint8_t quantize_fp8(float x, float scale) {
+  const float q = __fdiv_rn(x, scale);
+  constexpr __nv_fp8_interpretation_t kFormat = kKind == CacheKind::kE4M3 ? __NV_E4M3 : __NV_E5M2;
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(q, __NV_SATFINITE, kFormat));
+}
+
+// Loads 8 contiguous elements of a row (16-byte vector when aligned).
+template <typename T>
+DFLASH_DEVICE void load8(const T* src, bool vectorized, T (&out)[kElems]) {
+  if (vectorized) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
+    const T* vals = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) out[e] = vals[e];
+  } else {
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) out[e] = src[e];
+  }
+}
+
+// Stores 8 fp32 values in the cache format (activation dtype or fp8).
+template <typename T, CacheKind kKind>
+DFLASH_DEVICE void store8(void* dst, bool vectorized, const float (&x)[kElems], float scale) {
+  if constexpr (kKind == CacheKind::kSame) {
+    T vals[kElems];
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) vals[e] = from_float<T>(x[e]);
+    if (vectorized) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vals);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) static_cast<T*>(dst)[e] = vals[e];
+    }
+  } else {
+    uint8_t vals[kElems];
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) vals[e] = quantize_fp8<kKind>(x[e], scale);
+    if (vectorized) {
+      *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(vals);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) static_cast<uint8_t*>(dst)[e] = vals[e];
+    }
+  }
+}
+
+template <typename T, int D, CacheKind kKind>
+__global__ void __launch_bounds__(kThreads) write_kv_kernel(const WriteKVParams p) {
+  constexpr int kLanes = D / kElems;              // lanes per (token, layer, head)
+  constexpr int kGroups = kThreads / kLanes;      // items per block
+  using CacheT = typename std::conditional<kKind == CacheKind::kSame, T, uint8_t>::type;
+  __shared__ float staged[kGroups][D];
+
+  const int group = threadIdx.x / kLanes;
+  const int glane = threadIdx.x % kLanes;
+  const int d0 = glane * kElems;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kGroups + group;
+  const int64_t num_items =
+      static_cast<int64_t>(p.num_tokens) * p.num_layers * p.num_kv_heads;
+
+  // Every lane runs the shuffles and __syncwarp below, so inactive groups only mask memory ops.
+  bool active = item < num_items;
+  int32_t t = 0, l = 0, h = 0;
+  int64_t page = 0, row = 0, pos = 0;
+  if (active) {
+    h = static_cast<int32_t>(item % p.num_kv_heads);
+    l = static_cast<int32_t>((item / p.num_kv_heads) % p.num_layers);
+    t = static_cast<int32_t>(item / (static_cast<int64_t>(p.num_kv_heads) * p.num_layers));
+    const int64_t slot = p.slot_mapping[t];
+    page = slot / p.page_size;
+    row = slot % p.page_size;
+    // Negative slots are skipped; slots past the cache are out of the documented
+    // range and skipped too rather than written out of bounds.
+    active = slot >= 0 && page < p.num_pages;
+    // Positions outside the cos/sin table are out of range; clamp so reads stay in bounds.
+    pos = min(max(p.positions[t], int64_t(0)), p.max_position - 1);
+  }
+
+  float k[kElems];
+  T v_raw[kElems];
+  if (active) {
+    T k_raw[kElems];
+    const T* k_src = static_cast<const T*>(p.k) + t * p.k_stride_n + l * p.k_stride_l + h * p.k_stride_h + d0;
+    const T* v_src = static_cast<const T*>(p.v) + t * p.v_stride_n + l * p.v_stride_l + h * p.v_stride_h + d0;
+    load8(k_src, p.vectorized, k_raw);
+    load8(v_src, p.vectorized, v_raw);
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) k[e] = to_float(k_raw[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      k[e] = 0.f;
+      v_raw[e] = from_float<T>(0.f);
+    }
+  }
+
+  if (p.k_norm_weight != nullptr) {
+    float ss = 0.f;
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) ss += k[e] * k[e];
+#pragma unroll
+    for (int off = kLanes / 2; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    const float inv_rms = rsqrtf(ss / static_cast<float>(D) + p.eps);
+    if (active) {
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) {
+        const float w = load_weight(p.k_norm_weight, p.norm_dtype,
+                                    l * p.norm_stride_l + (d0 + e) * p.norm_stride_d);
+        k[e] = __fmul_rn(__fmul_rn(k[e], inv_rms), w);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int e = 0; e < kElems; ++e) staged[group][d0 + e] = k[e];
+  __syncwarp();
+
+  const int R = p.rotary_dim;
+  const int half_r = R / 2;
+  if (active) {
+    const float* cs = p.cos_sin + pos * p.cos_sin_stride;
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      const int d = d0 + e;
+      if (d >= R) continue;  // dims past rotary_dim pass through
+      float c, s, partner;
+      bool first;  // x1 of the pair: x1*cos - x2*sin, else x2*cos + x1*sin
+      if (p.rope_neox) {
+        first = d < half_r;
+        const int f = first ? d : d - half_r;
+        c = cs[f];
+        s = cs[half_r + f];
+        partner = staged[group][first ? d + half_r : d - half_r];
+      } else {
+        first = (d & 1) == 0;
+        const int f = d >> 1;
+        c = cs[f];
+        s = cs[half_r + f];
+        partner = staged[group][first ? d + 1 : d - 1];
+      }
+      k[e] = first ? __fsub_rn(__fmul_rn(k[e], c), __fmul_rn(partner, s))
+                   : __fadd_rn(__fmul_rn(k[e], c), __fmul_rn(partner, s));
+    }
+
+    const bool vec = p.vectorized;
+    char* k_base = p.k_uniform ? static_cast<char*>(p.k_cache_base[0]) + l * p.k_layer_stride
+                               : static_cast<char*>(p.k_cache_base[l]);
+    char* v_base = p.v_uniform ? static_cast<char*>(p.v_cache_base[0]) + l * p.v_layer_stride
+                               : static_cast<char*>(p.v_cache_base[l]);
+    CacheT* k_dst = reinterpret_cast<CacheT*>(k_base) + page * p.k_stride_page +
+                    row * p.k_stride_row + h * p.k_stride_head + d0;
+    CacheT* v_dst = reinterpret_cast<CacheT*>(v_base) + page * p.v_stride_page +
+                    row * p.v_stride_row + h * p.v_stride_head + d0;
+    const float k_scale = kKind == CacheKind::kSame ? 1.f : *p.k_scale;
+    const float v_scale = kKind == CacheKind::kSame ? 1.f : *p.v_scale;
+    store8<T, kKind>(k_dst, vec, k, k_scale);
+    float v[kElems];
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) v[e] = to_float(v_raw[e]);
+    store8<T, kKind>(v_dst, vec, v, v_scale);
+  }
+}
+
+}  // namespace writekv
+}  // namespace dflash
