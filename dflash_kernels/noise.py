@@ -60,13 +60,10 @@ def _mulhilo(m: int, a: Tensor) -> Tuple[Tensor, Tensor]:
     Split a into 16-bit halves so every partial product stays < 2**48 and
     nothing overflows signed int64.
     """
-    p_lo = a & 0xFFFF
-    p_hi = a >> 16
-    t_lo = p_lo * m                      # < 2**48
-    t_hi = p_hi * m                      # < 2**48, weight 2**16
-    mid = (t_lo & _MASK32) + ((t_hi & 0xFFFF) << 16)   # < 2**33
-    lo = mid & _MASK32
-    hi = (t_lo >> 32) + (t_hi >> 16) + (mid >> 32)
+    t_lo = (a & 0xFFFF) * m              # < 2**48
+    t_hi = (a >> 16) * m                 # < 2**48, weight 2**16
+    hi = (t_hi + (t_lo >> 16)) >> 16
+    lo = (t_lo + ((t_hi & 0xFFFF) << 16)) & _MASK32
     return hi, lo
 
 

@@ -1,0 +1,147 @@
+"""verify_chain in PyTorch: the executable form of SPEC.md + docs/DESIGN.md.
+
+Runs on any device without host synchronisation: every row's candidates are
+computed, then selected with ``torch.where`` / ``gather``; the first mismatch
+comes from a cumulative product.
+
+Details fixed here (beyond DESIGN.md):
+- a request is sampled iff ``temperature[b] > 0`` (NaN temperature: greedy);
+  ``inv_t = 1 / T`` is one fp32 division, ``scaled = logit * inv_t``;
+- top-p's cumulative sum runs over the probabilities sorted in decreasing
+  order; if rounding keeps it below ``top_p``, every top-k token is kept;
+- ``num_drafts`` is clamped to ``[0, S-1]``; a draft id outside ``[0, V)``
+  never matches (point mass) and has ``p(x) = q(x) = 0`` (rejected) under the
+  ``draft_probs`` rule.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import noise
+
+NEG_INF = float("-inf")
+# Rows per chunk of Philox noise, so that the int64 temporaries stay small.
+_NOISE_ELEMS = 1 << 22
+
+
+def gumbel_rows(seeds: Tensor, pos: Tensor, V: int) -> Tensor:
+    """fp32 ``[N, V]`` stream-0 Gumbel noise of N rows keyed by (seeds[n], pos[n], vocab id)."""
+    N = seeds.shape[0]
+    out = torch.empty((N, V), dtype=torch.float32, device=seeds.device)
+    ids = torch.arange(V, dtype=torch.int64, device=seeds.device)
+    step = max(1, _NOISE_ELEMS // max(V, 1))
+    for lo in range(0, N, step):
+        hi = min(N, lo + step)
+        out[lo:hi] = noise.gumbel(seeds[lo:hi, None], pos[lo:hi, None], ids[None, :],
+                                  noise.STREAM_GUMBEL)
+    return out
+
+
+def kept_set(scaled: Tensor, sampled: Tensor, top_k, top_p) -> Tensor:
+    """bool ``[B, S, V]``: the tokens top-k then top-p keep (all for rows without them)."""
+    B, S, V = scaled.shape
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    if top_k is not None:
+        k = top_k.to(torch.int64)
+        active = sampled & (k > 0) & (k < V)
+        desc = scaled.sort(dim=-1, descending=True).values
+        kth = desc.gather(-1, (k.clamp(1, V) - 1).view(B, 1, 1).expand(B, S, 1))
+        keep &= ~active.view(B, 1, 1) | (scaled >= kth)
+    if top_p is not None:
+        active = sampled & (top_p < 1)
+        p = softmax_kept(scaled, keep)
+        desc = p.sort(dim=-1, descending=True).values
+        reach = desc.cumsum(-1) >= top_p.view(B, 1, 1)
+        # m-th most probable: the first index reaching top_p; none reached -> the last.
+        first = torch.where(reach.any(-1), reach.to(torch.int8).argmax(-1),
+                            torch.full_like(reach[..., 0], V - 1, dtype=torch.int64))
+        tau = desc.gather(-1, first.unsqueeze(-1))
+        keep &= ~active.view(B, 1, 1) | (p >= tau)
+    return keep
+
+
+def softmax_kept(scaled: Tensor, keep: Tensor) -> Tensor:
+    """fp32 softmax of ``scaled`` over ``keep`` (zero elsewhere, all zero without a finite logit)."""
+    masked = torch.where(keep, scaled, NEG_INF)
+    m = masked.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(masked - m)
+    z = e.sum(-1, keepdim=True)
+    return torch.where(z > 0, e / z, torch.zeros_like(e))
+
+
+def target_tokens(logits: Tensor, temperature, top_k, top_p, seeds, positions):
+    """Per row (b, j): ``(t, scaled, keep, gumbel)``; ``t`` int64 ``[B, S]``.
+
+    ``scaled``, ``keep`` and ``gumbel`` are None when no request samples
+    (``temperature`` None).
+    """
+    B, S, V = logits.shape
+    x = logits.float()
+    x = x.masked_fill(torch.isnan(x), NEG_INF)
+    # argmax returns the first maximum: lowest index on ties, 0 for an all -inf row.
+    t = x.argmax(-1)
+    if temperature is None:
+        return t, None, None, None
+    sampled = temperature > 0
+    inv_t = torch.where(sampled, 1.0 / temperature, torch.ones_like(temperature))
+    scaled = x * inv_t.view(B, 1, 1)
+    keep = kept_set(scaled, sampled, top_k, top_p)
+    rows = torch.arange(S, device=logits.device, dtype=torch.int64)
+    pos = (positions.view(B, 1) + rows.view(1, S) + 1).reshape(-1)
+    g = gumbel_rows(seeds.view(B, 1).expand(B, S).reshape(-1), pos, V).view(B, S, V)
+    score = torch.where(keep, scaled + g, NEG_INF)
+    t = torch.where(sampled.view(B, 1), score.argmax(-1), t)
+    return t, scaled, keep, g
+
+
+def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
+                 positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
+                 new_seq_lens) -> None:
+    """Writes accept_len / out_tokens / bonus / new_seq_lens (shapes in docs/DESIGN.md)."""
+    B, S, V = logits.shape
+    dev = logits.device
+    t, scaled, keep, g = target_tokens(logits, temperature, top_k, top_p, seeds, positions)
+    bt = block_tokens.to(torch.int64)
+    nd = num_drafts.to(torch.int64).clamp(0, S - 1)
+    cols = torch.arange(1, S, device=dev, dtype=torch.int64)
+    drafts = bt[:, 1:]                                        # [B, S-1]
+    # Row j-1 decides draft j.
+    accept = drafts == t[:, :-1]
+    use_dp = None
+    if draft_probs is not None and S > 1:
+        use_dp = temperature > 0
+        p = softmax_kept(scaled[:, :-1], keep[:, :-1])       # [B, S-1, V]
+        q = draft_probs.float()
+        in_vocab = (drafts >= 0) & (drafts < V)
+        xi = drafts.clamp(0, V - 1).unsqueeze(-1)
+        zero = torch.zeros((), device=dev)
+        px = torch.where(in_vocab, p.gather(-1, xi).squeeze(-1), zero)
+        qx = torch.where(in_vocab, q.gather(-1, xi).squeeze(-1), zero)
+        u = noise.uniform(seeds.view(B, 1), positions.view(B, 1) + cols.view(1, -1), 0,
+                          noise.STREAM_ACCEPT)
+        accept = torch.where(use_dp.view(B, 1), u * qx < px, accept)
+        # Residual max(p - q, 0) at every row; only the first rejected one is used.
+        r = (p - q).clamp_min(0)
+        r_pos = r > 0                                         # NaN compares False
+        r_score = torch.where(r_pos, torch.log(torch.where(r_pos, r, 1.0)) + g[:, :-1], NEG_INF)
+        residual_tok = torch.where(r_pos.any(-1), r_score.argmax(-1), t[:, :-1])
+    run = (accept & (cols.view(1, -1) <= nd.view(B, 1))).to(torch.int64)
+    a = run.cumprod(-1).sum(-1) if S > 1 else torch.zeros(B, dtype=torch.int64, device=dev)
+    bon = t.gather(1, a.view(B, 1)).squeeze(1)
+    if use_dp is not None:
+        rejected = a < nd
+        res_a = residual_tok.gather(1, a.clamp(max=S - 2).view(B, 1)).squeeze(1)
+        bon = torch.where(use_dp & rejected, res_a, bon)
+    bon = bon.clamp(0, V - 1)
+    shifted = torch.cat([drafts.clamp(0, V - 1), torch.zeros_like(bt[:, :1])], dim=1)
+    c = torch.arange(S, device=dev, dtype=torch.int64).view(1, S)
+    a2 = a.view(B, 1)
+    toks = torch.where(c < a2, shifted, torch.where(c == a2, bon.view(B, 1), -1))
+    accept_len.copy_(a.to(torch.int32))
+    bonus.copy_(bon.to(torch.int32))
+    out_tokens.copy_(toks.to(torch.int32))
+    if new_seq_lens is not None:
+        new_seq_lens.copy_((seq_lens.to(torch.int64) + a + 1).to(torch.int32))
