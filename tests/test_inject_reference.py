@@ -51,13 +51,25 @@ def make_caches(layout, L, P, page, Hkv, D, dtype, device):
         both = alloc(L, 2, P, page, Hkv, D)
         k, v = [both[i, 0] for i in range(L)], [both[i, 1] for i in range(L)]
     elif layout == "separate":
-        k = [alloc(P, page, Hkv, D) for _ in range(L)]
-        v = [alloc(P, page, Hkv, D) for _ in range(L)]
+        k = _irregular([alloc(P, page, Hkv, D) for _ in range(L)])
+        v = _irregular([alloc(P, page, Hkv, D) for _ in range(L)])
     else:
         raise AssertionError(layout)
     k_list = list(k.unbind(0)) if isinstance(k, torch.Tensor) else k
     v_list = list(v.unbind(0)) if isinstance(v, torch.Tensor) else v
     return k, v, k_list, v_list
+
+
+def _irregular(caches):
+    """Order separate allocations so that (for L >= 3) no single layer stride
+    reaches them all: a kernel must then use per-layer base pointers."""
+    def uniform(cs):
+        p = [c.data_ptr() for c in cs]
+        return all(p[i] - p[0] == i * (p[1] - p[0]) for i in range(len(p)))
+    if len(caches) >= 3 and uniform(caches):
+        caches[-1], caches[-2] = caches[-2], caches[-1]
+    assert len(caches) < 3 or not uniform(caches)
+    return caches
 
 
 def make_slots(N, num_slots, n_invalid, device, all_invalid_prefix=0):
