@@ -1,0 +1,1 @@
+"""dflash_kernels microbenchmarks: ``python -m microbench`` (see docs/benchmark.md)."""

@@ -1,0 +1,180 @@
+"""What engines run today for the same step, to compare our ops with.
+
+``torch``: the PyTorch compositions (gather + SDPA; GEMM + RMSNorm + GEMM +
+norm + RoPE + per-layer index_copy_; softmax + argmax + cumprod). They use
+host-known sizes only (every request of a bench case has the same context
+length), so they are CUDA-graph capturable like an engine's.
+
+``flashinfer`` and ``flash_attn``: the paged-attention libraries, when
+importable (never required). They read the block's keys from the cache, so
+their cases hold the block K/V as the last S cached tokens (the bench writes
+them there when it builds the inputs).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def optional_module(*names):
+    """The first of ``names`` that imports, or None."""
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except Exception:  # ImportError, or a broken binary build
+            continue
+    return None
+
+
+# ---------------------------------------------------------------- attention
+
+def torch_attention(inp):
+    """Gather each request's pages into dense K/V, append the block keys, SDPA (no mask)."""
+    q, kc, vc, bt = inp["q"], inp["k_cache"], inp["v_cache"], inp["block_table"]
+    ctx, npages, window = inp["ctx"], inp["ctx_pages"], inp["window"]
+    B, S, Hq, D = q.shape
+    Hkv = kc.shape[2]
+    table = bt[:, :npages].long()
+
+    def dense(cache, block, scale):
+        x = cache[table].reshape(B, -1, Hkv, D)[:, :ctx]
+        if scale is not None:
+            x = x.to(q.dtype) * scale.to(q.dtype)
+        return torch.cat([x, block], dim=1).transpose(1, 2)         # [B, Hkv, ctx+S, D]
+
+    k = dense(kc, inp["k_block"], inp["k_scale"])
+    v = dense(vc, inp["v_block"], inp["v_scale"])
+    mask = None
+    if window > 0:
+        qpos = torch.arange(S, device=q.device)[:, None] + ctx
+        kpos = torch.arange(ctx + S, device=q.device)[None, :]
+        mask = (qpos - kpos).abs() < window
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                       scale=inp["sm_scale"], enable_gqa=Hq != Hkv)
+    return o.transpose(1, 2)
+
+
+def flashinfer_attention(module):
+    """BatchPrefillWithPagedKVCacheWrapper, causal=False, over the cached block (plan made once per input set)."""
+
+    def run(inp):
+        q = inp["q"]
+        B, S, Hq, D = q.shape
+        kc = inp["k_cache"]
+        state = inp.get("_flashinfer")
+        if state is None:
+            dev = q.device
+            page = kc.shape[1]
+            total = inp["ctx"] + S
+            npages = -(-total // page)
+            workspace = torch.empty(128 * 2**20, dtype=torch.uint8, device=dev)
+            wrapper = module.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+            qo_indptr = torch.arange(B + 1, dtype=torch.int32, device=dev) * S
+            kv_indptr = torch.arange(B + 1, dtype=torch.int32, device=dev) * npages
+            kv_indices = inp["block_table"][:, :npages].reshape(-1).contiguous()
+            last = torch.full((B,), total - (npages - 1) * page, dtype=torch.int32, device=dev)
+            wrapper.plan(qo_indptr, kv_indptr, kv_indices, last, Hq, kc.shape[2], D, page,
+                         causal=False, sm_scale=inp["sm_scale"], q_data_type=q.dtype,
+                         kv_data_type=kc.dtype)
+            state = inp["_flashinfer"] = (wrapper, workspace)
+        fn = getattr(state[0], "run", None) or state[0].forward
+        return fn(q.reshape(B * S, Hq, D), (kc, inp["v_cache"])).reshape(B, S, Hq, D)
+
+    return run
+
+
+def flash_attn_attention(module):
+    """flash_attn_with_kvcache(causal=False) over the cached block (cache_seqlens = ctx + S)."""
+
+    def run(inp):
+        q = inp["q"]
+        S = q.shape[1]
+        w = inp["window"]
+        kwargs = {"window_size": (w - 1, w - 1)} if w > 0 else {}
+        out = module.flash_attn_with_kvcache(
+            q, inp["k_cache"], inp["v_cache"], cache_seqlens=inp["context_lens"] + S,
+            block_table=inp["block_table"], softmax_scale=inp["sm_scale"], causal=False, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
+# ---------------------------------------------------------------- injection
+
+def _rms_norm(x, weight, eps):
+    x = x.float()
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def _store(x, cache_dtype, scale):
+    if cache_dtype in FP8_MAX:
+        m = FP8_MAX[cache_dtype]
+        return (x.float() / scale.float()).clamp(-m, m).to(cache_dtype)
+    return x.to(cache_dtype)
+
+
+def torch_fuse(inp):
+    """fc GEMM over the concatenated features, then RMSNorm."""
+    x = inp["features"] @ inp["fc_weight"].T
+    return _rms_norm(x, inp["norm_weight"], inp["eps"]).to(x.dtype)
+
+
+def _norm_rope_store(k, v, inp):
+    """k, v [N, L, Hkv, D]: per-head K norm + neox RoPE, then one index_copy_ per layer and cache."""
+    kc, vc = inp["k_cache"], inp["v_cache"]
+    L, _, _, Hkv, D = kc.shape
+    k = _rms_norm(k, inp["k_norm_weight"][None, :, None, :], inp["eps"])
+    half = D // 2
+    cs = inp["cos_sin_cache"][inp["positions"]]                     # [N, D]
+    cos, sin = cs[:, None, None, :half], cs[:, None, None, half:]
+    k1, k2 = k[..., :half], k[..., half:]
+    k = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
+    # Rejected rows go to the engine's padding page (the last page), as SGLang's slot 0.
+    dst = torch.where(inp["slot_mapping"] >= 0, inp["slot_mapping"], inp["pad_slot"])
+    ks = _store(k, kc.dtype, inp["k_scale"])
+    vs = _store(v, vc.dtype, inp["v_scale"])
+    for layer in range(L):
+        kc[layer].view(-1, Hkv, D).index_copy_(0, dst, ks[:, layer])
+        vc[layer].view(-1, Hkv, D).index_copy_(0, dst, vs[:, layer])
+    return kc, vc
+
+
+def torch_inject_kv(inp, hidden=None):
+    """Stacked K/V GEMM of every layer, norm + RoPE, per-layer index_copy_."""
+    hidden = inp["hidden"] if hidden is None else hidden
+    kv_weight = inp["kv_weight"]
+    L, _, HD, H = kv_weight.shape
+    Hkv = inp["k_cache"].shape[3]
+    kv = (hidden @ kv_weight.reshape(L * 2 * HD, H).T).view(-1, L, 2, Hkv, HD // Hkv)
+    return _norm_rope_store(kv[:, :, 0], kv[:, :, 1], inp)
+
+
+def torch_write_kv(inp):
+    return _norm_rope_store(inp["k"], inp["v"], inp)
+
+
+def torch_injection(inp):
+    return torch_inject_kv(inp, hidden=torch_fuse(inp))
+
+
+# ---------------------------------------------------------------- verify
+
+def torch_verify_greedy(inp):
+    """softmax, argmax, compare with the drafts, cumprod prefix match, gather the bonus."""
+    logits, tokens, num_drafts = inp["logits"], inp["block_tokens"], inp["num_drafts"]
+    B, S, _ = logits.shape
+    target = torch.softmax(logits.float(), dim=-1).argmax(dim=-1)   # [B, S]
+    cols = torch.arange(1, S, device=logits.device)[None, :]
+    match = (tokens[:, 1:] == target[:, :-1]) & (cols <= num_drafts[:, None])
+    accept = match.to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
+    bonus = target.gather(1, accept.long()[:, None]).squeeze(1).to(torch.int32)
+    pos = torch.arange(S, device=logits.device)[None, :]
+    drafts = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).to(torch.int32)
+    out = torch.where(pos < accept[:, None], drafts, torch.full_like(drafts, -1))
+    out = torch.where(pos == accept[:, None], bonus[:, None], out)
+    return accept, out, bonus
