@@ -1,0 +1,340 @@
+"""Triton ``block_attention``: GQA-packed flash-decoding over a paged cache.
+
+One program owns every query row of one (request, KV head, row block,
+split): the S*g rows of a GQA group share each K/V tile, so a context byte is
+read once per request and KV head per split. The context is split into
+``num_splits`` contiguous tile ranges (a host-known count); with more than one
+split, each writes a normalised partial output and its log2-sum-exp, and a
+small second kernel merges them. The block's own keys (``k_block``) are
+attended by the last split, after its context tiles. See docs/block_attention.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale):
+    """Online-softmax update with one key tile; scores in the log2 domain."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible so far keeps m = -inf; shift by 0 so that
+    # exp2(-inf - -inf) never makes a NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _block_attention_kernel(
+    Q, KC, VC, BT, CL, KB, VB, KS, VS, O, LSE, PO, PLSE,
+    qk_scale, window, max_slots, num_pages, batch,
+    sq_b, sq_s, sq_h,
+    sk_p, sk_r, sk_h, sk_d,
+    sv_p, sv_r, sv_h, sv_d,
+    sbt_b, sbt_p,
+    skb_b, skb_s, skb_h,
+    svb_b, svb_s, svb_h,
+    so_b, so_s, so_h,
+    S: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_M_BLOCKS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HAS_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_FP8: tl.constexpr,
+    HAS_LSE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    mb = pid % NUM_M_BLOCKS
+    bh = pid // NUM_M_BLOCKS
+    h = bh % HKV
+    b = (bh // HKV).to(tl.int64)
+
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < S * GROUP
+    s_idx = rows // GROUP
+    head = h * GROUP + rows % GROUP
+    d = tl.arange(0, D)
+    q = tl.load(Q + (b * sq_b + s_idx * sq_s + head * sq_h)[:, None] + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+
+    # Lengths outside [0, max_slots] (outside SPEC) are clamped so no block
+    # table entry past the row is ever read.
+    ctx = tl.minimum(tl.maximum(tl.load(CL + b), 0), max_slots)
+    if HAS_BLOCK:
+        q0 = ctx
+    else:
+        q0 = ctx - S
+    qpos = q0 + s_idx
+
+    # Context keys this block can see: all of them, or the window around it.
+    lo = ctx * 0
+    hi = ctx
+    if HAS_WINDOW:
+        lo = tl.maximum(q0 - window + 1, 0)
+        hi = tl.minimum(ctx, q0 + S - 1 + window)
+    n_tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    start = lo + split * per_split * BLOCK_N
+    end = tl.minimum(hi, start + per_split * BLOCK_N)
+
+    ctx_scale = qk_scale
+    if IS_FP8:
+        # k's scale folds into the logits exactly; v's is applied to the tile.
+        ctx_scale = qk_scale * tl.load(KS)
+        v_scale = tl.load(VS)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+
+    for n0 in range(start, end, BLOCK_N):
+        tok = n0 + tl.arange(0, BLOCK_N)
+        tok_ok = tok < end
+        # Page ids only for tokens in range, clamped: garbage entries past the
+        # used pages are never followed.
+        page = tl.load(BT + b * sbt_b + (tok // PAGE) * sbt_p, mask=tok_ok, other=0)
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+        row = tok % PAGE
+        k = tl.load(KC + (page * sk_p + row * sk_r + h * sk_h)[:, None] + d[None, :] * sk_d,
+                    mask=tok_ok[:, None], other=0.0)
+        v = tl.load(VC + (page * sv_p + row * sv_r + h * sv_h)[:, None] + d[None, :] * sv_d,
+                    mask=tok_ok[:, None], other=0.0)
+        if IS_FP8:
+            k = k.to(q.dtype)
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
+        visible = tok_ok[None, :]
+        if HAS_WINDOW:
+            dist = qpos[:, None] - tok[None, :]
+            visible = visible & (dist < window) & (dist > -window)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k, v, visible, ctx_scale)
+
+    if HAS_BLOCK:
+        if split == NUM_SPLITS - 1:
+            j = tl.arange(0, BLOCK_S)
+            j_ok = j < S
+            kb = tl.load(KB + (b * skb_b + j * skb_s + h * skb_h)[:, None] + d[None, :],
+                         mask=j_ok[:, None], other=0.0)
+            vb = tl.load(VB + (b * svb_b + j * svb_s + h * svb_h)[:, None] + d[None, :],
+                         mask=j_ok[:, None], other=0.0)
+            visible = j_ok[None, :]
+            if HAS_WINDOW:
+                dist = s_idx[:, None] - j[None, :]
+                visible = visible & (dist < window) & (dist > -window)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kb, vb, visible, qk_scale)
+
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(O + (b * so_b + s_idx * so_s + head * so_h)[:, None] + d[None, :],
+                 o.to(O.dtype.element_ty), mask=row_ok[:, None])
+        if HAS_LSE:
+            lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+            tl.store(LSE + (b * S + s_idx) * (HKV * GROUP) + head, lse, mask=row_ok)
+    else:
+        # Partials [NUM_SPLITS, B*S*Hq, (D)]: an empty split writes o = 0 and
+        # lse2 = -inf, the neutral element of the merge.
+        prow = (split * batch + b) * S * (HKV * GROUP) + s_idx * (HKV * GROUP) + head
+        tl.store(PO + prow[:, None] * D + d[None, :], o, mask=row_ok[:, None])
+        tl.store(PLSE + prow, tl.where(has_key, m_i + tl.log2(l_safe), float("-inf")), mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    PO, PLSE, O, LSE, n_rows, so_b, so_s, so_h,
+    S: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, HAS_LSE: tl.constexpr,
+):
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    r_ok = r < n_rows
+    d = tl.arange(0, D)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for i in tl.static_range(NUM_SPLITS):
+        m = tl.maximum(m, tl.load(PLSE + i * n_rows + r, mask=r_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_R, D], tl.float32)
+    den = tl.zeros([BLOCK_R], tl.float32)
+    for i in tl.static_range(NUM_SPLITS):
+        w = tl.exp2(tl.load(PLSE + i * n_rows + r, mask=r_ok, other=float("-inf")) - m_safe)
+        o_i = tl.load(PO + (i * n_rows + r)[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
+        acc += w[:, None] * o_i
+        den += w
+    has_key = den > 0.0
+    den_safe = tl.where(has_key, den, 1.0)
+    o = acc / den_safe[:, None]
+    hq = r % HQ
+    s_idx = (r // HQ) % S
+    b = r // (HQ * S)
+    tl.store(O + (b * so_b + s_idx * so_s + hq * so_h)[:, None] + d[None, :],
+             o.to(O.dtype.element_ty), mask=r_ok[:, None])
+    if HAS_LSE:
+        lse = tl.where(has_key, (m_safe + tl.log2(den_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + r, lse, mask=r_ok)
+
+
+# --------------------------------------------------------------------------
+# Host side: configuration from host-known sizes only.
+# --------------------------------------------------------------------------
+
+# Splits on CPU (the interpreter): a fixed small count, so both paths run.
+CPU_SPLITS = 2
+# A split should own at least this many key tiles before it pays to split.
+MIN_TILES_PER_SPLIT = 4
+MAX_SPLITS = 32
+
+
+def _arch(device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def max_block_m(D: int) -> int:
+    """Largest row tile: keeps the fp32 accumulator (BLOCK_M x D) in registers."""
+    return 64 if D == 256 else 128
+
+
+def kernel_config(arch: Optional[int], D: int, block_m: int) -> dict:
+    """BLOCK_N, num_warps, num_stages for (architecture, head dim, row tile).
+
+    A fixed table (the interpreter cannot benchmark autotune candidates).
+    Hopper and Blackwell have 227 KB of shared memory, so deeper pipelines fit.
+    """
+    if arch is None:
+        return dict(BLOCK_N=64 if D <= 128 else 32, num_warps=4, num_stages=1)
+    big_smem = arch in (90, 100, 103)
+    # Each thread holds gathered K/V row pointers as well as its share of the
+    # accumulator; 8 warps keep 64-row tiles clear of spills on sm_90/sm_100.
+    warps = 8 if block_m >= (64 if big_smem else 128) else 4
+    if D == 64:
+        return dict(BLOCK_N=64, num_warps=warps, num_stages=3 if big_smem else 2)
+    if D == 128:
+        return dict(BLOCK_N=64, num_warps=warps, num_stages=3 if big_smem else 2)
+    return dict(BLOCK_N=32, num_warps=warps, num_stages=2)
+
+
+def num_splits_for(sms: Optional[int], B: int, Hkv: int, m_blocks: int, span: int,
+                   block_n: int) -> int:
+    """Context splits from host-known sizes: fill the SMs, keep splits long.
+
+    ``sms`` is the device's SM count, or None on CPU (a fixed small count).
+    """
+    tiles = triton.cdiv(max(span, 0), block_n)
+    if sms is None:
+        return max(1, min(CPU_SPLITS, tiles))
+    want = triton.cdiv(sms, max(B * Hkv * m_blocks, 1))
+    return max(1, min(want, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+
+
+def plan(arch: Optional[int], sms: Optional[int], B: int, S: int, Hq: int, Hkv: int, D: int,
+         page_size: int, max_pages: int, window: int, num_splits: Optional[int] = None) -> dict:
+    """Launch configuration from host-known sizes (never from context_lens values)."""
+    g = Hq // Hkv
+    block_m = min(max(16, triton.next_power_of_2(S * g)), max_block_m(D))
+    m_blocks = triton.cdiv(S * g, block_m)
+    cfg = kernel_config(arch, D, block_m)
+    span = max_pages * page_size
+    if window:
+        # Keys a block can see lie within window - 1 of its S positions.
+        span = min(span, S + 2 * window - 2)
+    if num_splits is None:
+        num_splits = num_splits_for(sms, B, Hkv, m_blocks, span, cfg["BLOCK_N"])
+    return dict(cfg, BLOCK_M=block_m, NUM_M_BLOCKS=m_blocks, NUM_SPLITS=int(num_splits),
+                BLOCK_S=max(16, triton.next_power_of_2(S)))
+
+
+_TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4nv",
+             torch.float8_e5m2: "fp8e5"}
+_INT_ARGS = ("window", "max_slots", "num_pages", "batch", "sq_b", "sq_s", "sq_h",
+             "sk_p", "sk_r", "sk_h", "sv_p", "sv_r", "sv_h", "sbt_b",
+             "skb_b", "skb_s", "skb_h", "svb_b", "svb_s", "svb_h", "so_b", "so_s", "so_h")
+
+
+def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: int, *,
+                 page_size: int = 16, has_block: bool = True, window: int = 0,
+                 return_lse: bool = True, num_splits: int = 1) -> dict:
+    """Signature, constexprs, num_warps, num_stages of the main kernel's default
+    launch for ``sm_{arch}`` (for compile checks without a GPU; unit last strides)."""
+    p = plan(arch, None, 1, S, Hq, Hkv, D, page_size, 1, window, num_splits)
+    act, cache = "*" + _TL_TYPES[dtype], "*" + _TL_TYPES[cache_dtype]
+    sig = dict(Q=act, KC=cache, VC=cache, BT="*i32", CL="*i32", KB=act, VB=act, KS="*fp32",
+               VS="*fp32", O=act, LSE="*fp32", PO="*fp32", PLSE="*fp32", qk_scale="fp32")
+    sig.update({n: "i32" for n in _INT_ARGS})
+    const = dict(sk_d=1, sv_d=1, sbt_p=1, S=S, GROUP=Hq // Hkv, HKV=Hkv, D=D, PAGE=page_size,
+                 BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_S=p["BLOCK_S"],
+                 NUM_M_BLOCKS=p["NUM_M_BLOCKS"], NUM_SPLITS=p["NUM_SPLITS"],
+                 HAS_BLOCK=has_block, HAS_WINDOW=window > 0,
+                 IS_FP8=cache_dtype != dtype, HAS_LSE=return_lse)
+    sig.update({n: "constexpr" for n in const})
+    return dict(signature=sig, constexprs=const, num_warps=p["num_warps"],
+                num_stages=p["num_stages"])
+
+
+def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
+                    sm_scale: float, window: int, k_scale, v_scale, out, lse,
+                    *, num_splits: Optional[int] = None) -> None:
+    """Writes ``out`` ``[B, S, Hq, D]`` and ``lse`` fp32 ``[B, S, Hq]`` (or None).
+
+    Arguments as in docs/DESIGN.md. ``num_splits`` (tests, tuning) forces the
+    context split count; by default it comes from host-known sizes only.
+    """
+    B, S, Hq, D = q.shape
+    num_pages, page, Hkv, _ = k_cache.shape
+    if B == 0 or S == 0 or Hq == 0:
+        return
+    g = Hq // Hkv
+    on_gpu = q.device.type == "cuda"
+    arch = _arch(q.device)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if on_gpu else None
+    cfg = plan(arch, sms, B, S, Hq, Hkv, D, page, block_table.shape[1], window, num_splits)
+    ns = cfg["NUM_SPLITS"]
+    has_block = k_block is not None
+    is_fp8 = k_cache.dtype != q.dtype
+    if ns > 1:
+        part_o = torch.empty((ns, B * S * Hq, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((ns, B * S * Hq), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out
+    kb = k_block if has_block else q
+    vb = v_block if has_block else q
+    kbs = k_block.stride()[:3] if has_block else (0, 0, 0)
+    vbs = v_block.stride()[:3] if has_block else (0, 0, 0)
+    grid = (B * Hkv * cfg["NUM_M_BLOCKS"], ns)
+    with torch.cuda.device(q.device) if on_gpu else contextlib.nullcontext():
+        _block_attention_kernel[grid](
+            q, k_cache, v_cache, block_table, context_lens, kb, vb,
+            k_scale if is_fp8 else q, v_scale if is_fp8 else q,
+            out, lse if lse is not None else out, part_o, part_lse,
+            float(sm_scale) * _LOG2E, int(window), block_table.shape[1] * page, num_pages, B,
+            *q.stride()[:3], *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
+            *kbs, *vbs, *out.stride()[:3],
+            S=S, GROUP=g, HKV=Hkv, D=D, PAGE=page,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"],
+            NUM_M_BLOCKS=cfg["NUM_M_BLOCKS"], NUM_SPLITS=ns,
+            HAS_BLOCK=has_block, HAS_WINDOW=window > 0, IS_FP8=is_fp8, HAS_LSE=lse is not None,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        if ns > 1:
+            n_rows = B * S * Hq
+            block_r = 16 if D <= 128 else 8
+            _merge_splits_kernel[(triton.cdiv(n_rows, block_r),)](
+                part_o, part_lse, out, lse if lse is not None else out, n_rows,
+                *out.stride()[:3],
+                S=S, HQ=Hq, D=D, NUM_SPLITS=ns, BLOCK_R=block_r, HAS_LSE=lse is not None,
+                num_warps=4,
+            )
+

@@ -1,0 +1,147 @@
+"""The Triton block_attention against the reference (interpreter on CPU, native on GPU).
+
+Inputs come from test_attention_reference.make_case: NaN in unused cache rows
+and spare pages, garbage block-table entries past the used pages, and
+outputs pre-filled with NaN so that any element left unwritten shows.
+"""
+
+import math
+
+import pytest
+import torch
+
+from dflash_kernels.triton_backend import attention as tri
+from test_attention_reference import _lens, make_case, run_public
+from triton_compile import compile_report
+
+NAN = float("nan")
+
+
+def _scale_tensor(s, device):
+    if s is None or isinstance(s, torch.Tensor):
+        return s
+    return torch.full((1,), float(s), dtype=torch.float32, device=device)
+
+
+def run_triton(case, sm_scale, window, num_splits=None, with_lse=True):
+    q = case["q"]
+    out = torch.full_like(q, NAN)
+    lse = torch.full(q.shape[:3], NAN, dtype=torch.float32, device=q.device) if with_lse else None
+    tri.block_attention(q, case["k_cache"], case["v_cache"], case["block_table"],
+                        case["context_lens"], case["k_block"], case["v_block"], sm_scale,
+                        window, _scale_tensor(case["k_scale"], q.device),
+                        _scale_tensor(case["v_scale"], q.device), out, lse,
+                        num_splits=num_splits)
+    return out, lse
+
+
+def assert_matches_reference(case, out, lse, sm_scale, window, atol=4e-3):
+    want, want_lse = run_public(case, "reference", sm_scale=sm_scale, window=window or None)
+    assert not out.isnan().any(), "unwritten or NaN output"
+    torch.testing.assert_close(out.float(), want.float(), atol=atol, rtol=atol)
+    if lse is not None:
+        assert not lse.isnan().any(), "unwritten or NaN lse"
+        torch.testing.assert_close(lse, want_lse, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "page_size, S, Hq, Hkv, D, block, window, layout, num_splits",
+    [
+        (16, 4, 4, 1, 64, True, 0, "nhd", 1),
+        (16, 5, 8, 2, 64, False, 0, "hnd", 3),        # g=4, splits with empty ranges
+        (1, 3, 8, 1, 64, True, 0, "combined", 2),     # token pool, g=8
+        (1, 4, 2, 2, 64, False, 3, "nhd", 2),         # g=1, window
+        (64, 6, 8, 1, 128, True, 5, "hnd", 1),
+        (64, 4, 4, 4, 128, False, 0, "combined", 2),
+        (16, 5, 16, 1, 256, True, 0, "nhd", 2),       # S*g=80 > BLOCK_M=64: two row blocks
+        (16, 7, 16, 2, 64, True, 2, "combined", 4),   # window shorter than a tile
+        (16, 16, 8, 1, 64, True, 0, "nhd", 1),        # S*g = 128 rows in one program
+    ],
+)
+def test_triton_matches_reference(page_size, S, Hq, Hkv, D, block, window, layout, num_splits,
+                                  device):
+    case = make_case(S=S, Hq=Hq, Hkv=Hkv, D=D, page_size=page_size,
+                     ctx_lens=_lens(page_size, S, block), block=block, layout=layout,
+                     device=device)
+    sm_scale = D ** -0.5
+    out, lse = run_triton(case, sm_scale, window, num_splits)
+    assert_matches_reference(case, out, lse, sm_scale, window)
+
+
+@pytest.mark.parametrize("num_splits", [1, 5])
+def test_triton_long_context(num_splits, device):
+    case = make_case(S=4, Hq=8, Hkv=2, D=64, page_size=16, ctx_lens=[317, 3], block=True,
+                     device=device)
+    out, lse = run_triton(case, 0.2, 0, num_splits)
+    assert_matches_reference(case, out, lse, 0.2, 0)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("scale_kind", ["float", "tensor"])
+def test_triton_fp8_cache(cache_dtype, scale_kind, device):
+    case = make_case(S=4, Hq=4, Hkv=1, D=64, page_size=16, ctx_lens=[0, 17, 40],
+                     cache_dtype=cache_dtype, scale_kind=scale_kind, layout="hnd",
+                     device=device)
+    out, lse = run_triton(case, 0.125, 9 if scale_kind == "float" else 0, num_splits=2)
+    assert_matches_reference(case, out, lse, 0.125, 9 if scale_kind == "float" else 0)
+
+
+def test_triton_bf16(device):
+    case = make_case(S=4, Hq=8, Hkv=2, D=64, page_size=16, ctx_lens=[9, 70],
+                     dtype=torch.bfloat16, device=device)
+    out, lse = run_triton(case, 0.125, 0, num_splits=2)
+    assert out.dtype == torch.bfloat16
+    assert_matches_reference(case, out, lse, 0.125, 0, atol=3e-2)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_rows_without_visible_keys(num_splits, device):
+    # Outside SPEC (no block and a context shorter than S), but defined: rows
+    # that see nothing give zeros and lse = -inf; with several splits every
+    # partial is neutral and the merge must not make NaN.
+    case = make_case(S=4, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=[0, 2, 6], block=False,
+                     device=device)
+    out, lse = run_triton(case, 0.125, 1, num_splits)
+    assert (out[0] == 0).all() and (lse[0] == -math.inf).all()
+    assert (out[1, :2] == 0).all() and (lse[1, :2] == -math.inf).all()
+    assert_matches_reference(case, out, lse, 0.125, 1)
+
+
+def test_triton_without_lse_through_public_api(device):
+    # Default split count (2 on CPU for contexts over one tile), public entry point.
+    import dflash_kernels
+
+    case = make_case(S=3, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=[100, 5], device=device)
+    out = torch.full_like(case["q"], NAN)
+    res = dflash_kernels.block_attention(
+        case["q"], case["k_cache"], case["v_cache"], case["block_table"], case["context_lens"],
+        case["k_block"], case["v_block"], out=out, backend="triton")
+    assert res is out
+    want = run_public(case, "reference")[0]
+    torch.testing.assert_close(out.float(), want.float(), atol=4e-3, rtol=4e-3)
+
+
+def test_split_count_uses_host_sizes_only():
+    # Same sizes, any context lengths: the plan depends on shapes alone.
+    a = tri.plan(90, 132, 1, 16, 32, 8, 128, 16, 256, 0)
+    assert a["NUM_SPLITS"] == min(tri.triton.cdiv(132, 8), 256 * 16 // 64 // 4)
+    assert tri.plan(90, 132, 512, 16, 32, 8, 128, 16, 256, 0)["NUM_SPLITS"] == 1
+    # A window bounds the span a block can see, whatever the table width.
+    assert tri.plan(90, 132, 1, 16, 32, 8, 128, 16, 256, 8)["NUM_SPLITS"] == 1
+    assert tri.plan(None, None, 1, 16, 32, 8, 128, 16, 256, 0)["NUM_SPLITS"] == tri.CPU_SPLITS
+
+
+# Compile checks: the default launch of the main kernel for Hopper and
+# Blackwell uses the tensor-core instructions of each and never spills.
+@pytest.mark.parametrize("arch, mma, smem_limit", [(90, "wgmma.mma_async", 227 * 1024),
+                                                   (100, "tcgen05.mma", 227 * 1024)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("g", [4, 8])
+def test_compiles_to_tensor_cores_without_spills(arch, mma, smem_limit, dtype, g):
+    spec = tri.compile_spec(arch, dtype, dtype, S=16, Hq=8 * g, Hkv=8, D=128)
+    rep = compile_report("dflash_kernels.triton_backend.attention", "_block_attention_kernel",
+                         spec["signature"], spec["constexprs"], arch,
+                         num_warps=spec["num_warps"], num_stages=spec["num_stages"])
+    assert mma in rep["ptx"]
+    assert rep["spills"] == 0, rep["registers"]
+    assert rep["shared"] <= smem_limit
