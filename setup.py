@@ -109,9 +109,9 @@ def _extension():
         ],
         include_dirs=[str(csrc)],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": ["-O3"],
             # No --use_fast_math: it turns logf into __logf and would change the noise.
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo", f"--threads={nvcc_threads}", *gencode],
+            "nvcc": ["-O3", "-lineinfo", f"--threads={nvcc_threads}", *gencode],
         },
     )
     return [ext], {"build_ext": BuildExtension}

@@ -5,15 +5,17 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "dflash_kernels.h"
@@ -52,6 +54,22 @@ void check_vec(const Tensor& t, at::ScalarType dtype, int64_t n, const char* nam
 template <typename P>
 const P* opt_ptr(const OptTensor& t) {
   return t.has_value() ? static_cast<const P*>(t->data_ptr()) : nullptr;
+}
+
+// SM count of the current device, cached per device (a host attribute query;
+// ATen/cuda/CUDAContext.h would pull cuBLAS / cuSPARSE headers into the build).
+int num_sms(c10::DeviceIndex device) {
+  static std::array<std::atomic<int>, 64> cache{};
+  if (device >= 0 && device < static_cast<c10::DeviceIndex>(cache.size())) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < static_cast<c10::DeviceIndex>(cache.size())) {
+    cache[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
 }
 
 bool aligned(const void* ptr, int64_t bytes) {
@@ -138,7 +156,7 @@ void verify_chain_cuda(const Tensor& logits, const Tensor& block_tokens, const T
   const int64_t esize = logits.element_size();
   p.vectorized = aligned(p.logits, 16) && (stride_b * esize) % 16 == 0 &&
                  (stride_s * esize) % 16 == 0;
-  verify_chain_plan(p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  verify_chain_plan(p, num_sms(logits.get_device()));
   // Workspace from the caching allocator: sizes are host-known, so this is
   // graph-capturable and never synchronizes.
   const int64_t parts = B * S * p.num_splits;
@@ -146,7 +164,7 @@ void verify_chain_cuda(const Tensor& logits, const Tensor& block_tokens, const T
   Tensor ws_index = at::empty({parts}, logits.options().dtype(at::kInt));
   p.workspace_score = ws_score.data_ptr<float>();
   p.workspace_index = ws_index.data_ptr<int32_t>();
-  const cudaError_t err = launch_verify_chain(p, at::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err = launch_verify_chain(p, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   TORCH_CHECK(err == cudaSuccess, "verify_chain_cuda: launch failed: ", cudaGetErrorString(err));
 }
@@ -217,7 +235,7 @@ void write_kv_cuda(const Tensor& k, const Tensor& v, const OptTensor& k_norm_wei
   }
 
   const c10::cuda::CUDAGuard guard(k.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t act_size = k.element_size();
   const int64_t cache_size = kc0.element_size();
   const int64_t norm_size = k_norm_weight.has_value() ? k_norm_weight->element_size() : 0;
