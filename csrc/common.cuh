@@ -7,9 +7,11 @@
 #if defined(__CUDACC__)
 #define DFLASH_HD __host__ __device__ __forceinline__
 #define DFLASH_DEVICE __device__ __forceinline__
+#define DFLASH_UNROLL _Pragma("unroll")
 #else
 // Host-only builds (tests compile philox.cuh with g++).
 #define DFLASH_HD inline
+#define DFLASH_UNROLL
 #endif
 
 namespace dflash {
