@@ -1,0 +1,255 @@
+"""End to end: DFlash speculative decoding built from the public ops is lossless.
+
+The target (dflash_kernels.testing.model) runs in float64 with its own paged
+attention, so a verify pass over S tokens and S one-token passes give logits
+that agree to ~1e-14: argmax and Gumbel-max decisions do not flip between the
+loops (verify_chain reads the logits cast to fp32; a flip needs two scores
+within an fp32 ulp). The drafter runs in fp16 through block_attention,
+fuse_target_features and inject_kv; its drafts only change how many tokens a
+step commits, never which.
+"""
+
+import math
+
+import pytest
+import torch
+
+import dflash_kernels
+from dflash_kernels import _registry
+from dflash_kernels.testing import (
+    DFlashDrafter,
+    DrafterConfig,
+    Engine,
+    OracleDrafter,
+    TargetConfig,
+    TinyQwen3,
+    make_cos_sin_cache,
+    slots_of,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+OPS = ("block_attention", "fuse_target_features", "inject_kv", "verify_chain")
+
+
+def _backend_or_skip(name):
+    if name == "auto":
+        if not HAS_CUDA:
+            pytest.skip("auto picks the Triton interpreter on CPU; covered by 'triton'")
+        return None
+    dev = torch.device(DEVICE).type
+    missing = [op for op in OPS if not _registry.is_available(op, name, dev)]
+    if missing:
+        pytest.skip(f"backend {name} lacks {missing} on {dev}")
+    return name
+
+
+def _requests(n, max_prompt, vocab, greedy_only, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lens = [1 + int(x) for x in torch.randint(0, max_prompt, (n,), generator=gen)]
+    lens[0] = max_prompt  # one long prompt, so padding is exercised
+    prompts = [torch.randint(1, vocab, (L,), generator=gen).tolist() for L in lens]
+    if greedy_only:
+        temps = [0.0] * n
+    else:
+        temps = [0.0 if b % 2 == 0 else [0.7, 1.0, 1.6][b % 3] for b in range(n)]
+    seeds = torch.randint(-2 ** 62, 2 ** 62, (n,), generator=gen).tolist()
+    return prompts, temps, seeds
+
+
+def _models(layers=3, capture=(0, 2), draft_layers=2, S=8, vocab=512, seed=0):
+    target = TinyQwen3(TargetConfig(vocab_size=vocab, num_layers=layers, capture_layers=capture,
+                                    seed=seed), device=DEVICE)
+    dcfg = DrafterConfig(num_layers=draft_layers, block_size=S, mask_token_id=vocab - 1, seed=seed + 1)
+    return target, dcfg
+
+
+# ----------------------------------------------------------------------------
+# The target model itself, against dense causal math without a cache.
+# ----------------------------------------------------------------------------
+
+def _dense_logits(t: TinyQwen3, tokens):
+    """Independent math: one sequence, no paging, per-head loops."""
+    c = t.cfg
+    T, D, g = len(tokens), c.head_dim, c.num_heads // c.num_kv_heads
+    pos = torch.arange(T, device=t.device)
+    cs = t.cos_sin_cache[pos].double()
+    cos, sin = cs[:, :D // 2], cs[:, D // 2:]
+
+    def norm(x, w):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.eps) * w
+
+    def rope(x):  # [T, D]
+        a, b = x[:, :D // 2], x[:, D // 2:]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+    x = t.embed[torch.tensor(tokens, device=t.device)]
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=t.device))
+    for layer in t.layers:
+        h = norm(x, layer.ln1)
+        q, k, v = h @ layer.wq.T, h @ layer.wk.T, h @ layer.wv.T
+        heads = []
+        for hq in range(c.num_heads):
+            hk = hq // g
+            qh = rope(norm(q[:, hq * D:(hq + 1) * D], layer.q_norm))
+            kh = rope(norm(k[:, hk * D:(hk + 1) * D], layer.k_norm))
+            s = (qh @ kh.T) / math.sqrt(D)
+            s = s.masked_fill(~causal, float("-inf"))
+            heads.append(torch.softmax(s, -1) @ v[:, hk * D:(hk + 1) * D])
+        x = x + torch.cat(heads, -1) @ layer.wo.T
+        h = norm(x, layer.ln2)
+        x = x + (torch.nn.functional.silu(h @ layer.w_gate.T) * (h @ layer.w_up.T)) @ layer.w_down.T
+    return norm(x, t.final_norm) @ t.lm_head.T
+
+
+def test_target_paged_cache_matches_dense_math():
+    target, _ = _models()
+    prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 2, 9, 11, 6, 1]]
+    eng = Engine(target, None, page_size=4)
+    st = eng._start(prompts, max_new=6, temperature=[0.0, 0.0], seeds=[0, 0], block_size=3)
+    B, T = 2, 11
+    toks = torch.zeros(B, T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        toks[b, :len(p)] = torch.tensor(p)
+    toks = toks.to(DEVICE)
+    pos = torch.arange(T, device=DEVICE)[None].expand(B, T)
+    valid = pos < st.prompt_lens[:, None]
+    slots = torch.where(valid, slots_of(st.block_table, pos, 4), 0)
+    logits, feats = target.forward(toks, pos, slots, st.block_table, st.k_cache, st.v_cache,
+                                   lengths=st.prompt_lens)
+    assert len(feats) == 2 and feats[0].shape == (B, T, target.cfg.hidden_size)
+    # Then a 3-token causal block after each prompt, over the cache.
+    ext = [[3, 8, 1], [2, 2, 7]]
+    bpos = st.prompt_lens[:, None] + torch.arange(3, device=DEVICE)
+    btok = torch.tensor(ext, device=DEVICE)
+    blogits, _ = target.forward(btok, bpos, slots_of(st.block_table, bpos, 4), st.block_table,
+                                st.k_cache, st.v_cache)
+    for b, p in enumerate(prompts):
+        want = _dense_logits(target, p + ext[b])
+        torch.testing.assert_close(logits[b, :len(p)], want[:len(p)], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(blogits[b], want[len(p):], rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------
+# Lossless: speculative == plain, token for token, for every backend.
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("greedy_only", [True, False], ids=["greedy", "mixed_sampling"])
+def test_speculative_equals_plain(backend, greedy_only):
+    backend = _backend_or_skip(backend)
+    target, dcfg = _models()
+    prompts, temps, seeds = _requests(4, 13, target.cfg.vocab_size, greedy_only, seed=3)
+    max_new = 28
+    plain = Engine(target, None, page_size=8, backend=backend).generate_plain(prompts, max_new, temps, seeds)
+    drafter = DFlashDrafter(target, dcfg)
+    spec = Engine(target, drafter, page_size=8, backend=backend).generate_speculative(
+        prompts, max_new, temps, seeds)
+    assert plain.tokens.shape == (4, max_new)
+    assert bool((plain.tokens >= 0).all()) and bool((plain.tokens < target.cfg.vocab_size).all())
+    torch.testing.assert_close(spec.tokens, plain.tokens, rtol=0, atol=0)
+    # Every request was active until it had max_new tokens: steps * (1 + mean accepted) covers it.
+    active_steps = (spec.accept_lens >= 0).sum(0)
+    emitted = 1 + (spec.accept_lens.clamp(min=0) + (spec.accept_lens >= 0)).sum(0)
+    assert bool((emitted >= max_new).all()) and bool((emitted < max_new + dcfg.block_size).all())
+    assert bool((active_steps >= math.ceil((max_new - 1) / dcfg.block_size)).all())
+    if not greedy_only:
+        # Sampled rows really sampled: they differ from the greedy decode of the same prompts.
+        greedy = Engine(target, None, page_size=8, backend=backend).generate_plain(
+            prompts, max_new, [0.0] * 4, seeds)
+        sampled = torch.tensor([t > 0 for t in temps], device=DEVICE)
+        differs = (greedy.tokens != plain.tokens).any(1)
+        assert bool(differs[sampled].all()) and not bool(differs[~sampled].any())
+
+
+@pytest.mark.parametrize("greedy_only", [True, False], ids=["greedy", "mixed_sampling"])
+def test_speculative_equals_plain_triton(greedy_only):
+    """The same with every op on the Triton backend (the interpreter on CPU: tiny)."""
+    backend = _backend_or_skip("triton")
+    target, dcfg = _models(layers=2, capture=(0, 1), draft_layers=1, S=4, vocab=128)
+    prompts, temps, seeds = _requests(2, 6, target.cfg.vocab_size, greedy_only, seed=5)
+    max_new = 7 if not HAS_CUDA else 24
+    plain = Engine(target, None, page_size=4, backend="reference").generate_plain(
+        prompts, max_new, temps, seeds)
+    spec = Engine(target, DFlashDrafter(target, dcfg), page_size=4, backend=backend).generate_speculative(
+        prompts, max_new, temps, seeds)
+    torch.testing.assert_close(spec.tokens, plain.tokens, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------
+# Acceptance statistics move as they should.
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("corrupt_at", [None, 1, 3, 7])
+def test_oracle_drafter_acceptance(corrupt_at):
+    """Drafts copied from the plain run are all accepted; flipping draft j caps acceptance at j-1."""
+    target, dcfg = _models(S=8)
+    S = dcfg.block_size
+    prompts, temps, seeds = _requests(3, 9, target.cfg.vocab_size, False, seed=11)
+    max_new = 1 + 3 * S + 2
+    plain = Engine(target, None, page_size=8).generate_plain(prompts, max_new, temps, seeds)
+    oracle = OracleDrafter(target, dcfg, plain.tokens, corrupt_at=corrupt_at)
+    spec = Engine(target, oracle, page_size=8).generate_speculative(prompts, max_new, temps, seeds)
+    torch.testing.assert_close(spec.tokens, plain.tokens, rtol=0, atol=0)
+    per_step = S if corrupt_at is None else corrupt_at   # tokens a step commits while drafts are known
+    n_full = (max_new - 1) // per_step                    # steps whose drafts all come from the oracle
+    hist = spec.accept_lens
+    want = S - 1 if corrupt_at is None else corrupt_at - 1
+    assert hist.shape[0] >= n_full
+    assert bool((hist[:n_full] == want).all()), hist
+    assert hist.shape[0] == math.ceil((max_new - 1) / per_step)
+    stats = spec.accepted_per_step()
+    assert bool((stats >= want * n_full / hist.shape[0]).all())
+
+
+def test_random_drafter_accepts_few():
+    target, dcfg = _models(S=8)
+    prompts, temps, seeds = _requests(4, 9, target.cfg.vocab_size, False, seed=13)
+    max_new = 24
+    spec = Engine(target, DFlashDrafter(target, dcfg), page_size=8).generate_speculative(
+        prompts, max_new, temps, seeds)
+    mean = float(spec.accepted_per_step().mean())
+    assert mean < 1.0, spec.accept_lens
+    assert spec.steps >= (max_new - 1) // 2
+
+
+# ----------------------------------------------------------------------------
+# The draft cache holds exactly the committed tokens' context K/V.
+# ----------------------------------------------------------------------------
+
+def test_draft_cache_holds_exactly_the_committed_context():
+    """After a speculative run, the draft cache equals a fresh injection of the
+    committed sequence at its slots, and every other slot is still NaN
+    (rejected rows were never injected)."""
+    target, dcfg = _models(S=8)
+    prompts, temps, seeds = _requests(3, 9, target.cfg.vocab_size, False, seed=17)
+    drafter = DFlashDrafter(target, dcfg)
+    eng = Engine(target, drafter, page_size=8, backend="reference")
+    spec = eng.generate_speculative(prompts, 20, temps, seeds)
+    st = eng.state
+    out = st.out.cpu()
+    seq_len, gen = st.seq_len.cpu(), st.generated.cpu()
+    ps = eng.page_size
+    written = torch.zeros(st.dk_cache.shape[1] * ps, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        n = int(seq_len[b])
+        assert n == len(p) + int(gen[b]) - 1
+        committed = list(p) + out[b, :n - len(p)].tolist()
+        pos = torch.arange(n, device=DEVICE)
+        # Fresh, dense target features of the committed sequence.
+        k0, v0 = target.new_cache(st.k_cache.shape[1], ps)
+        table = st.block_table[b:b + 1]
+        slots = slots_of(table, pos[None], ps)
+        _, feats = target.forward(torch.tensor([committed], device=DEVICE), pos[None], slots, table, k0, v0)
+        kd, vd = drafter.new_cache(st.k_cache.shape[1], ps)
+        drafter.inject([f[0] for f in feats], pos, slots[0], kd, vd, backend="reference")
+        s = slots[0]
+        for got, want in ((st.dk_cache, kd), (st.dv_cache, vd)):
+            g = got.flatten(1, 2)[:, s].float()
+            w = want.flatten(1, 2)[:, s].float()
+            torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+        written[s.cpu()] = True
+    untouched = st.dk_cache.flatten(1, 2)[:, ~written.to(DEVICE)]
+    assert bool(untouched.isnan().all())
+    assert bool(st.dv_cache.flatten(1, 2)[:, ~written.to(DEVICE)].isnan().all())
