@@ -1,0 +1,374 @@
+"""verify_chain in Triton: two launches, no host synchronisation.
+
+Launch 1, grid ``(B*S rows, n_split)``: each program streams its vocab chunk
+once, keeping the running argmax (greedy rows) or the keyed Gumbel-max of
+``logit * (1/T) + g`` (sampled rows, Philox noise made in registers), and,
+with ``draft_probs``, the online max / sum-exp of the scaled logits. It
+writes one (value, index, max, sum) partial per (row, split). A sampled row
+with top-k / top-p is handled whole by its split-0 program: a max pass, a
+bisection on the fp32 bit pattern of the threshold (one counting pass per
+step, at most 32 for top-k and 32 for top-p, plus one pass for top-p's
+normaliser), then the Gumbel-max pass over the kept set; its other splits
+write neutral partials.
+
+Launch 2, grid ``(B,)``: one program per request reduces the partials (lowest
+index on ties), walks the drafts (point mass, or the ``draft_probs`` rule with
+``p(x)`` from the row's max / sum and the logit of x), samples the residual
+``max(p - q, 0)`` of the first rejected row by streaming that one row, and
+writes accept_len / out_tokens / bonus / new_seq_lens.
+
+Noise: :mod:`.noise`, bit-identical to :mod:`dflash_kernels.noise`. See
+docs/verify_chain.md for passes and bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import noise as tnoise
+
+_INT32_MAX = 2147483647
+
+
+@triton.jit
+def _key_of(x):
+    """Order-preserving int64 key of an fp32 value (not NaN)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+
+
+@triton.jit
+def _value_of(key):
+    """Inverse of :func:`_key_of`."""
+    k = key.to(tl.int32)
+    return (k ^ ((k >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_scaled(row_ptr, offs, end, inv_t):
+    """Scaled fp32 logits, NaN and lanes past ``end`` as -inf."""
+    x = tl.load(row_ptr + offs, mask=offs < end, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("-inf"), x)
+    return x * inv_t
+
+
+@triton.jit
+def _row_max(row_ptr, V, inv_t, BLOCK: tl.constexpr):
+    acc = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for off in range(0, V, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        acc = tl.maximum(acc, _load_scaled(row_ptr, offs, V, inv_t))
+    return tl.max(acc, axis=0)
+
+
+@triton.jit
+def _count_ge(row_ptr, V, inv_t, thr, BLOCK: tl.constexpr):
+    acc = tl.zeros((BLOCK,), tl.int32)
+    for off in range(0, V, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        s = _load_scaled(row_ptr, offs, V, inv_t)
+        acc += ((s >= thr) & (offs < V)).to(tl.int32)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _mass_ge(row_ptr, V, inv_t, thr, m, BLOCK: tl.constexpr):
+    """sum of exp(s - m) over s >= thr (m the finite row max)."""
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for off in range(0, V, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        s = _load_scaled(row_ptr, offs, V, inv_t)
+        acc += tl.where(s >= thr, tl.exp(s - m), 0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _stream_best(row_ptr, start, end, inv_t, thr, k0, k1, p_lo, p_hi,
+                 SAMPLED: tl.constexpr, NEED_MZ: tl.constexpr, BLOCK: tl.constexpr):
+    """Best (score, index) over [start, end) and the max / sum-exp of kept scaled logits."""
+    best_v = tl.full((BLOCK,), float("-inf"), tl.float32)
+    best_i = start + tl.arange(0, BLOCK)
+    m_run = tl.full((), float("-inf"), tl.float32)
+    z_run = tl.full((), 0.0, tl.float32)
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        s = _load_scaled(row_ptr, offs, end, inv_t)
+        if SAMPLED:
+            g = tnoise.bits_to_gumbel(tnoise.random_bits(k0, k1, offs, p_lo, p_hi, 0))
+            kept = s >= thr
+            score = tl.where(kept, s + g, float("-inf"))
+            if NEED_MZ:
+                sk = tl.where(kept, s, float("-inf"))
+                m_new = tl.maximum(m_run, tl.max(sk, axis=0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                z_run = z_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(sk - m_safe), axis=0)
+                m_run = m_new
+        else:
+            score = s
+        # Strictly greater: each lane sees increasing indices, so ties keep the lowest.
+        upd = score > best_v
+        best_v = tl.where(upd, score, best_v)
+        best_i = tl.where(upd, offs, best_i)
+    bv = tl.max(best_v, axis=0)
+    bi = tl.min(tl.where(best_v == bv, best_i, 2147483647), axis=0)
+    return bv, bi, m_run, z_run
+
+
+@triton.jit
+def _verify_rows_kernel(
+    logits_ptr, stride_lb, stride_ls, temp_ptr, topk_ptr, topp_ptr, seed_ptr, pos_ptr,
+    pval_ptr, pidx_ptr, pm_ptr, pz_ptr, thr_ptr, S, V, CHUNK, NSPLIT,
+    HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
+    NEED_MZ: tl.constexpr, BLOCK: tl.constexpr,
+):
+    r = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = r // S
+    j = r - b * S
+    row_ptr = logits_ptr + b.to(tl.int64) * stride_lb + j.to(tl.int64) * stride_ls
+    start = sp * CHUNK
+    end = tl.minimum(start + CHUNK, V)
+    NEG: tl.constexpr = float("-inf")
+
+    bv = tl.full((), NEG, tl.float32)
+    bi = start
+    m_run = tl.full((), NEG, tl.float32)
+    z_run = tl.full((), 0.0, tl.float32)
+    thr = tl.full((), NEG, tl.float32)
+    if HAS_TEMP:
+        t = tl.load(temp_ptr + b)
+        sampled = t > 0
+        inv_t = tl.where(sampled, tl.math.div_rn(1.0, tl.where(sampled, t, 1.0)), 1.0)
+        k0, k1 = tnoise.seed_key(tl.load(seed_ptr + b))
+        p_lo, p_hi = tnoise.position_words(tl.load(pos_ptr + b) + j + 1)
+        filt = sampled & False
+        k = 0
+        tp = 1.0
+        if HAS_TOPK:
+            k = tl.load(topk_ptr + b)
+            filt = filt | ((k > 0) & (k < V))
+        if HAS_TOPP:
+            tp = tl.load(topp_ptr + b)
+            filt = filt | (tp < 1.0)
+        filt = filt & sampled
+        if filt:
+            if sp == 0:
+                # Whole row in this program: threshold search, then the Gumbel-max.
+                m = _row_max(row_ptr, V, inv_t, BLOCK)
+                hi = _key_of(m)
+                lo = _key_of(thr)
+                if HAS_TOPK:
+                    if (k > 0) & (k < V):
+                        while lo < hi:
+                            mid = lo + (hi - lo + 1) // 2
+                            ok = _count_ge(row_ptr, V, inv_t, _value_of(mid), BLOCK) >= k
+                            lo = tl.where(ok, mid, lo)
+                            hi = tl.where(ok, hi, mid - 1)
+                        thr = _value_of(lo)
+                if HAS_TOPP:
+                    if (tp < 1.0) & (m > NEG):
+                        target = tp * _mass_ge(row_ptr, V, inv_t, thr, m, BLOCK)
+                        hi = _key_of(m)
+                        while lo < hi:
+                            mid = lo + (hi - lo + 1) // 2
+                            ok = _mass_ge(row_ptr, V, inv_t, _value_of(mid), m, BLOCK) >= target
+                            lo = tl.where(ok, mid, lo)
+                            hi = tl.where(ok, hi, mid - 1)
+                        thr = _value_of(lo)
+                bv, bi, m_run, z_run = _stream_best(row_ptr, 0, V, inv_t, thr, k0, k1, p_lo, p_hi,
+                                                    True, NEED_MZ, BLOCK)
+            else:
+                bi = 2147483647
+        elif sampled:
+            bv, bi, m_run, z_run = _stream_best(row_ptr, start, end, inv_t, thr, k0, k1, p_lo,
+                                                p_hi, True, NEED_MZ, BLOCK)
+        else:
+            bv, bi, m_run, z_run = _stream_best(row_ptr, start, end, 1.0, thr, 0, 0, 0, 0,
+                                                False, False, BLOCK)
+    else:
+        bv, bi, m_run, z_run = _stream_best(row_ptr, start, end, 1.0, thr, 0, 0, 0, 0,
+                                            False, False, BLOCK)
+    o = r * NSPLIT + sp
+    tl.store(pval_ptr + o, bv)
+    tl.store(pidx_ptr + o, bi)
+    if NEED_MZ:
+        tl.store(pm_ptr + o, m_run)
+        tl.store(pz_ptr + o, z_run)
+        if sp == 0:
+            tl.store(thr_ptr + r, thr)
+
+
+@triton.jit
+def _reduce_token(pval_ptr, pidx_ptr, r, NSPLIT, NSPLIT_P2: tl.constexpr):
+    o = tl.arange(0, NSPLIT_P2)
+    msk = o < NSPLIT
+    v = tl.load(pval_ptr + r * NSPLIT + o, mask=msk, other=float("-inf"))
+    i = tl.load(pidx_ptr + r * NSPLIT + o, mask=msk, other=2147483647)
+    best = tl.max(v, axis=0)
+    return tl.min(tl.where(v == best, i, 2147483647), axis=0)
+
+
+@triton.jit
+def _reduce_norm(pm_ptr, pz_ptr, r, NSPLIT, NSPLIT_P2: tl.constexpr):
+    """(max, sum-exp relative to max) of a row's kept scaled logits."""
+    o = tl.arange(0, NSPLIT_P2)
+    msk = o < NSPLIT
+    m = tl.load(pm_ptr + r * NSPLIT + o, mask=msk, other=float("-inf"))
+    z = tl.load(pz_ptr + r * NSPLIT + o, mask=msk, other=0.0)
+    mx = tl.max(m, axis=0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx, tl.sum(z * tl.exp(m - mx_safe), axis=0)
+
+
+@triton.jit
+def _verify_finish_kernel(
+    logits_ptr, stride_lb, stride_ls, bt_ptr, stride_tb, nd_ptr, temp_ptr, seed_ptr, pos_ptr,
+    dp_ptr, stride_db, stride_ds, seq_ptr, pval_ptr, pidx_ptr, pm_ptr, pz_ptr, thr_ptr,
+    acc_ptr, out_ptr, bonus_ptr, nsl_ptr, S, V, NSPLIT,
+    HAS_TEMP: tl.constexpr, HAS_DP: tl.constexpr, HAS_SEQ: tl.constexpr,
+    NSPLIT_P2: tl.constexpr, S_P2: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    nd = tl.minimum(tl.maximum(tl.load(nd_ptr + b), 0), S - 1)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_tb
+    sampled = False
+    inv_t = 1.0
+    k0 = 0
+    k1 = 0
+    pos = 0
+    if HAS_TEMP:
+        t = tl.load(temp_ptr + b)
+        sampled = t > 0
+        inv_t = tl.where(sampled, tl.math.div_rn(1.0, tl.where(sampled, t, 1.0)), 1.0)
+        k0, k1 = tnoise.seed_key(tl.load(seed_ptr + b))
+        pos = tl.load(pos_ptr + b)
+
+    a = 0
+    alive = nd >= 0
+    for j in range(1, S):
+        rp = b * S + j - 1
+        x = tl.load(bt_row + j).to(tl.int64)
+        t_prev = _reduce_token(pval_ptr, pidx_ptr, rp, NSPLIT, NSPLIT_P2)
+        acc = x == t_prev
+        if HAS_DP:
+            if sampled:
+                in_vocab = (x >= 0) & (x < V)
+                xc = tl.minimum(tl.maximum(x, 0), V - 1)
+                mx, z = _reduce_norm(pm_ptr, pz_ptr, rp, NSPLIT, NSPLIT_P2)
+                lp = logits_ptr + b.to(tl.int64) * stride_lb + (j - 1) * stride_ls
+                sx = tl.load(lp + xc).to(tl.float32)
+                sx = tl.where(sx != sx, float("-inf"), sx) * inv_t
+                kept = in_vocab & (sx >= tl.load(thr_ptr + rp)) & (z > 0)
+                px = tl.where(kept, tl.exp(sx - tl.where(kept, mx, 0.0)) / tl.where(kept, z, 1.0), 0.0)
+                dq = dp_ptr + b.to(tl.int64) * stride_db + (j - 1) * stride_ds
+                qx = tl.where(in_vocab, tl.load(dq + xc).to(tl.float32), 0.0)
+                pj_lo, pj_hi = tnoise.position_words(pos + j)
+                u = tnoise.bits_to_uniform(
+                    tnoise.random_bits(k0, k1, tl.zeros((1,), tl.int32), pj_lo, pj_hi, 1))
+                acc = tl.sum((u * qx < px).to(tl.int32), axis=0) > 0
+        alive = alive & acc & (j <= nd)
+        a += alive.to(tl.int32)
+
+    ra = b * S + a
+    bonus = _reduce_token(pval_ptr, pidx_ptr, ra, NSPLIT, NSPLIT_P2)
+    if HAS_DP:
+        if sampled & (a < nd):
+            # Residual max(p - q, 0) of the first rejected row, Gumbel-max with the row's noise.
+            mx, z = _reduce_norm(pm_ptr, pz_ptr, ra, NSPLIT, NSPLIT_P2)
+            mx_safe = tl.where(z > 0, mx, 0.0)
+            z_safe = tl.where(z > 0, z, 1.0)
+            thr = tl.load(thr_ptr + ra)
+            lp = logits_ptr + b.to(tl.int64) * stride_lb + a * stride_ls
+            dq = dp_ptr + b.to(tl.int64) * stride_db + a * stride_ds
+            pa_lo, pa_hi = tnoise.position_words(pos + a + 1)
+            best_v = tl.full((BLOCK,), float("-inf"), tl.float32)
+            best_i = tl.arange(0, BLOCK)
+            any_pos = tl.zeros((BLOCK,), tl.int32)
+            for off in range(0, V, BLOCK):
+                offs = off + tl.arange(0, BLOCK)
+                s = _load_scaled(lp, offs, V, inv_t)
+                p = tl.where(s >= thr, tl.exp(s - mx_safe) / z_safe, 0.0)  # z = 0: all s = -inf
+                q = tl.load(dq + offs, mask=offs < V, other=0.0).to(tl.float32)
+                res = tl.maximum(p - q, 0.0)
+                pos_r = res > 0
+                g = tnoise.bits_to_gumbel(tnoise.random_bits(k0, k1, offs, pa_lo, pa_hi, 0))
+                score = tl.where(pos_r, tl.log(tl.where(pos_r, res, 1.0)) + g, float("-inf"))
+                upd = score > best_v
+                best_v = tl.where(upd, score, best_v)
+                best_i = tl.where(upd, offs, best_i)
+                any_pos = any_pos | pos_r.to(tl.int32)
+            bv = tl.max(best_v, axis=0)
+            res_tok = tl.min(tl.where(best_v == bv, best_i, 2147483647), axis=0)
+            bonus = tl.where(tl.max(any_pos, axis=0) > 0, res_tok, bonus)
+    bonus = tl.minimum(tl.maximum(bonus, 0), V - 1)
+
+    c = tl.arange(0, S_P2)
+    drafts = tl.load(bt_row + c + 1, mask=c + 1 < S, other=0).to(tl.int64)
+    drafts = tl.minimum(tl.maximum(drafts, 0), V - 1).to(tl.int32)
+    toks = tl.where(c < a, drafts, tl.where(c == a, bonus, -1))
+    tl.store(out_ptr + b * S + c, toks, mask=c < S)
+    tl.store(acc_ptr + b, a)
+    tl.store(bonus_ptr + b, bonus)
+    if HAS_SEQ:
+        tl.store(nsl_ptr + b, tl.load(seq_ptr + b) + a + 1)
+
+
+BLOCK_V = 1024
+
+
+def num_splits(rows: int, V: int, device: torch.device) -> int:
+    """Vocab splits per row from host-known sizes: enough programs to fill the GPU."""
+    n_blocks = triton.cdiv(V, BLOCK_V)
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        cap = 64
+    else:  # interpreter: programs run one after another; keep a few to test the splits
+        target, cap = 4, 4
+    want = max(1, min(n_blocks, triton.cdiv(target, rows), cap))
+    per = triton.cdiv(n_blocks, want)
+    return triton.cdiv(n_blocks, per)
+
+
+def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
+                 positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
+                 new_seq_lens) -> None:
+    """Writes accept_len / out_tokens / bonus / new_seq_lens (shapes in docs/DESIGN.md)."""
+    B, S, V = logits.shape
+    dev = logits.device
+    rows = B * S
+    nsplit = num_splits(rows, V, dev)
+    chunk = triton.cdiv(triton.cdiv(V, BLOCK_V), nsplit) * BLOCK_V
+    f32 = dict(dtype=torch.float32, device=dev)
+    pval = torch.empty(rows * nsplit, **f32)
+    pidx = torch.empty(rows * nsplit, dtype=torch.int32, device=dev)
+    has_temp = temperature is not None
+    has_dp = has_temp and draft_probs is not None and S > 1
+    if has_dp:
+        pm = torch.empty(rows * nsplit, **f32)
+        pz = torch.empty(rows * nsplit, **f32)
+        thr = torch.empty(rows, **f32)
+    else:
+        pm = pz = thr = pval
+    dummy = pval
+    temp = temperature if has_temp else dummy
+    seeds_ = seeds if has_temp else dummy
+    pos_ = positions if has_temp else dummy
+    _verify_rows_kernel[(rows, nsplit)](
+        logits, logits.stride(0), logits.stride(1), temp,
+        top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,
+        seeds_, pos_, pval, pidx, pm, pz, thr, S, V, chunk, nsplit,
+        HAS_TEMP=has_temp, HAS_TOPK=has_temp and top_k is not None,
+        HAS_TOPP=has_temp and top_p is not None, NEED_MZ=has_dp, BLOCK=BLOCK_V,
+        num_warps=4, enable_fp_fusion=False)
+    dp = draft_probs if has_dp else dummy
+    _verify_finish_kernel[(B,)](
+        logits, logits.stride(0), logits.stride(1), block_tokens, block_tokens.stride(0),
+        num_drafts, temp, seeds_, pos_, dp, dp.stride(0) if has_dp else 0,
+        dp.stride(1) if has_dp else 0, seq_lens if seq_lens is not None else dummy,
+        pval, pidx, pm, pz, thr, accept_len, out_tokens, bonus,
+        new_seq_lens if new_seq_lens is not None else dummy, S, V, nsplit,
+        HAS_TEMP=has_temp, HAS_DP=has_dp, HAS_SEQ=new_seq_lens is not None,
+        NSPLIT_P2=triton.next_power_of_2(nsplit), S_P2=triton.next_power_of_2(S),
+        BLOCK=BLOCK_V, num_warps=4, enable_fp_fusion=False)
