@@ -98,6 +98,7 @@ def _extension():
         return [], {}
     archs, gencode = _arch_flags()
     nvcc_threads = os.environ.get("NVCC_THREADS", "2")
+    sm_targets = "_".join(f.split("code=sm_")[1] for f in gencode if "code=sm_" in f)
     _say(f"building dflash_kernels._C for {archs} with {cuda_home}/bin/nvcc")
     csrc = ROOT / "csrc"
     ext = CUDAExtension(
@@ -109,7 +110,8 @@ def _extension():
         ],
         include_dirs=[str(csrc)],
         extra_compile_args={
-            "cxx": ["-O3"],
+            # The SASS targets, e.g. 90a_100a (one pp-number token: no shell quoting).
+            "cxx": ["-O3", f"-DDFLASH_KERNELS_SM_TARGETS={sm_targets}"],
             # No --use_fast_math: it turns logf into __logf and would change the noise.
             "nvcc": ["-O3", "-lineinfo", f"--threads={nvcc_threads}", *gencode],
         },

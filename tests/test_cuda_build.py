@@ -1,0 +1,132 @@
+"""The compiled extension (no GPU needed): it imports, registers its ops with
+mutation-annotated schemas, the registry lists it, the binary holds SASS for
+every target it was built for (sm_90a and sm_100a by default), and no kernel
+uses local memory (spills) or a stack frame."""
+
+import importlib
+import inspect
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import dflash_kernels
+from dflash_kernels import _registry
+
+try:
+    from dflash_kernels import _C
+except ImportError as exc:  # pragma: no cover - depends on the install
+    pytest.skip(f"dflash_kernels._C is not built ({exc}); build it with nvcc on PATH: "
+                "pip install -e . --no-build-isolation", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+SO = Path(_C.__file__)
+DEFAULT_TARGETS = {"90a", "100a"}
+KERNEL_FILES = ("verify_chain", "write_kv")
+
+
+def _cuobjdump(*args):
+    import triton
+
+    exe = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not exe.exists():
+        pytest.skip(f"triton's bundled cuobjdump is missing ({exe})")
+    return subprocess.run([str(exe), *args, str(SO)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _targets():
+    return set(filter(None, _C.sm_targets.split("_")))
+
+
+@pytest.mark.parametrize(
+    "op, mutated",
+    [
+        ("verify_chain_cuda", ["accept_len", "out_tokens", "bonus", "new_seq_lens"]),
+        ("write_kv_cuda", ["k_caches", "v_caches"]),
+    ],
+)
+def test_op_registered_with_mutation_schema(op, mutated):
+    schema = getattr(torch.ops.dflash, op).default._schema
+    written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    assert written == mutated
+    assert len(schema.returns) == 0
+    # Same arguments as the backend function of docs/DESIGN.md.
+    module = "verify" if op.startswith("verify") else "inject"
+    ref_fn = getattr(importlib.import_module(f"dflash_kernels.reference.{module}"),
+                     op[: -len("_cuda")])
+    assert [a.name for a in schema.arguments] == list(inspect.signature(ref_fn).parameters)
+
+
+def test_registry_lists_cuda_first_for_cuda_tensors_only():
+    on_cuda = dflash_kernels.backends("cuda")
+    for op in ("verify_chain", "write_kv"):
+        assert on_cuda[op][0] == "cuda", on_cuda
+        assert _registry.resolve(op, "cuda") == "cuda"
+    for op in ("block_attention", "fuse_target_features", "inject_kv"):
+        assert "cuda" not in on_cuda[op]
+    assert all("cuda" not in b for b in dflash_kernels.backends("cpu").values())
+
+
+def test_cpu_tensors_are_not_dispatched_to_cuda_kernels():
+    x = torch.zeros(1, 2, 8)
+    t = torch.zeros(1, 2, dtype=torch.int32)
+    nd = torch.ones(1, dtype=torch.int32)
+    outs = [torch.zeros(1, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int32)]
+    with pytest.raises(NotImplementedError, match="CPU"):
+        torch.ops.dflash.verify_chain_cuda(x, t, nd, None, None, None, None, None, None, None,
+                                           *outs, None)
+
+
+def test_binary_holds_sass_for_every_target():
+    targets = _targets()
+    assert targets, "the extension does not record its SASS targets"
+    elves = _cuobjdump("--list-elf")
+    for name in KERNEL_FILES:
+        for sm in targets:
+            assert re.search(rf"{name}\.sm_{sm}\.cubin", elves), (name, sm, elves)
+    if not torch.cuda.is_available():
+        # The no-GPU default build (TORCH_CUDA_ARCH_LIST unset, or CI's 9.0a;10.0a).
+        assert targets >= DEFAULT_TARGETS
+
+
+def _resource_rows():
+    text = _cuobjdump("--dump-resource-usage")
+    rows, arch = [], None
+    for line in text.splitlines():
+        m = re.match(r"\s*arch = (sm_\w+)", line)
+        if m:
+            arch = m.group(1)
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            rows.append({"arch": arch, "name": m.group(1)})
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if m and rows and "reg" not in rows[-1]:
+            rows[-1].update(zip(("reg", "stack", "shared", "local"), map(int, m.groups())))
+    return rows
+
+
+def test_no_kernel_spills_or_uses_a_stack():
+    rows = _resource_rows()
+    names = {r["name"] for r in rows}
+    # 2 verify kernels (3 logits dtypes + 2 token dtypes) and 18 write_kv
+    # instances (2 act dtypes x 3 head dims x 3 cache kinds), per target.
+    assert sum("split_argmax_kernel" in n for n in names) == 3
+    assert sum("accept_kernel" in n for n in names) == 2
+    assert sum("write_kv_kernel" in n for n in names) == 18
+    assert len(rows) == 23 * len(_targets())
+    for r in rows:
+        assert r["local"] == 0 and r["stack"] == 0, r
+        assert r["reg"] <= 64, r  # 256-thread blocks keep full occupancy headroom
+
+
+def test_cuda_sources_keep_pytorch_out():
+    """Only bindings.cpp sees ATen/torch: the kernels stay embeddable and fast to build."""
+    pattern = re.compile(r'#\s*include\s*[<"](torch|ATen|c10|pybind11|Python)')
+    for path in list(CSRC.glob("*.cu")) + list(CSRC.glob("*.cuh")) + list(CSRC.glob("*.h")):
+        assert not pattern.search(path.read_text()), path
+    assert pattern.search((CSRC / "bindings.cpp").read_text())
