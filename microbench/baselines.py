@@ -118,6 +118,10 @@ def _store(x, cache_dtype, scale):
     return x.to(cache_dtype)
 
 
+def _bits(t):
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
 def torch_fuse(inp):
     """fc GEMM over the concatenated features, then RMSNorm."""
     x = inp["features"] @ inp["fc_weight"].T
@@ -136,11 +140,13 @@ def _norm_rope_store(k, v, inp):
     k = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
     # Rejected rows go to the engine's padding page (the last page), as SGLang's slot 0.
     dst = torch.where(inp["slot_mapping"] >= 0, inp["slot_mapping"], inp["pad_slot"])
-    ks = _store(k, kc.dtype, inp["k_scale"])
-    vs = _store(v, vc.dtype, inp["v_scale"])
+    # Copied as integer bits: index_copy_ has no fp8 kernels on every device.
+    ks = _bits(_store(k, kc.dtype, inp["k_scale"]))
+    vs = _bits(_store(v, vc.dtype, inp["v_scale"]))
+    kb, vb = _bits(kc), _bits(vc)
     for layer in range(L):
-        kc[layer].view(-1, Hkv, D).index_copy_(0, dst, ks[:, layer])
-        vc[layer].view(-1, Hkv, D).index_copy_(0, dst, vs[:, layer])
+        kb[layer].view(-1, Hkv, D).index_copy_(0, dst, ks[:, layer])
+        vb[layer].view(-1, Hkv, D).index_copy_(0, dst, vs[:, layer])
     return kc, vc
 
 

@@ -108,7 +108,7 @@ PRESETS: Dict[str, Shape] = {
 MODEL_PRESETS = ("qwen3-8b", "llama3.1-8b", "qwen3-coder-30b-a3b", "gpt-oss-20b")
 
 # Default sweeps: (presets, batches, context lengths).
-GPU_DEFAULT: Tuple[Tuple[str, ...], List[int], List[int]] = (MODEL_PRESETS, [1, 8, 32, 128], [1024, 8192])
+GPU_DEFAULT: Tuple[Tuple[str, ...], List[int], List[int]] = (MODEL_PRESETS, [1, 16, 128], [1024, 8192])
 CPU_DEFAULT: Tuple[Tuple[str, ...], List[int], List[int]] = (("cpu-small",), [1, 4], [128, 512])
 
 _INT_KEYS = ("hq", "hkv", "d", "h", "v", "layers", "k", "s", "page", "window")

@@ -90,7 +90,7 @@ def copies_for(per_copy_bytes: int, device: torch.device, rotate_bytes: Optional
         rotate_bytes = 2 * l2_bytes(device)
     if rotate_bytes <= 0 or per_copy_bytes <= 0:
         return 1
-    n = math.ceil(rotate_bytes / per_copy_bytes) + 1
+    n = math.ceil(rotate_bytes / per_copy_bytes)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         n = min(n, max(1, int(free // 4 // per_copy_bytes)))
