@@ -144,26 +144,32 @@ class OracleDrafter(DFlashDrafter):
 
     ``reference``: int64 ``[B, >= max_new]`` tokens the target will emit (from a
     plain run with the same keyed sampler). Draft j of a block whose anchor is
-    generated token ``g`` is ``reference[b, g + j]``. ``corrupt_at = j`` (1-based)
-    flips draft j of every block, so exactly ``j - 1`` drafts can be accepted.
+    generated token ``g`` is ``reference[b, g + j]``. ``corrupt_at``: an int or
+    a per-request sequence; ``c`` in ``1..S-1`` flips draft c of every block of
+    that request, so exactly ``c - 1`` drafts are accepted; None or ``>= S``
+    flips nothing. Drafts past the end of ``reference`` are the network's.
     """
 
     def __init__(self, target: TinyQwen3, cfg: DrafterConfig, reference: Tensor,
-                 corrupt_at: Optional[int] = None):
+                 corrupt_at=None):
         super().__init__(target, cfg)
         self.reference = reference
-        self.corrupt_at = corrupt_at
+        S, B = cfg.block_size, reference.shape[0]
+        if corrupt_at is None or isinstance(corrupt_at, int):
+            corrupt_at = [corrupt_at] * B
+        self.corrupt_at = torch.tensor([S if c is None else c for c in corrupt_at],
+                                       dtype=torch.int64, device=reference.device)
 
     def propose(self, anchor, ctx_lens, block_table, k_cache, v_cache, state=None, backend=None):
         drafts = super().propose(anchor, ctx_lens, block_table, k_cache, v_cache, backend=backend)
-        S = self.cfg.block_size
-        ref = self.reference.to(anchor.device).long()
+        S, dev = self.cfg.block_size, anchor.device
+        ref = self.reference.to(dev).long()
+        j = torch.arange(1, S, device=dev)
         # The anchor is generated token (seq_len - prompt_len); drafts follow it.
-        g = (ctx_lens.long() - state.prompt_lens)[:, None] + torch.arange(1, S, device=anchor.device)
+        g = (ctx_lens.long() - state.prompt_lens)[:, None] + j
         oracle = ref.gather(1, g.clamp(max=ref.shape[1] - 1))
-        if self.corrupt_at is not None:
-            j = self.corrupt_at - 1
-            oracle[:, j] = (oracle[:, j] + 1) % self.lm_head.shape[0]
+        flip = j[None, :] == self.corrupt_at.to(dev)[:, None]
+        oracle = torch.where(flip, (oracle + 1) % self.lm_head.shape[0], oracle)
         return torch.where(g < ref.shape[1], oracle, drafts)
 
 
