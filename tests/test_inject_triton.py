@@ -237,3 +237,52 @@ def test_fuse_target_features_triton_bf16_gpu(device):
     out = dflash_kernels.fuse_target_features(parts, fc_weight, norm_weight, backend="triton")
     ref = dflash_kernels.fuse_target_features(parts, fc_weight, norm_weight, backend="reference")
     torch.testing.assert_close(out, ref, rtol=1.6e-2, atol=1.6e-2)
+
+
+# ---------------------------------------------------------------- compile checks
+
+def _compile(spec, arch):
+    """compile_report with the 16-divisibility Triton's launcher gives aligned
+    arguments at run time (without it, loads of 2-byte elements are not
+    vectorized, cp.async pipelining is off, and the report is not the kernel
+    that runs). Uses compile_report's ``divisible_by_16`` when it has one."""
+    import inspect
+    import triton_compile as tc
+
+    kw = dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"])
+    args = ("dflash_kernels.triton_backend.inject", spec["kernel"], spec["signature"],
+            spec["constexprs"], arch)
+    if "divisible_by_16" in inspect.signature(tc.compile_report).parameters:
+        return tc.compile_report(*args, divisible_by_16=spec["divisible_by_16"], **kw)
+    # Same helper, its subprocess script given the attrs argument of ASTSource.
+    names = list(spec["signature"])
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec["divisible_by_16"]}
+    old = 'constexprs=args["constexprs"])'
+    assert old in tc._SCRIPT
+    orig = tc._SCRIPT
+    tc._SCRIPT = orig.replace(old, f'constexprs=args["constexprs"], attrs={attrs!r})')
+    try:
+        return tc.compile_report(*args, **kw)
+    finally:
+        tc._SCRIPT = orig
+
+
+MMA = {90: "wgmma.mma_async", 100: "tcgen05.mma"}
+
+
+@pytest.mark.parametrize("arch, kernel, cache_dtype", [
+    (90, "inject", torch.bfloat16), (100, "inject", torch.bfloat16),
+    (90, "inject", torch.float8_e4m3fn), (90, "fuse", None), (100, "fuse", None),
+])
+def test_compiles_to_tensor_cores_without_spills(arch, kernel, cache_dtype):
+    """Default launches for H = 4096, D = 128, bf16."""
+    from dflash_kernels.triton_backend import inject as tri
+    mma = MMA[arch]
+    spec = tri.compile_spec(kernel, arch, torch.bfloat16, cache_dtype, D=128)
+    rep = _compile(spec, arch)
+    assert mma in rep["ptx"]
+    assert "cp.async" in rep["ptx"], "the K loop is not pipelined"
+    assert rep["spills"] == 0, rep
+    assert rep["shared"] <= 227 * 1024
+    if cache_dtype == torch.float8_e4m3fn:
+        assert "cvt.rn.satfinite.e4m3x2.f32" in rep["ptx"]     # saturating, round-to-nearest-even

@@ -514,3 +514,52 @@ def fuse_target_features(features: list, fc_weight, norm_weight, eps: float, out
     block_h = min(_NORM_BLOCK_H[arch], triton.next_power_of_2(H))
     _fuse_norm_kernel[(N,)](ws, norm_weight, out, out.stride(0), N, H, splits, eps,
                             BLOCK_H=block_h, num_warps=4)
+
+
+# --------------------------------------------------------------------------
+# compile specs (for the no-GPU compile checks and docs/inject.md)
+# --------------------------------------------------------------------------
+
+_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4nv",
+       torch.float8_e5m2: "fp8e5"}
+
+
+def compile_spec(kernel: str, arch: int, dtype=torch.bfloat16, cache_dtype=None, D: int = 128) -> dict:
+    """signature / constexprs / launch options of the default launch on ``sm_{arch}``
+    (``kernel`` in ``"inject"``, ``"fuse"``), and the int / pointer arguments that
+    Triton's launcher marks 16-divisible for aligned shapes (H = 4096, D = 128)."""
+    key = {90: "sm90", 100: "sm100"}.get(arch, "default")
+    t = _TL[dtype]
+    if kernel == "inject":
+        cache_dtype = cache_dtype or dtype
+        fp8 = cache_dtype in FP8_MAX
+        BLOCK_M, BLOCK_K, num_warps, num_stages = _INJECT_CONFIGS[(key, D)]
+        fn = _inject_kv_kernel
+        sig = {}
+        for name in fn.arg_names:
+            sig[name] = "i32"
+        sig.update(h_ptr=f"*{t}", w_ptr=f"*{t}", bias_ptr=f"*{t}", knw_ptr=f"*{t}", pos_ptr="*i64",
+                   slot_ptr="*i64", cs_ptr="*fp32", kc_ptr=f"*{_TL[cache_dtype]}", kc_table="*i64",
+                   vc_ptr=f"*{_TL[cache_dtype]}", vc_table="*i64", k_scale_ptr="*fp32",
+                   v_scale_ptr="*fp32", eps="fp32")
+        ce = dict(stride_pos=1, stride_slot=1, D=D, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, NEOX=True,
+                  HAS_BIAS=True, HAS_KNORM=True, FP8=fp8, FP8_MAX=FP8_MAX.get(cache_dtype, 0.0),
+                  UNIFORM_K=True, UNIFORM_V=True)
+        if not fp8:
+            ce.update(k_scale_ptr=None, v_scale_ptr=None)
+        unaligned = ("N", "Hkv")
+    elif kernel == "fuse":
+        BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = _FUSE_CONFIGS[key]
+        fn = _fuse_gemm_kernel
+        sig = {name: "i32" for name in fn.arg_names}
+        sig.update({f"f{i}": f"*{t}" for i in range(MAX_FEATURE_PARTS)})
+        sig.update(w_ptr=f"*{t}", ws_ptr="*fp32")
+        ce = dict(NUM_PARTS=3, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        unaligned = ("N",)
+    else:
+        raise ValueError(f"kernel: expected 'inject' or 'fuse', got {kernel!r}")
+    for name in ce:
+        sig[name] = "constexpr"
+    divisible = [n for n, s in sig.items() if s != "constexpr" and s != "fp32" and n not in unaligned]
+    return dict(kernel=fn.__name__ if hasattr(fn, "__name__") else fn.fn.__name__, signature=sig,
+                constexprs=ce, num_warps=num_warps, num_stages=num_stages, divisible_by_16=divisible)
