@@ -101,7 +101,7 @@ PRESETS: Dict[str, Shape] = {
     ),
     # Reduced shapes for CPU runs (the CPU timings say nothing about kernel speed;
     # these exist so that the CPU path runs every op in seconds).
-    "cpu-small": Shape(name="cpu-small", hq=8, hkv=2, d=128, h=256, v=8192, layers=2, k=3, s=16),
+    "cpu-small": Shape(name="cpu-small", hq=8, hkv=2, d=128, h=256, v=4096, layers=2, k=3, s=16),
     "tiny": Shape(name="tiny", hq=4, hkv=2, d=64, h=64, v=1000, layers=2, k=3, s=4, page=4),
 }
 

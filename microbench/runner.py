@@ -118,7 +118,7 @@ def run_case(case: Case, device: torch.device, *, copy_gbps: Optional[float],
         try:
             t = timing.time_call(lambda i: impl.fn(sets[i % len(sets)]), len(sets), device,
                                  reps=reps, max_seconds=max_seconds, graph=graph and impl.graph_ok,
-                                 warmup=2 if device.type == "cpu" else 5)
+                                 warmup=1 if device.type == "cpu" else 5)
         except Exception as exc:
             if verbose:
                 traceback.print_exc()

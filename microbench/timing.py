@@ -102,11 +102,11 @@ def _summary(times, method, note=""):
 
 
 def _time_cpu(call, copies, warmup, reps, max_seconds):
-    for i in range(warmup):
+    est = 0.0
+    for i in range(max(1, warmup)):
+        t0 = time.perf_counter()
         call(i % copies)
-    t0 = time.perf_counter()
-    call(0)
-    est = max(time.perf_counter() - t0, 1e-7)
+        est = max(time.perf_counter() - t0, 1e-7)
     n = int(max(3, min(reps, max_seconds / est)))
     times = []
     for i in range(n):
