@@ -133,10 +133,16 @@ def test_split_count_uses_host_sizes_only():
 
 # Compile checks: the default launch of the main kernel for Hopper and
 # Blackwell uses the tensor-core instructions of each and never spills.
-# (bf16 compiles to the same code with other conversions; one g covers it.)
-@pytest.mark.parametrize("arch, mma, smem_limit", [(90, "wgmma.mma_async", 227 * 1024),
-                                                   (100, "tcgen05.mma", 227 * 1024)])
-@pytest.mark.parametrize("dtype, g", [(torch.float16, 4), (torch.float16, 8), (torch.bfloat16, 8)])
+# Each arch with both dtypes and both group sizes, in 4 compiles (~10 s each).
+@pytest.mark.parametrize(
+    "arch, mma, smem_limit, dtype, g",
+    [
+        (90, "wgmma.mma_async", 227 * 1024, torch.float16, 4),
+        (90, "wgmma.mma_async", 227 * 1024, torch.bfloat16, 8),
+        (100, "tcgen05.mma", 227 * 1024, torch.float16, 8),
+        (100, "tcgen05.mma", 227 * 1024, torch.bfloat16, 4),
+    ],
+)
 def test_compiles_to_tensor_cores_without_spills(arch, mma, smem_limit, dtype, g):
     spec = tri.compile_spec(arch, dtype, dtype, S=16, Hq=8 * g, Hkv=8, D=128)
     rep = compile_report("dflash_kernels.triton_backend.attention", "_block_attention_kernel",

@@ -219,7 +219,7 @@ def kernel_config(arch: Optional[int], D: int, block_m: int) -> dict:
     big_smem = arch in (90, 100, 103)
     # Each thread holds gathered K/V row pointers as well as its share of the
     # accumulator; 8 warps keep 64-row tiles clear of spills on sm_90/sm_100.
-    warps = 8 if block_m >= (64 if big_smem else 128) else 4
+    warps = 8 if block_m >= (64 if big_smem or D == 256 else 128) else 4
     if D == 64:
         return dict(BLOCK_N=64, num_warps=warps, num_stages=3 if big_smem else 2)
     if D == 128:
