@@ -141,6 +141,31 @@ def test_target_paged_cache_matches_dense_math():
         torch.testing.assert_close(blogits[b], want[len(p):], rtol=1e-10, atol=1e-10)
 
 
+def test_plain_loop_samples_with_the_spec_key():
+    """Generated token i of a request (at position P+i) is the greedy argmax or
+    the Gumbel-max keyed by (seed, P+i) of the target's row at position P+i-1:
+    SPEC's key, recomputed here from dense logits and the noise module."""
+    from dflash_kernels import noise
+    target, _ = _models()
+    prompts, temps, seeds = _requests(4, 9, target.cfg.vocab_size, False, seed=7)
+    max_new = 12
+    res = Engine(target, None, page_size=8, backend="reference").generate_plain(prompts, max_new, temps, seeds)
+    toks = res.tokens.cpu()
+    ids = torch.arange(target.cfg.vocab_size)
+    for b, p in enumerate(prompts):
+        seq = list(p) + toks[b].tolist()
+        logits = _dense_logits(target, seq[:-1]).float().cpu()
+        for i in range(max_new):
+            row = logits[len(p) + i - 1]
+            if temps[b] > 0:
+                inv_t = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(temps[b], dtype=torch.float32)
+                g = noise.gumbel(torch.tensor(seeds[b]), torch.tensor(len(p) + i), ids)
+                want = int(torch.argmax(row * inv_t + g))
+            else:
+                want = int(torch.argmax(row))
+            assert int(toks[b, i]) == want, (b, i)
+
+
 # ----------------------------------------------------------------------------
 # Lossless: speculative == plain, token for token, for every backend.
 # ----------------------------------------------------------------------------
@@ -243,6 +268,50 @@ def test_random_drafter_accepts_few():
 # The draft cache holds exactly the committed tokens' context K/V.
 # ----------------------------------------------------------------------------
 
+def _dense_draft_logits(d, feats, anchor):
+    """Independent float64 DFlash draft pass of one request: context K/V from
+    the captured features (positions 0..n-1), block [anchor, MASK...] at
+    n..n+S-1, every block row attending to all context and block keys."""
+    c, tc = d.cfg, d.target.cfg
+    S, D, g = c.block_size, c.head_dim, c.num_heads // c.num_kv_heads
+    f64 = lambda t: t.double()  # noqa: E731
+
+    def norm(x, w):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.eps) * f64(w)
+
+    def rope(x, pos):  # [T, D]
+        cs = d.cos_sin_cache[pos].double()
+        cos, sin = cs[:, :D // 2], cs[:, D // 2:]
+        a, b = x[:, :D // 2], x[:, D // 2:]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+    n = feats[0].shape[0]
+    ctx = norm(torch.cat([f64(f.half()) for f in feats], -1) @ f64(d.fc_weight).T, d.hidden_norm)
+    ctx = f64(ctx.half())  # the op hands fp16 features to inject_kv
+    tokens = torch.full((S,), c.mask_token_id, dtype=torch.long, device=ctx.device)
+    tokens[0] = anchor
+    x = f64(d.embed[tokens])
+    cpos = torch.arange(n, device=ctx.device)
+    bpos = n + torch.arange(S, device=ctx.device)
+    for li in range(c.num_layers):
+        wk, wv = f64(d.kv_weight[li, 0]), f64(d.kv_weight[li, 1])
+        h = norm(x, d.ln1[li])
+        q, kb, vb = h @ f64(d.wq[li]).T, h @ wk.T, h @ wv.T
+        kc, vc = ctx @ wk.T, ctx @ wv.T
+        heads = []
+        for hq in range(c.num_heads):
+            hk = slice((hq // g) * D, (hq // g + 1) * D)
+            qh = rope(norm(q[:, hq * D:(hq + 1) * D], d.q_norm[li]), bpos)
+            keys = torch.cat([rope(norm(kc[:, hk], d.k_norm[li]), cpos),
+                              rope(norm(kb[:, hk], d.k_norm[li]), bpos)])
+            vals = torch.cat([vc[:, hk], vb[:, hk]])
+            heads.append(torch.softmax(qh @ keys.T / math.sqrt(D), -1) @ vals)
+        x = x + torch.cat(heads, -1) @ f64(d.wo[li]).T
+        h = norm(x, d.ln2[li])
+        x = x + (torch.nn.functional.silu(h @ f64(d.w_gate[li]).T) * (h @ f64(d.w_up[li]).T)) @ f64(d.w_down[li]).T
+    return norm(x[1:], d.final_norm) @ f64(d.lm_head).T
+
+
 def _check_draft_cache(eng, prompts):
     """The draft cache equals a fresh reference injection of the committed
     sequences at their slots; every other slot is still NaN (rejected rows and
@@ -251,6 +320,7 @@ def _check_draft_cache(eng, prompts):
     out, seq_len, gen = st.out.cpu(), st.seq_len.cpu(), st.generated.cpu()
     num_pages = st.k_cache.shape[1]
     written = torch.zeros(num_pages * ps, dtype=torch.bool, device=DEVICE)
+    dense_ctx = []
     for b, p in enumerate(prompts):
         n = int(seq_len[b])
         assert n == len(p) + int(gen[b]) - 1
@@ -266,6 +336,13 @@ def _check_draft_cache(eng, prompts):
             torch.testing.assert_close(got.flatten(1, 2)[:, slots[0]].float(),
                                        want.flatten(1, 2)[:, slots[0]].float(), rtol=2e-2, atol=2e-2)
         written[slots[0]] = True
+        dense_ctx.append([f[0] for f in feats])
+    # The draft pass over the final state, against dense float64 math.
+    got = drafter.draft_logits(st.anchor, st.seq_len, st.block_table, st.dk_cache, st.dv_cache,
+                               backend=eng.backend)
+    for b in range(len(prompts)):
+        want = _dense_draft_logits(drafter, dense_ctx[b], int(st.anchor[b]))
+        torch.testing.assert_close(got[b].double(), want, rtol=1e-2, atol=3e-2)
     for cache in (st.dk_cache, st.dv_cache):
         assert bool(cache.flatten(1, 2)[:, ~written].isnan().all())
 
