@@ -157,11 +157,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not gpu:
         rotate = rotate or 0
 
+    # Preset outermost, so that a run cut short by --budget has every suite of the first presets.
     plan = []
-    for suite in suite_names:
-        mod = S.module(suite)
-        ops = [o for o in mod.OPS if not args.ops or o in args.ops]
-        for name, shape in shapes:
+    for name, shape in shapes:
+        for suite in suite_names:
+            mod = S.module(suite)
+            ops = [o for o in mod.OPS if not args.ops or o in args.ops]
             for op in ops:
                 for batch in batches:
                     for ctx in (ctxs if mod.SWEEPS_CTX else ctxs[:1]):

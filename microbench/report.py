@@ -137,6 +137,6 @@ def plot(path: str, rows: List[Dict], title: str = "") -> None:
         ax_row[0].legend(fontsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (3.2 * n)) if title else None)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -54,6 +54,13 @@ def test_plot_without_matplotlib_is_a_clean_error(monkeypatch, capsys, tmp_path)
     assert not (tmp_path / "p.png").exists()
 
 
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "p.png"
+    assert main(["verify", "--ops", "greedy", "--batch", "1,2", "--ctx", "4", "--plot", str(path)] + TINY) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_shape_overrides_apply_over_the_preset():
     shape = presets.resolve("qwen3-8b", presets.parse_shape_overrides("page=1, window=64,cache=fp8_e5m2"))
     assert (shape.page, shape.window, shape.cache, shape.hq, shape.v) == (1, 64, "fp8_e5m2", 32, 151936)
