@@ -19,7 +19,6 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -289,8 +288,9 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
                     *, num_splits: Optional[int] = None) -> None:
     """Writes ``out`` ``[B, S, Hq, D]`` and ``lse`` fp32 ``[B, S, Hq]`` (or None).
 
-    Arguments as in docs/DESIGN.md. ``num_splits`` (tests, tuning) forces the
-    context split count; by default it comes from host-known sizes only.
+    Arguments as in docs/DESIGN.md (``lse`` contiguous, as ops.py allocates or
+    checks it). ``num_splits`` (tests, tuning) forces the context split count;
+    by default it comes from host-known sizes only.
     """
     B, S, Hq, D = q.shape
     num_pages, page, Hkv, _ = k_cache.shape
