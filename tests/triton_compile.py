@@ -29,7 +29,9 @@ from triton.backends.compiler import GPUTarget
 args = json.loads(sys.argv[1])
 kernel = getattr(importlib.import_module(args["module"]), args["kernel"])
 kernel = getattr(kernel, "fn", kernel) if not hasattr(kernel, "src") else kernel
-src = ASTSource(fn=kernel, signature=args["signature"], constexprs=args["constexprs"])
+names = list(args["signature"])
+attrs = {(names.index(n),): [["tt.divisibility", d]] for n, d in args["divisibility"].items()}
+src = ASTSource(fn=kernel, signature=args["signature"], constexprs=args["constexprs"], attrs=attrs)
 ck = triton.compile(src, target=GPUTarget("cuda", args["arch"], 32),
                     options={"num_warps": args["num_warps"], "num_stages": args["num_stages"]})
 open(args["cubin"], "wb").write(ck.asm["cubin"])
@@ -58,17 +60,20 @@ def resource_usage(binary: str) -> list[dict]:
 
 
 def compile_report(module: str, kernel: str, signature: dict, constexprs: dict, arch: int,
-                   num_warps: int = 4, num_stages: int = 2) -> dict:
+                   num_warps: int = 4, num_stages: int = 2, divisibility: dict | None = None) -> dict:
     """Compile ``module.kernel`` for ``sm_{arch}`` and report its resources.
 
     ``signature`` maps every argument name to a Triton type string
     (``"*fp16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``); ``constexprs`` maps
-    the constexpr names to values.
+    the constexpr names to values. ``divisibility`` maps argument names to
+    the power of two they are divisible by (``{"k_ptr": 16, "stride": 16}``),
+    the hints a real launch derives from its arguments: without them Triton
+    neither vectorizes nor pipelines, and the report describes other code.
     """
     with tempfile.TemporaryDirectory() as tmp:
         cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
         args = dict(module=module, kernel=kernel, signature=signature, constexprs=constexprs,
-                    arch=arch, num_warps=num_warps, num_stages=num_stages, cubin=cubin, ptx=ptx)
+                    divisibility=divisibility or {}, arch=arch, num_warps=num_warps, num_stages=num_stages, cubin=cubin, ptx=ptx)
         env = dict(os.environ, TRITON_INTERPRET="0")
         proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(args)],
                               capture_output=True, text=True, env=env)
