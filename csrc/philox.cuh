@@ -34,7 +34,7 @@ struct Philox4 {
 // Philox-4x32-10 (Salmon et al. 2011): ten rounds, key bumped between rounds.
 DFLASH_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
                                 uint32_t k0, uint32_t k1) {
-DFLASH_UNROLL
+  DFLASH_UNROLL
   for (int round = 0; round < 10; ++round) {
     const uint32_t hi0 = mulhi_u32(kPhiloxM0, c0);
     const uint32_t lo0 = kPhiloxM0 * c0;

@@ -1,6 +1,4 @@
 // Launchers of the verify_chain kernels (plain pointers; no PyTorch headers).
-#include <algorithm>
-
 #include "dflash_kernels.h"
 #include "verify_chain.cuh"
 
@@ -11,16 +9,8 @@ int elem_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 }  // namespace
 
 void verify_chain_plan(VerifyChainParams& p, int num_sms) {
-  // Enough blocks for ~4 per SM; a split keeps >= 4096 ids so the merge stays cheap.
-  constexpr int64_t kMinSplitLen = 4096;
-  const int64_t rows = std::max<int64_t>(1, static_cast<int64_t>(p.batch) * p.block_size);
-  const int64_t want = ceil_div(4 * static_cast<int64_t>(std::max(num_sms, 1)), rows);
-  const int64_t most = std::max<int64_t>(1, p.vocab / kMinSplitLen);
-  const int64_t splits = std::min(std::max<int64_t>(want, 1), most);
-  const int64_t vec = 16 / elem_size(p.logits_dtype);
-  const int64_t len = ceil_div(ceil_div(p.vocab, splits), vec) * vec;
-  p.split_len = static_cast<int32_t>(len);
-  p.num_splits = static_cast<int32_t>(std::max<int64_t>(1, ceil_div(p.vocab, len)));
+  verify::plan_splits(static_cast<int64_t>(p.batch) * p.block_size, p.vocab,
+                      elem_size(p.logits_dtype), num_sms, p.split_len, p.num_splits);
 }
 
 cudaError_t launch_verify_chain(const VerifyChainParams& p, cudaStream_t stream) {

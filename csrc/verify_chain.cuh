@@ -25,6 +25,23 @@ namespace verify {
 constexpr int kThreads = 256;
 constexpr int kFinishThreads = 128;
 
+// Vocabulary splits per row (host arithmetic on sizes): enough blocks for ~4
+// per SM; a split keeps >= 4096 ids so the merge stays cheap; split_len is a
+// multiple of the 16-byte vector so every split starts aligned.
+inline void plan_splits(int64_t rows, int64_t vocab, int64_t elem_bytes, int num_sms,
+                        int32_t& split_len, int32_t& num_splits) {
+  constexpr int64_t kMinSplitLen = 4096;
+  rows = rows < 1 ? 1 : rows;
+  const int64_t want = ceil_div(4 * static_cast<int64_t>(num_sms < 1 ? 1 : num_sms), rows);
+  const int64_t most = vocab / kMinSplitLen < 1 ? 1 : vocab / kMinSplitLen;
+  const int64_t splits = want < 1 ? 1 : (want < most ? want : most);
+  const int64_t vec = 16 / elem_bytes;
+  const int64_t len = ceil_div(ceil_div(vocab, splits), vec) * vec;
+  split_len = static_cast<int32_t>(len);
+  const int64_t n = ceil_div(vocab, len);
+  num_splits = static_cast<int32_t>(n < 1 ? 1 : n);
+}
+
 template <typename T>
 DFLASH_DEVICE float to_float(T x);
 template <>
@@ -40,7 +57,7 @@ DFLASH_DEVICE bool beats(float s, int32_t i, float best_s, int32_t best_i) {
 }
 
 DFLASH_DEVICE void warp_argmax(float& s, int32_t& i) {
-#pragma unroll
+  DFLASH_UNROLL
   for (int off = kWarpSize / 2; off > 0; off >>= 1) {
     const float os = __shfl_xor_sync(0xffffffffu, s, off);
     const int32_t oi = __shfl_xor_sync(0xffffffffu, i, off);
@@ -112,7 +129,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int32_t base = begin + threadIdx.x * kVec; base < vec_end; base += kThreads * kVec) {
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(logits + base));
       const T* vals = reinterpret_cast<const T*>(&raw);
-#pragma unroll
+      DFLASH_UNROLL
       for (int e = 0; e < kVec; ++e) consider(to_float(vals[e]), base + e);
     }
     scalar_begin = vec_end;
@@ -145,7 +162,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename TokenT>
 __global__ void __launch_bounds__(kFinishThreads)
     accept_kernel(const VerifyChainParams p) {
-  extern __shared__ int32_t target[];  // [S]: t_j for j <= num_drafts
+  int32_t* target = dynamic_smem<int32_t>();  // [S]: t_j for j <= num_drafts
   __shared__ int32_t accepted;
   const int32_t b = blockIdx.x;
   const int32_t S = p.block_size;

@@ -62,12 +62,12 @@ DFLASH_DEVICE uint8_t quantize_fp8(float x, float scale) {
 template <typename T>
 DFLASH_DEVICE void load8(const T* src, bool vectorized, T (&out)[kElems]) {
   if (vectorized) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
-    const T* vals = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) out[e] = vals[e];
+    Packed<T, kElems, uint4> pack;
+    pack.word = __ldg(reinterpret_cast<const uint4*>(src));
+    DFLASH_UNROLL
+    for (int e = 0; e < kElems; ++e) out[e] = pack.elems[e];
   } else {
-#pragma unroll
+    DFLASH_UNROLL
     for (int e = 0; e < kElems; ++e) out[e] = src[e];
   }
 }
@@ -76,24 +76,24 @@ DFLASH_DEVICE void load8(const T* src, bool vectorized, T (&out)[kElems]) {
 template <typename T, CacheKind kKind>
 DFLASH_DEVICE void store8(void* dst, bool vectorized, const float (&x)[kElems], float scale) {
   if constexpr (kKind == CacheKind::kSame) {
-    T vals[kElems];
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) vals[e] = from_float<T>(x[e]);
+    Packed<T, kElems, uint4> pack;
+    DFLASH_UNROLL
+    for (int e = 0; e < kElems; ++e) pack.elems[e] = from_float<T>(x[e]);
     if (vectorized) {
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vals);
+      *reinterpret_cast<uint4*>(dst) = pack.word;
     } else {
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) static_cast<T*>(dst)[e] = vals[e];
+      DFLASH_UNROLL
+      for (int e = 0; e < kElems; ++e) static_cast<T*>(dst)[e] = pack.elems[e];
     }
   } else {
-    uint8_t vals[kElems];
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) vals[e] = quantize_fp8<kKind>(x[e], scale);
+    Packed<uint8_t, kElems, uint2> pack;
+    DFLASH_UNROLL
+    for (int e = 0; e < kElems; ++e) pack.elems[e] = quantize_fp8<kKind>(x[e], scale);
     if (vectorized) {
-      *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(vals);
+      *reinterpret_cast<uint2*>(dst) = pack.word;
     } else {
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) static_cast<uint8_t*>(dst)[e] = vals[e];
+      DFLASH_UNROLL
+      for (int e = 0; e < kElems; ++e) static_cast<uint8_t*>(dst)[e] = pack.elems[e];
     }
   }
 }
@@ -138,10 +138,10 @@ __global__ void __launch_bounds__(kThreads) write_kv_kernel(const WriteKVParams 
     const T* v_src = static_cast<const T*>(p.v) + t * p.v_stride_n + l * p.v_stride_l + h * p.v_stride_h + d0;
     load8(k_src, p.vectorized, k_raw);
     load8(v_src, p.vectorized, v_raw);
-#pragma unroll
+    DFLASH_UNROLL
     for (int e = 0; e < kElems; ++e) k[e] = to_float(k_raw[e]);
   } else {
-#pragma unroll
+    DFLASH_UNROLL
     for (int e = 0; e < kElems; ++e) {
       k[e] = 0.f;
       v_raw[e] = from_float<T>(0.f);
@@ -150,13 +150,13 @@ __global__ void __launch_bounds__(kThreads) write_kv_kernel(const WriteKVParams 
 
   if (p.k_norm_weight != nullptr) {
     float ss = 0.f;
-#pragma unroll
+    DFLASH_UNROLL
     for (int e = 0; e < kElems; ++e) ss += k[e] * k[e];
-#pragma unroll
+    DFLASH_UNROLL
     for (int off = kLanes / 2; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
     const float inv_rms = rsqrtf(ss / static_cast<float>(D) + p.eps);
     if (active) {
-#pragma unroll
+      DFLASH_UNROLL
       for (int e = 0; e < kElems; ++e) {
         const float w = load_weight(p.k_norm_weight, p.norm_dtype,
                                     l * p.norm_stride_l + (d0 + e) * p.norm_stride_d);
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) write_kv_kernel(const WriteKVParams 
     }
   }
 
-#pragma unroll
+  DFLASH_UNROLL
   for (int e = 0; e < kElems; ++e) staged[group][d0 + e] = k[e];
   __syncwarp();
 
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) write_kv_kernel(const WriteKVParams 
   const int half_r = R / 2;
   if (active) {
     const float* cs = p.cos_sin + pos * p.cos_sin_stride;
-#pragma unroll
+    DFLASH_UNROLL
     for (int e = 0; e < kElems; ++e) {
       const int d = d0 + e;
       if (d >= R) continue;  // dims past rotary_dim pass through
@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) write_kv_kernel(const WriteKVParams 
     const float v_scale = kKind == CacheKind::kSame ? 1.f : *p.v_scale;
     store8<T, kKind>(k_dst, vec, k, k_scale);
     float v[kElems];
-#pragma unroll
+    DFLASH_UNROLL
     for (int e = 0; e < kElems; ++e) v[e] = to_float(v_raw[e]);
     store8<T, kKind>(v_dst, vec, v, v_scale);
   }

@@ -1,0 +1,373 @@
+"""The CUDA backend (csrc/) against the PyTorch reference.
+
+Two runners share every case:
+- ``gpu``: the public ops with ``backend="cuda"`` (skipped without a GPU and
+  the built extension);
+- ``emulated``: the same kernel source compiled by g++ with
+  csrc/testing/host_emulation.h (a std::thread per CUDA thread, barriers for
+  __syncthreads / __syncwarp, a mailbox for warp shuffles) on CPU tensors, so
+  the indexing, reductions, noise and rounding of the kernels are checked on
+  machines without a GPU. The Python glue here mirrors csrc/bindings.cpp
+  (alignment choice, uniform layer stride, 32-layer pointer tables).
+
+Outputs are pre-filled with garbage, caches with random bits (NaN patterns
+included), slots include negative entries, block tokens include ids outside
+[0, V), and rows include NaN, all -inf, all NaN and tied logits.
+"""
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import dflash_kernels
+from test_inject_reference import (FP8_MAX, INT_VIEW, make_caches, make_cos_sin, make_slots,
+                                   snapshot)
+from test_verify_reference import make_case, run
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+
+try:
+    from dflash_kernels import _C  # noqa: F401
+
+    HAS_EXT = True
+except ImportError:
+    HAS_EXT = False
+HAS_GPU = torch.cuda.is_available() and HAS_EXT
+
+RUNNERS = [
+    pytest.param("gpu", marks=pytest.mark.skipif(
+        not HAS_GPU, reason="needs a CUDA GPU and the built extension dflash_kernels._C")),
+    "emulated",
+]
+
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2,
+              torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
+EMU_NUM_SMS = 8  # split plan of a small GPU: several splits per row at large V
+
+
+# ---------------------------------------------------------------- host emulation
+
+def _cuda_include():
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and (Path(os.environ[var]) / "include" / "cuda_fp8.h").exists():
+            return Path(os.environ[var]) / "include"
+    nvcc = shutil.which("nvcc")
+    cands = [Path(os.path.realpath(nvcc)).parent.parent] if nvcc else []
+    cands.append(Path("/usr/local/cuda"))
+    for c in cands:
+        if (c / "include" / "cuda_fp8.h").exists():
+            return c / "include"
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which("g++")
+    inc = _cuda_include()
+    if cxx is None or inc is None:
+        pytest.skip("host emulation needs g++ and the CUDA toolkit headers (cuda_fp8.h)")
+    so = tmp_path_factory.mktemp("emu") / "dflash_emulate.so"
+    res = subprocess.run([cxx, "-std=c++20", "-O2", "-fno-strict-aliasing", "-fPIC", "-shared",
+                          "-Wall", "-Werror",
+                          f"-I{inc}", f"-I{CSRC}", str(CSRC / "testing" / "emulate.cpp"),
+                          "-o", str(so), "-lpthread"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lib = ctypes.CDLL(str(so))
+    lib.emu_verify_chain.restype = ctypes.c_int
+    lib.emu_verify_chain.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.emu_write_kv.restype = None
+    lib.emu_write_kv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float]
+    return lib
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _i64(values):
+    return torch.tensor([int(x) for x in values], dtype=torch.int64)
+
+
+def emu_verify_chain(lib, logits, block_tokens, num_drafts, temperature, seeds, positions,
+                     seq_lens, accept_len, out_tokens, bonus, new_seq_lens):
+    """bindings.cpp's verify_chain_cuda, on the emulated kernels. Returns the split count."""
+    B, S, V = logits.shape
+    es = logits.element_size()
+    vectorized = (logits.data_ptr() % 16 == 0 and (logits.stride(0) * es) % 16 == 0
+                  and (logits.stride(1) * es) % 16 == 0)
+    ints = _i64([B, S, V, DTYPE_CODE[logits.dtype], block_tokens.dtype == torch.int64,
+                 logits.stride(0), logits.stride(1), block_tokens.stride(0),
+                 block_tokens.stride(1), vectorized, EMU_NUM_SMS])
+    ptrs = _i64(_ptr(t) for t in (logits, block_tokens, num_drafts, temperature, seeds,
+                                  positions, seq_lens, accept_len, out_tokens, bonus,
+                                  new_seq_lens))
+    return lib.emu_verify_chain(ints.data_ptr(), ptrs.data_ptr())
+
+
+def emu_write_kv(lib, k, v, k_norm_weight, positions, slot_mapping, k_caches, v_caches,
+                 cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale):
+    """bindings.cpp's write_kv_cuda, on the emulated kernel."""
+    N, L, H, D = k.shape
+    kc, vc = k_caches[0], v_caches[0]
+
+    def uniform(caches):
+        p = [c.data_ptr() for c in caches]
+        stride = p[1] - p[0] if L > 1 else 0
+        return all(p[i] - p[0] == i * stride for i in range(L)), stride
+
+    k_uni, k_ls = uniform(k_caches)
+    v_uni, v_ls = uniform(v_caches)
+    chunk = L if (k_uni and v_uni) else 32
+    for l0 in range(0, L, chunk):
+        nl = min(chunk, L - l0)
+        ks, vs = k[:, l0:l0 + nl], v[:, l0:l0 + nl]
+        knw = None if k_norm_weight is None else k_norm_weight[l0:l0 + nl]
+        kcs, vcs = k_caches[l0:l0 + nl], v_caches[l0:l0 + nl]
+        csz = kc.element_size()
+        strides = [*ks.stride()[:3], *vs.stride()[:3], *kc.stride()[:3], *vc.stride()[:3]]
+        vectorized = (ks.data_ptr() % 16 == 0 and vs.data_ptr() % 16 == 0
+                      and all(s % 8 == 0 for s in strides)
+                      and all(c.data_ptr() % (8 * csz) == 0 for c in kcs + vcs))
+        ints = _i64([N, nl, H, D, rotary_dim, DTYPE_CODE[k.dtype], DTYPE_CODE[kc.dtype],
+                     DTYPE_CODE[knw.dtype] if knw is not None else 0, rope_neox, vectorized,
+                     *ks.stride()[:3], *vs.stride()[:3],
+                     *(knw.stride() if knw is not None else (0, 0)),
+                     cos_sin_cache.stride(0), cos_sin_cache.shape[0],
+                     *kc.stride()[:3], *vc.stride()[:3], kc.shape[0], kc.shape[1],
+                     k_uni, v_uni, k_ls, v_ls])
+        ptrs = _i64([_ptr(ks), _ptr(vs), _ptr(knw), _ptr(positions), _ptr(slot_mapping),
+                     _ptr(cos_sin_cache), _ptr(k_scale), _ptr(v_scale),
+                     *(c.data_ptr() for c in kcs), *(c.data_ptr() for c in vcs)])
+        lib.emu_write_kv(ints.data_ptr(), ptrs.data_ptr(), eps)
+
+
+# ---------------------------------------------------------------- verify_chain
+
+def _garbage_out(B, S, with_seq):
+    return (torch.full((B,), -777, dtype=torch.int32), torch.full((B, S), -777, dtype=torch.int32),
+            torch.full((B,), -777, dtype=torch.int32),
+            torch.full((B,), -777, dtype=torch.int32) if with_seq else None)
+
+
+def run_cuda_verify(runner, request, kw):
+    """(accept_len, out_tokens, bonus, new_seq_lens) from the CUDA kernels."""
+    if runner == "gpu":
+        return tuple(run("cuda", {k: v.cuda() for k, v in kw.items()}))
+    lib = request.getfixturevalue("emu")
+    B, S = kw["block_tokens"].shape
+    out = _garbage_out(B, S, "seq_lens" in kw)
+    emu_verify_chain(lib, kw["logits"], kw["block_tokens"], kw["num_drafts"],
+                     kw.get("temperature"), kw.get("seeds"), kw.get("positions"),
+                     kw.get("seq_lens"), *out)
+    return out
+
+
+def assert_verify_equal(got, kw):
+    want = run("reference", kw)
+    names = ("accept_len", "out_tokens", "bonus", "new_seq_lens")
+    for name, g, w in zip(names, got, want):
+        if w is None:
+            assert g is None
+            continue
+        assert torch.equal(g.cpu(), w.cpu()), f"{name}: got {g.tolist()}, want {w.tolist()}"
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("B, S, V, dtype, sampled, tokens64", [
+    (3, 5, 1000, torch.float32, "none", False),
+    (4, 4, 1000, torch.float16, "all", True),
+    (5, 3, 1000, torch.bfloat16, "mixed", False),
+    (2, 4, 9000, torch.float16, "mixed", True),       # 2 vocabulary splits per row
+    (3, 4, 151936, torch.bfloat16, "mixed", False),   # Qwen vocabulary, many splits
+    (2, 1, 1000, torch.float32, "all", False),         # anchor only: no drafts
+])
+def test_verify_chain_matches_reference(runner, request, B, S, V, dtype, sampled, tokens64):
+    kw = make_case(B, S, V, dtype=dtype, sampled=sampled, special_rows=True, gen_seed=V + B)
+    if tokens64:
+        kw["block_tokens"] = kw["block_tokens"].to(torch.int64)
+    else:
+        kw["block_tokens"] = kw["block_tokens"].to(torch.int32)
+    assert_verify_equal(run_cuda_verify(runner, request, kw), kw)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_verify_chain_unaligned_and_strided_logits(runner, request, dtype):
+    """Rows that do not start on 16 bytes take the scalar path; same answers."""
+    B, S, V = 3, 4, 2053
+    kw = make_case(B, S, V, dtype=dtype, sampled="mixed", special_rows=True, gen_seed=5)
+    big = torch.full((B, S, V + 3), float("nan"), dtype=dtype)
+    big[:, :, 1:V + 1] = kw["logits"]
+    kw["logits"] = big[:, :, 1:V + 1]
+    assert kw["logits"].stride() == (S * (V + 3), V + 3, 1)
+    assert_verify_equal(run_cuda_verify(runner, request, kw), kw)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_verify_chain_full_acceptance_and_ties(runner, request):
+    """Drafts equal to the targets are all accepted; tied maxima give the lowest id."""
+    B, S, V = 2, 6, 300
+    logits = torch.full((B, S, V), -3.0)
+    logits[0, :, 7] = 2.0
+    logits[0, :, 250] = 2.0        # tie: 7 wins
+    logits[1, torch.arange(S), torch.arange(S) + 10] = 1.0
+    bt = torch.tensor([[1, 7, 7, 7, 7, 7], [1, 10, 11, 12, 13, 14]], dtype=torch.int32)
+    kw = dict(logits=logits, block_tokens=bt, num_drafts=torch.full((B,), S - 1, dtype=torch.int32),
+              seq_lens=torch.tensor([4, 9], dtype=torch.int32))
+    got = run_cuda_verify(runner, request, kw)
+    assert got[0].tolist() == [5, 5]
+    assert got[1].tolist() == [[7, 7, 7, 7, 7, 7], [10, 11, 12, 13, 14, 15]]
+    assert got[3].tolist() == [10, 15]
+    assert_verify_equal(got, kw)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and the built extension")
+@pytest.mark.parametrize("options", [dict(top_k=True), dict(top_p=True), dict(draft_probs=True)])
+def test_verify_chain_cuda_routes_filtered_calls(options):
+    """top-k / top-p / draft_probs calls run the Triton backend behind backend="cuda"."""
+    kw = make_case(3, 4, 1000, dtype=torch.float16, sampled="mixed", gen_seed=3, **options)
+    got = run("cuda", {k: v.cuda() for k, v in kw.items()})
+    assert_verify_equal(tuple(got), {k: v.cuda() for k, v in kw.items()})
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and the built extension")
+def test_verify_chain_cuda_flat_logits_and_graph_capture():
+    """[B*S, V] logits, and a CUDA-graph replay with new inputs (no host sync inside)."""
+    kw = {k: v.cuda() for k, v in make_case(4, 4, 5000, dtype=torch.bfloat16, sampled="mixed",
+                                             gen_seed=11).items()}
+    flat = dict(kw, logits=kw["logits"].reshape(16, 5000))
+    assert_verify_equal(tuple(run("cuda", flat)), kw)
+    static = {k: v.clone() for k, v in kw.items()}
+    out = tuple(t.cuda() if t is not None else None for t in _garbage_out(4, 4, True))
+    args = {k: v for k, v in static.items() if k not in ("logits", "block_tokens")}
+    dflash_kernels.verify_chain(static["logits"], static["block_tokens"], out=out,
+                                backend="cuda", **args)  # warm-up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dflash_kernels.verify_chain(static["logits"], static["block_tokens"], out=out,
+                                    backend="cuda", **args)
+    new = {k: v.cuda() for k, v in make_case(4, 4, 5000, dtype=torch.bfloat16, sampled="mixed",
+                                              gen_seed=12).items()}
+    for key in static:
+        static[key].copy_(new[key])
+    graph.replay()
+    assert_verify_equal(out, new)
+
+
+# ---------------------------------------------------------------- write_kv
+
+def _clone_layout(k, v):
+    def clone(x):
+        if isinstance(x, torch.Tensor):
+            return x.clone(memory_format=torch.preserve_format)
+        return [c.clone() for c in x]
+    k2, v2 = clone(k), clone(v)
+    as_list = lambda x: list(x.unbind(0)) if isinstance(x, torch.Tensor) else x
+    return k2, v2, as_list(k2), as_list(v2)
+
+
+def assert_same_writes(got, want, before, slots, page, act):
+    """Rows at valid slots close to the reference; every other row bit-identical to before."""
+    valid = slots[slots >= 0].cpu()
+    for layer, (g, w, b) in enumerate(zip(got, want, before)):
+        g, w, b = g.cpu(), w.cpu(), b.cpu()
+        written = torch.zeros(g.shape[:2], dtype=torch.bool)
+        written[valid // page, valid % page] = True
+        iv = INT_VIEW[g.element_size()]
+        assert torch.equal(g.view(iv)[~written], b.view(iv)[~written]), f"layer {layer}: stray writes"
+        gw, ww = g[written].float(), w[written].float()
+        if g.dtype in FP8_MAX:
+            # rsqrt and the fp32 op order may move a value across an fp8 rounding boundary.
+            rtol, atol = (2 ** -3, 2 ** -8) if g.dtype == torch.float8_e4m3fn else (2 ** -2, 2 ** -15)
+            exact = (g[written].view(torch.uint8) == w[written].view(torch.uint8)).float().mean()
+            assert exact > 0.97, f"layer {layer}: only {exact:.3f} of fp8 values bit-equal"
+        else:
+            rtol, atol = (2e-3, 2e-3) if act == torch.float16 else (1.6e-2, 1.6e-2)
+        torch.testing.assert_close(gw, ww, rtol=rtol, atol=atol, msg=lambda m: f"layer {layer}: {m}")
+
+
+WRITE_KV_CASES = [
+    # L, N, page, D, layout, neox, rotary_dim, knorm, act, cache dtype, misaligned
+    (1, 5, 16, 64, "stacked", True, None, True, torch.float16, torch.float16, False),
+    (3, 7, 1, 128, "separate", False, None, True, torch.bfloat16, torch.bfloat16, False),
+    (2, 9, 4, 256, "stacked_hnd", True, 64, False, torch.float16, torch.float8_e4m3fn, False),
+    (2, 6, 16, 128, "combined", False, 96, True, torch.bfloat16, torch.float8_e5m2, False),
+    (4, 5, 8, 64, "views", True, 32, True, torch.float16, torch.float16, True),
+    (34, 3, 4, 64, "separate", False, 16, True, torch.float16, torch.float8_e4m3fn, False),
+]
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize(
+    "L, N, page, D, layout, neox, rotary_dim, knorm, act, cache_dtype, misaligned", WRITE_KV_CASES)
+def test_write_kv_matches_reference(runner, request, L, N, page, D, layout, neox, rotary_dim,
+                                    knorm, act, cache_dtype, misaligned):
+    device = "cuda" if runner == "gpu" else "cpu"
+    Hkv, P, max_pos = 2, N // page + 3, 97
+    # Strided k / v: views of a fused [N, L, 2, Hkv, D] projection output.
+    numel = N * L * 2 * Hkv * D
+    flat = torch.randn(numel + 1, device=device).to(act)
+    kv = (flat[1:] if misaligned else flat[:numel]).view(N, L, 2, Hkv, D)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    knw = (1 + 0.2 * torch.randn(L, D, device=device)).to(act) if knorm else None
+    positions = torch.randint(0, max_pos, (N,), device=device)
+    slots = make_slots(N, P * page, max(N // 3, 1), device)
+    positions[slots < 0] = -(10 ** 9)  # never read
+    rd = rotary_dim or D
+    cos_sin = make_cos_sin(max_pos, rd, device)
+    fp8 = cache_dtype in FP8_MAX
+    scales = dict(k_scale=0.05, v_scale=torch.tensor([0.04], device=device)) if fp8 else {}
+
+    kc, vc, k_list, v_list = make_caches(layout, L, P, page, Hkv, D, cache_dtype, device)
+    kc_ref, vc_ref, k_ref_list, v_ref_list = _clone_layout(kc, vc)
+    k_before, v_before = snapshot(k_list), snapshot(v_list)
+    dflash_kernels.write_kv(k, v, knw, positions, slots, kc_ref, vc_ref, cos_sin,
+                            rope_style="neox" if neox else "gptj", rotary_dim=rotary_dim,
+                            backend="reference", **scales)
+    if runner == "gpu":
+        dflash_kernels.write_kv(k, v, knw, positions, slots, kc, vc, cos_sin,
+                                rope_style="neox" if neox else "gptj", rotary_dim=rotary_dim,
+                                backend="cuda", **scales)
+    else:
+        ks = torch.full((1,), 0.05) if fp8 else None
+        vs = scales.get("v_scale")
+        emu_write_kv(request.getfixturevalue("emu"), k, v, knw, positions, slots, k_list,
+                     v_list, cos_sin, 1e-6, neox, rd, ks, vs)
+    assert_same_writes(k_list, k_ref_list, k_before, slots, page, act)
+    assert_same_writes(v_list, v_ref_list, v_before, slots, page, act)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_write_kv_fp8_saturates(runner, request):
+    """Values past the fp8 range store the largest finite value, with their sign."""
+    device = "cuda" if runner == "gpu" else "cpu"
+    N, L, Hkv, D, page = 2, 1, 1, 64, 4
+    # 60000 / 0.5 and 60000 / 1 are past both formats' largest finite values.
+    k = torch.full((N, L, Hkv, D), 60000.0, device=device).half()
+    k[:, :, :, 1::2] = -60000.0
+    v = k.clone()
+    slots = torch.tensor([1, -1], device=device)
+    positions = torch.zeros(N, dtype=torch.int64, device=device)
+    cos_sin = torch.cat([torch.ones(1, D // 2), torch.zeros(1, D // 2)], 1).to(device)
+    for dt, m in FP8_MAX.items():
+        kc = torch.zeros(L, 2, page, Hkv, D, device=device).to(dt)
+        vc = torch.zeros_like(kc)
+        if runner == "gpu":
+            dflash_kernels.write_kv(k, v, None, positions, slots, kc, vc, cos_sin, k_scale=0.5,
+                                    v_scale=1.0, backend="cuda")
+        else:
+            one = lambda s: torch.full((1,), s)
+            emu_write_kv(request.getfixturevalue("emu"), k, v, None, positions, slots,
+                         list(kc.unbind(0)), list(vc.unbind(0)), cos_sin, 1e-6, True, D,
+                         one(0.5), one(1.0))
+        want = torch.full((D,), m)
+        want[1::2] = -m
+        assert torch.equal(kc[0, 0, 1, 0].float().cpu(), want)
+        assert torch.equal(vc[0, 0, 1, 0].float().cpu(), want)
+        assert kc.float().abs().sum().item() == D * m  # nothing else written
