@@ -147,7 +147,8 @@ def test_compiles_to_tensor_cores_without_spills(arch, mma, smem_limit, dtype, g
     spec = tri.compile_spec(arch, dtype, dtype, S=16, Hq=8 * g, Hkv=8, D=128)
     rep = compile_report("dflash_kernels.triton_backend.attention", "_block_attention_kernel",
                          spec["signature"], spec["constexprs"], arch,
-                         num_warps=spec["num_warps"], num_stages=spec["num_stages"])
+                         num_warps=spec["num_warps"], num_stages=spec["num_stages"],
+                         divisibility=spec["divisibility"])
     assert mma in rep["ptx"]
     assert rep["spills"] == 0, rep["registers"]
     assert rep["shared"] <= smem_limit

@@ -266,8 +266,9 @@ _INT_ARGS = ("window", "max_slots", "num_pages", "batch", "sq_b", "sq_s", "sq_h"
 def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: int, *,
                  page_size: int = 16, has_block: bool = True, window: int = 0,
                  return_lse: bool = True, num_splits: int = 1) -> dict:
-    """Signature, constexprs, num_warps, num_stages of the main kernel's default
-    launch for ``sm_{arch}`` (for compile checks without a GPU; unit last strides)."""
+    """Signature, constexprs, num_warps, num_stages and divisibility hints of the
+    main kernel's default launch for ``sm_{arch}`` (for compile checks without a
+    GPU; unit last strides)."""
     p = plan(arch, None, 1, S, Hq, Hkv, D, page_size, 1, window, num_splits)
     act, cache = "*" + _TL_TYPES[dtype], "*" + _TL_TYPES[cache_dtype]
     sig = dict(Q=act, KC=cache, VC=cache, BT="*i32", CL="*i32", KB=act, VB=act, KS="*fp32",
@@ -279,8 +280,12 @@ def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: in
                  HAS_BLOCK=has_block, HAS_WINDOW=window > 0,
                  IS_FP8=cache_dtype != dtype, HAS_LSE=return_lse)
     sig.update({n: "constexpr" for n in const})
+    # What a real launch derives from 16-byte aligned tensors whose head and
+    # token strides are multiples of D (the block-table stride is arbitrary).
+    hints = {n: 16 for n, t in sig.items() if t.startswith("*")}
+    hints.update({n: 16 for n in _INT_ARGS if n.startswith("s") and n != "sbt_b"})
     return dict(signature=sig, constexprs=const, num_warps=p["num_warps"],
-                num_stages=p["num_stages"])
+                num_stages=p["num_stages"], divisibility=hints)
 
 
 def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
