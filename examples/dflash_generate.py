@@ -42,7 +42,6 @@ def main():
         torch.set_num_threads(1)  # tiny matmuls: threads only add overhead
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    import dflash_kernels
     from dflash_kernels import _registry
     from dflash_kernels.testing import DFlashDrafter, DrafterConfig, Engine, OracleDrafter, TargetConfig, TinyQwen3
 

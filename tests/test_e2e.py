@@ -14,7 +14,6 @@ import math
 import pytest
 import torch
 
-import dflash_kernels
 from dflash_kernels import _registry
 from dflash_kernels.testing import (
     DFlashDrafter,
@@ -23,7 +22,6 @@ from dflash_kernels.testing import (
     OracleDrafter,
     TargetConfig,
     TinyQwen3,
-    make_cos_sin_cache,
     slots_of,
 )
 
@@ -220,6 +218,7 @@ def test_speculative_equals_plain(backend, greedy_only, drafter):
         assert bool(differs[sampled].all()) and not bool(differs[~sampled].any())
 
 
+@pytest.mark.interpreter  # deselect with -m "not interpreter" (or -k "not triton")
 @pytest.mark.parametrize("greedy_only", [True, False], ids=["greedy", "mixed_sampling"])
 def test_speculative_equals_plain_triton(greedy_only):
     """Every op on the Triton backend (the interpreter on CPU: a tiny run). The

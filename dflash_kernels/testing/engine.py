@@ -127,8 +127,8 @@ class Engine:
         max_pages = max(pages_per_req) + 2  # extra columns stay poisoned
         table = torch.full((B, max_pages), -1, dtype=torch.int32)
         if self.poison_table:
-            garbage = torch.tensor([-1, 2 ** 31 - 1, num_pages] + alloc.free[len(alloc.free) - self.spare_pages:],
-                                   dtype=torch.int32)
+            spare = alloc.free[len(alloc.free) - self.spare_pages:]  # never allocated: NaN pages
+            garbage = torch.tensor([-1, 2 ** 31 - 1, num_pages] + spare, dtype=torch.int32)
             idx = torch.arange(B * max_pages) % garbage.numel()
             table = garbage[idx].view(B, max_pages).clone()
         pages = []
