@@ -12,6 +12,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # pytest-xdist runs one worker per core: intra-op threads on top of that
+    # oversubscribe the 2-core CI machine (seen: 20x slower small matmuls).
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
