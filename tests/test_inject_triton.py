@@ -243,28 +243,14 @@ def test_fuse_target_features_triton_bf16_gpu(device):
 
 def _compile(spec, arch):
     """compile_report with the 16-divisibility Triton's launcher gives aligned
-    arguments at run time (without it, loads of 2-byte elements are not
-    vectorized, cp.async pipelining is off, and the report is not the kernel
-    that runs). Uses compile_report's ``divisible_by_16`` when it has one."""
-    import inspect
-    import triton_compile as tc
+    arguments at run time (without it the report describes unvectorized,
+    unpipelined code that never runs)."""
+    from triton_compile import compile_report
 
-    kw = dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"])
-    args = ("dflash_kernels.triton_backend.inject", spec["kernel"], spec["signature"],
-            spec["constexprs"], arch)
-    if "divisible_by_16" in inspect.signature(tc.compile_report).parameters:
-        return tc.compile_report(*args, divisible_by_16=spec["divisible_by_16"], **kw)
-    # Same helper, its subprocess script given the attrs argument of ASTSource.
-    names = list(spec["signature"])
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec["divisible_by_16"]}
-    old = 'constexprs=args["constexprs"])'
-    assert old in tc._SCRIPT
-    orig = tc._SCRIPT
-    tc._SCRIPT = orig.replace(old, f'constexprs=args["constexprs"], attrs={attrs!r})')
-    try:
-        return tc.compile_report(*args, **kw)
-    finally:
-        tc._SCRIPT = orig
+    return compile_report("dflash_kernels.triton_backend.inject", spec["kernel"], spec["signature"],
+                          spec["constexprs"], arch, num_warps=spec["num_warps"],
+                          num_stages=spec["num_stages"],
+                          divisibility={n: 16 for n in spec["divisible_by_16"]})
 
 
 MMA = {90: "wgmma.mma_async", 100: "tcgen05.mma"}
