@@ -347,10 +347,15 @@ def inject_kv(
         kv_weight: ``[L, 2, Hkv*D, H]`` in hidden's dtype (K at index 0, V at 1).
         k_norm_weight: ``[L, D]`` or None (no K norm).
         positions: int64 ``[N]`` absolute positions (RoPE).
-        slot_mapping: int64 ``[N]`` cache slots; negative slots are skipped.
+        slot_mapping: int64 ``[N]`` cache slots; negative slots are skipped
+            (the positions of skipped rows are never read and may hold anything).
         k_cache, v_cache: ``[L, num_pages, page_size, Hkv, D]`` or a list of L
             ``[num_pages, page_size, Hkv, D]`` caches (same shape, dtype and
             strides), in hidden's dtype or fp8 with ``k_scale`` / ``v_scale``.
+            Per-layer caches that are not views of one allocation at a uniform
+            stride are addressed through a device table of base pointers built
+            (and cached) on the first call: make that call before capturing a
+            CUDA graph.
         cos_sin_cache: fp32 ``[max_position, rotary_dim]``, cos then sin halves.
         kv_bias: ``[L, 2, Hkv*D]`` or None.
         rope_style: ``"neox"`` (rotate halves) or ``"gptj"`` (interleaved pairs).
