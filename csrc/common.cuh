@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define DFLASH_HD __host__ __device__ __forceinline__
@@ -29,6 +30,29 @@ union Packed {
   Word word;
   T elems[N];
 };
+
+// Plain (weak) 16- and 8-byte global stores. A uint4 assignment is copied
+// member-wise by the front end (four 4-byte stores) and __stwb is a strong
+// store, so the vector store is spelled out.
+DFLASH_DEVICE void store_16B(void* ptr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(a), "r"(b), "r"(c),
+               "r"(d)
+               : "memory");
+#else
+  const uint32_t w[4] = {a, b, c, d};
+  std::memcpy(ptr, w, sizeof(w));
+#endif
+}
+
+DFLASH_DEVICE void store_8B(void* ptr, uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(ptr), "r"(a), "r"(b) : "memory");
+#else
+  const uint32_t w[2] = {a, b};
+  std::memcpy(ptr, w, sizeof(w));
+#endif
+}
 
 #if defined(__CUDACC__) && !defined(DFLASH_HOST_EMULATION)
 // The block's dynamic shared memory (sized at launch).

@@ -49,6 +49,9 @@ DFLASH_DEVICE float load_weight(const void* w, DType dtype, int64_t offset) {
   }
 }
 
+DFLASH_DEVICE uint16_t bits_of(__half x) { return __half_as_ushort(x); }
+DFLASH_DEVICE uint16_t bits_of(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+
 // stored = sat(value / scale): round to nearest even, finite values saturate
 // to the format's largest finite value (448 / 57344), NaN stays NaN.
 template <CacheKind kKind>
@@ -76,24 +79,32 @@ DFLASH_DEVICE void load8(const T* src, bool vectorized, T (&out)[kElems]) {
 template <typename T, CacheKind kKind>
 DFLASH_DEVICE void store8(void* dst, bool vectorized, const float (&x)[kElems], float scale) {
   if constexpr (kKind == CacheKind::kSame) {
-    Packed<T, kElems, uint4> pack;
+    uint32_t words[kElems / 2];
     DFLASH_UNROLL
-    for (int e = 0; e < kElems; ++e) pack.elems[e] = from_float<T>(x[e]);
+    for (int e = 0; e < kElems; e += 2) {
+      words[e / 2] = static_cast<uint32_t>(bits_of(from_float<T>(x[e]))) |
+                     (static_cast<uint32_t>(bits_of(from_float<T>(x[e + 1]))) << 16);
+    }
     if (vectorized) {
-      *reinterpret_cast<uint4*>(dst) = pack.word;
+      store_16B(dst, words[0], words[1], words[2], words[3]);
     } else {
       DFLASH_UNROLL
-      for (int e = 0; e < kElems; ++e) static_cast<T*>(dst)[e] = pack.elems[e];
+      for (int e = 0; e < kElems; ++e) {
+        static_cast<uint16_t*>(dst)[e] = static_cast<uint16_t>(words[e / 2] >> (16 * (e % 2)));
+      }
     }
   } else {
-    Packed<uint8_t, kElems, uint2> pack;
+    uint8_t q[kElems];
     DFLASH_UNROLL
-    for (int e = 0; e < kElems; ++e) pack.elems[e] = quantize_fp8<kKind>(x[e], scale);
+    for (int e = 0; e < kElems; ++e) q[e] = quantize_fp8<kKind>(x[e], scale);
     if (vectorized) {
-      *reinterpret_cast<uint2*>(dst) = pack.word;
+      uint32_t words[2] = {0u, 0u};
+      DFLASH_UNROLL
+      for (int e = 0; e < kElems; ++e) words[e / 4] |= static_cast<uint32_t>(q[e]) << (8 * (e % 4));
+      store_8B(dst, words[0], words[1]);
     } else {
       DFLASH_UNROLL
-      for (int e = 0; e < kElems; ++e) static_cast<uint8_t*>(dst)[e] = pack.elems[e];
+      for (int e = 0; e < kElems; ++e) static_cast<uint8_t*>(dst)[e] = q[e];
     }
   }
 }
