@@ -352,10 +352,11 @@ def inject_kv(
         k_cache, v_cache: ``[L, num_pages, page_size, Hkv, D]`` or a list of L
             ``[num_pages, page_size, Hkv, D]`` caches (same shape, dtype and
             strides), in hidden's dtype or fp8 with ``k_scale`` / ``v_scale``.
-            Per-layer caches that are not views of one allocation at a uniform
-            stride are addressed through a device table of base pointers built
-            (and cached) on the first call: make that call before capturing a
-            CUDA graph.
+            With the Triton backend, per-layer caches that are not views of one
+            allocation at a uniform stride are addressed through a device table
+            of base pointers built (and cached) on the first call: make that
+            call before capturing a CUDA graph. (The CUDA ``write_kv`` passes
+            the pointers as kernel arguments and needs no such call.)
         cos_sin_cache: fp32 ``[max_position, rotary_dim]``, cos then sin halves.
         kv_bias: ``[L, 2, Hkv*D]`` or None.
         rope_style: ``"neox"`` (rotate halves) or ``"gptj"`` (interleaved pairs).
