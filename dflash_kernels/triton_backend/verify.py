@@ -318,9 +318,14 @@ def _verify_finish_kernel(
 BLOCK_V = 1024
 
 
+def block_size(V: int) -> int:
+    """Vocab tile: BLOCK_V, or the next power of two of a small vocabulary."""
+    return min(BLOCK_V, max(16, triton.next_power_of_2(V)))
+
+
 def num_splits(rows: int, V: int, device: torch.device) -> int:
     """Vocab splits per row from host-known sizes: enough programs to fill the GPU."""
-    n_blocks = triton.cdiv(V, BLOCK_V)
+    n_blocks = triton.cdiv(V, block_size(V))
     if device.type == "cuda":
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
         cap = 64
@@ -338,8 +343,9 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
     B, S, V = logits.shape
     dev = logits.device
     rows = B * S
+    block = block_size(V)
     nsplit = num_splits(rows, V, dev)
-    chunk = triton.cdiv(triton.cdiv(V, BLOCK_V), nsplit) * BLOCK_V
+    chunk = triton.cdiv(triton.cdiv(V, block), nsplit) * block
     f32 = dict(dtype=torch.float32, device=dev)
     pval = torch.empty(rows * nsplit, **f32)
     pidx = torch.empty(rows * nsplit, dtype=torch.int32, device=dev)
@@ -360,7 +366,7 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
         top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,
         seeds_, pos_, pval, pidx, pm, pz, thr, S, V, chunk, nsplit,
         HAS_TEMP=has_temp, HAS_TOPK=has_temp and top_k is not None,
-        HAS_TOPP=has_temp and top_p is not None, NEED_MZ=has_dp, BLOCK=BLOCK_V,
+        HAS_TOPP=has_temp and top_p is not None, NEED_MZ=has_dp, BLOCK=block,
         num_warps=4, enable_fp_fusion=False)
     dp = draft_probs if has_dp else dummy
     _verify_finish_kernel[(B,)](
@@ -371,4 +377,4 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
         new_seq_lens if new_seq_lens is not None else dummy, S, V, nsplit,
         HAS_TEMP=has_temp, HAS_DP=has_dp, HAS_SEQ=new_seq_lens is not None,
         NSPLIT_P2=triton.next_power_of_2(nsplit), S_P2=triton.next_power_of_2(S),
-        BLOCK=BLOCK_V, num_warps=4, enable_fp_fusion=False)
+        BLOCK=block, num_warps=4, enable_fp_fusion=False)

@@ -1,0 +1,140 @@
+"""Triton verify_chain against the reference (token for token: the noise is
+bit-identical), reproducibility, a goodness-of-fit check on the Triton
+backend itself, and a compile check for sm_90 / sm_100.
+
+Under the interpreter every (program x loop iteration) costs milliseconds,
+so shapes are small and top-k / top-p rows (one counting pass per bisection
+step) are few.
+"""
+
+import pytest
+import torch
+import triton
+
+from dflash_kernels.triton_backend import verify as tv
+from test_verify_reference import (assert_fits, assert_same, draft_case, keyed_batch, make_case,
+                                   run, softmax64)
+from conftest import HAS_CUDA
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+
+def check_against_reference(kw):
+    got = run("triton", kw)
+    want = run("reference", kw)
+    assert_same(got, want)
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, S, V", [(1, 1, 1000), (4, 25, 1000), (3, 4, 8193), (1, 2, 32001)])
+def test_greedy(B, S, V, dtype, device):
+    kw = make_case(B, S, V, dtype=dtype, sampled="none", special_rows=True, match_frac=0.9,
+                   gen_seed=S, device=device)
+    check_against_reference(kw)
+
+
+@pytest.mark.parametrize("B, S, V, dtype", [(5, 4, 1000, torch.float32), (2, 3, 8193, torch.float16),
+                                            (1, 2, 32001, torch.float32), (9, 11, 300, torch.float32)])
+def test_sampled_mixed(B, S, V, dtype, device):
+    kw = make_case(B, S, V, dtype=dtype, special_rows=True, gen_seed=V, device=device)
+    check_against_reference(kw)
+
+
+@pytest.mark.parametrize("top_k, top_p, V", [(True, False, 1000), (False, True, 1000),
+                                             (True, True, 2100)])
+def test_top_k_top_p(top_k, top_p, V, device):
+    kw = make_case(3, 3, V, top_k=top_k, top_p=top_p, special_rows=True, gen_seed=7,
+                   device=device)
+    check_against_reference(kw)
+
+
+@pytest.mark.parametrize("B, S, V, dtype, filt", [(4, 4, 1000, torch.float32, False),
+                                                  (3, 5, 8193, torch.float16, False),
+                                                  (2, 3, 1000, torch.float32, True)])
+def test_draft_probs(B, S, V, dtype, filt, device):
+    kw = make_case(B, S, V, dtype=dtype, draft_probs=True, top_k=filt, top_p=filt,
+                   match_frac=0.3, special_rows=filt, gen_seed=3, device=device)
+    check_against_reference(kw)
+
+
+@pytest.mark.parametrize("nsplit", [2, 3])
+def test_forced_vocab_splits(nsplit, device, monkeypatch):
+    # Several splits per row regardless of the batch, so the partial reduction
+    # (ties across splits, all -inf rows) and the per-split noise offsets are exercised.
+    monkeypatch.setattr(tv, "num_splits",
+                        lambda rows, V, dev: min(nsplit, triton.cdiv(V, tv.block_size(V))))
+    kw = make_case(4, 3, 2500, draft_probs=True, special_rows=True, match_frac=0.4,
+                   gen_seed=nsplit, device=device)
+    logits = kw["logits"].clone()
+    logits[1, 0] = -3.0
+    logits[1, 0, [5, 1030, 2100]] = 4.0            # the same maximum in three splits -> 5
+    kw["logits"] = logits
+    res = check_against_reference(kw)
+    kw2 = dict(kw, temperature=None, seeds=None, positions=None, draft_probs=None)
+    kw2 = {k: v for k, v in kw2.items() if v is not None}
+    res = check_against_reference(kw2)
+    assert int(res.out_tokens[1, 0]) == 5            # accepted draft or bonus: both t_0 = 5
+
+
+def test_reproducible_and_batch_independent(device):
+    kw = make_case(5, 4, 700, draft_probs=True, gen_seed=9, device=device)
+    first = run("triton", kw)
+    assert_same(first, run("triton", kw))
+    order = [3, 0, 4]
+    sub = {k: (v[order] if torch.is_tensor(v) else v) for k, v in kw.items()}
+    res = run("triton", sub)
+    assert_same(res, tuple(None if x is None else x[order] for x in first))
+
+
+def test_fit_triton_sampling(device):
+    # Small: the interpreter runs ~25 ms per request. The larger fits run on the
+    # reference, which the Triton kernels match token for token.
+    row = torch.tensor([[1.0, 0.5, -0.3, 2.0, 0.0, -1.5, 0.7, 1.2]])
+    res = run("triton", keyed_batch(row, 600, 0.8, device=device))
+    assert_fits(res.bonus, softmax64(row[0].numpy(), 0.8), "triton plain")
+
+
+def test_triton_draft_probs_fit_case(device):
+    # The reference's lossless case (q with zeros where p > 0), a slice of it.
+    kw, p = draft_case(80, "soft", top_k=0, device=device)
+    res = run("triton", kw)
+    assert_same(res, run("reference", kw))
+    assert 0 < res.accept_len.float().mean() < 2
+
+
+KERNEL_SIGS = {
+    "_verify_rows_kernel": dict(
+        logits_ptr="*bf16", stride_lb="i64", stride_ls="i64", temp_ptr="*fp32", topk_ptr="*i32",
+        topp_ptr="*fp32", seed_ptr="*i64", pos_ptr="*i64", pval_ptr="*fp32", pidx_ptr="*i32",
+        pm_ptr="*fp32", pz_ptr="*fp32", thr_ptr="*fp32", S="i32", V="i32", CHUNK="i32",
+        NSPLIT="i32", HAS_TEMP="constexpr", HAS_TOPK="constexpr", HAS_TOPP="constexpr",
+        NEED_MZ="constexpr", BLOCK="constexpr"),
+    "_verify_finish_kernel": dict(
+        logits_ptr="*bf16", stride_lb="i64", stride_ls="i64", bt_ptr="*i64", stride_tb="i64",
+        nd_ptr="*i32", temp_ptr="*fp32", seed_ptr="*i64", pos_ptr="*i64", dp_ptr="*fp32",
+        stride_db="i64", stride_ds="i64", seq_ptr="*i32", pval_ptr="*fp32", pidx_ptr="*i32",
+        pm_ptr="*fp32", pz_ptr="*fp32", thr_ptr="*fp32", acc_ptr="*i32", out_ptr="*i32",
+        bonus_ptr="*i32", nsl_ptr="*i32", S="i32", V="i32", NSPLIT="i32", HAS_TEMP="constexpr",
+        HAS_DP="constexpr", HAS_SEQ="constexpr", NSPLIT_P2="constexpr", S_P2="constexpr",
+        BLOCK="constexpr"),
+}
+KERNEL_CONSTS = {
+    "_verify_rows_kernel": dict(HAS_TEMP=True, HAS_TOPK=True, HAS_TOPP=True, NEED_MZ=True,
+                                BLOCK=tv.BLOCK_V),
+    "_verify_finish_kernel": dict(HAS_TEMP=True, HAS_DP=True, HAS_SEQ=True, NSPLIT_P2=64,
+                                  S_P2=32, BLOCK=tv.BLOCK_V),
+}
+
+
+@pytest.mark.parametrize("arch", [90, 100])
+@pytest.mark.parametrize("kernel", sorted(KERNEL_SIGS))
+def test_compiles_without_spills(kernel, arch):
+    from triton_compile import compile_report
+
+    rep = compile_report("dflash_kernels.triton_backend.verify", kernel, KERNEL_SIGS[kernel],
+                         KERNEL_CONSTS[kernel], arch)
+    assert rep["spills"] == 0, rep["spills"]
+    assert rep["registers"] <= 128, rep["registers"]
+    assert rep["shared"] <= 4096, rep["shared"]            # only reduction scratch
+    assert "mul.hi.u32" in rep["ptx"]                        # Philox in registers
