@@ -1,6 +1,7 @@
 # Two commands for a fresh clone (see README):
 #   make bench   set up .venv, build, run the microbenchmark (python -m microbench)
 #   make test    set up .venv, build, run the test suite
+#   make example set up .venv, run the end-to-end DFlash loop on the CPU
 # The virtual environment is made once and reused; `make clean` removes it.
 
 PYTHON ?= python3
@@ -13,7 +14,7 @@ TORCH_SPEC ?= torch==2.14.1
 export TORCH_CUDA_ARCH_LIST ?= 9.0a;10.0a
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup build test bench clean
+.PHONY: setup build test bench example clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,9 @@ test: setup
 
 bench: setup
 	$(PY) -m microbench $(BENCH_ARGS)
+
+example: setup
+	$(PY) examples/dflash_generate.py $(EXAMPLE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info dflash_kernels/_C*.so
