@@ -138,3 +138,57 @@ def test_compiles_without_spills(kernel, arch):
     assert rep["registers"] <= 128, rep["registers"]
     assert rep["shared"] <= 4096, rep["shared"]            # only reduction scratch
     assert "mul.hi.u32" in rep["ptx"]                        # Philox in registers
+
+
+def _huge_row_stride(kw, stride):
+    """logits and draft_probs as views whose row (dim 1) stride is ``stride`` elements, in one
+    lazily allocated buffer (only the rows used are ever touched)."""
+    logits, dp = kw["logits"], kw["draft_probs"]
+    B, S, V = logits.shape
+    buf = torch.empty((S - 1) * stride + 2 * B * V, dtype=logits.dtype, device=logits.device)
+    big_l = buf.as_strided((B, S, V), (V, stride, 1))
+    big_q = buf.as_strided((B, S - 1, V), (V, stride, 1), B * V)
+    big_l.copy_(logits)
+    big_q.copy_(dp.to(logits.dtype))
+    return dict(kw, logits=big_l, draft_probs=big_q)
+
+
+def test_row_offsets_past_int32(device):
+    # (row * row stride) past 2**31 elements with an int32 stride: the finish
+    # kernel's logits / draft_probs row offsets must be 64-bit products. The
+    # buffer is ~5 GB of address space (untouched pages cost nothing).
+    B, S, V = 2, 9, 48
+    stride = 2 ** 31 // (S - 2) + 64            # < 2**31, while (S - 2) * stride > 2**31
+    kw = make_case(B, S, V, dtype=torch.float16, sampled="all", draft_probs=True,
+                   match_frac=0.9, gen_seed=11, device=device)
+    kw["num_drafts"] = torch.full((B,), S - 1, dtype=torch.int32, device=device)
+    kw = _huge_row_stride(kw, stride)
+    assert kw["logits"].stride(1) < 2 ** 31 <= (S - 2) * kw["logits"].stride(1)
+    want = run("reference", kw)
+    assert_same(run("triton", kw), want)
+
+
+def test_strided_vector_inputs(device):
+    # Per-request inputs that are column views (stride != 1) and block_tokens
+    # transposed: the kernels must not assume unit strides that ops.py does not check.
+    B, S, V = 5, 4, 300
+    kw = make_case(B, S, V, top_k=True, top_p=True, draft_probs=True, gen_seed=5, device=device)
+    want = run("reference", kw)
+    strided = dict(kw)
+    for name in ("num_drafts", "temperature", "top_k", "top_p", "seeds", "positions", "seq_lens"):
+        x = kw[name]
+        pair = torch.stack([torch.full_like(x, 3), x], 1)          # garbage in column 0
+        strided[name] = pair[:, 1]
+        assert strided[name].stride(0) == 2
+    strided["block_tokens"] = kw["block_tokens"].t().contiguous().t()
+    assert strided["block_tokens"].stride(1) == B
+    assert_same(run("triton", strided), want)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_non_current_gpu():
+    # Triton launches on the current device; the op must launch on its tensors' one.
+    kw = make_case(3, 4, 500, draft_probs=True, gen_seed=2, device="cuda:1")
+    with torch.cuda.device(0):
+        got = run("triton", kw)
+    assert_same(got, run("reference", kw))

@@ -23,6 +23,8 @@ docs/verify_chain.md for passes and bytes.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -257,12 +259,12 @@ def _verify_finish_kernel(
                 in_vocab = (x >= 0) & (x < V)
                 xc = tl.minimum(tl.maximum(x, 0), V - 1)
                 mx, z = _reduce_norm(pm_ptr, pz_ptr, rp, NSPLIT, NSPLIT_P2)
-                lp = logits_ptr + b.to(tl.int64) * stride_lb + (j - 1) * stride_ls
+                lp = logits_ptr + b.to(tl.int64) * stride_lb + tl.cast(j - 1, tl.int64) * stride_ls
                 sx = tl.load(lp + xc).to(tl.float32)
                 sx = tl.where(sx != sx, float("-inf"), sx) * inv_t
                 kept = in_vocab & (sx >= tl.load(thr_ptr + rp)) & (z > 0)
                 px = tl.where(kept, tl.exp(sx - tl.where(kept, mx, 0.0)) / tl.where(kept, z, 1.0), 0.0)
-                dq = dp_ptr + b.to(tl.int64) * stride_db + (j - 1) * stride_ds
+                dq = dp_ptr + b.to(tl.int64) * stride_db + tl.cast(j - 1, tl.int64) * stride_ds
                 qx = tl.where(in_vocab, tl.load(dq + xc).to(tl.float32), 0.0)
                 pj_lo, pj_hi = tnoise.position_words(pos + j)
                 u = tnoise.bits_to_uniform(
@@ -280,8 +282,8 @@ def _verify_finish_kernel(
             mx_safe = tl.where(z > 0, mx, 0.0)
             z_safe = tl.where(z > 0, z, 1.0)
             thr = tl.load(thr_ptr + ra)
-            lp = logits_ptr + b.to(tl.int64) * stride_lb + a * stride_ls
-            dq = dp_ptr + b.to(tl.int64) * stride_db + a * stride_ds
+            lp = logits_ptr + b.to(tl.int64) * stride_lb + tl.cast(a, tl.int64) * stride_ls
+            dq = dp_ptr + b.to(tl.int64) * stride_db + tl.cast(a, tl.int64) * stride_ds
             pa_lo, pa_hi = tnoise.position_words(pos + a + 1)
             best_v = tl.full((BLOCK,), float("-inf"), tl.float32)
             best_i = tl.arange(0, BLOCK)
@@ -340,6 +342,20 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
                  positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
                  new_seq_lens) -> None:
     """Writes accept_len / out_tokens / bonus / new_seq_lens (shapes in docs/DESIGN.md)."""
+    dev = logits.device
+    # The kernels index these with unit strides; ops.py checks only their shapes.
+    # (A no-op for contiguous inputs; otherwise one small copy, captured like any kernel.)
+    block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens = (
+        None if x is None else x.contiguous()
+        for x in (block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens))
+    # Triton launches on the current device: make it the tensors' one (multi-GPU processes).
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
+                draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens)
+
+
+def _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
+            draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens) -> None:
     B, S, V = logits.shape
     dev = logits.device
     rows = B * S
