@@ -48,7 +48,17 @@ void check_vec(const Tensor& t, at::ScalarType dtype, int64_t n, const char* nam
   TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.numel() == n, name, ": expected ", n, " elements, got ", t.numel());
   TORCH_CHECK(!contiguous || t.is_contiguous(), name, ": expected a contiguous tensor");
-  TORCH_CHECK(t.dim() <= 1 || t.is_contiguous(), name, ": expected a 1-D or contiguous tensor");
+}
+
+// The kernels index the per-request / per-token vectors as p[i]. ops.py only
+// checks their shape, so a strided view (a column of a [B, 2] state tensor) or
+// an expanded one (one temperature for the whole batch, stride 0) would be read
+// at the wrong offsets or past its storage: pass a dense copy instead (a device
+// copy on the current stream; graph-capturable, no sync). Returns the input
+// itself when it is already contiguous.
+Tensor dense(const Tensor& t) { return t.contiguous(); }
+OptTensor dense(const OptTensor& t) {
+  return t.has_value() ? OptTensor(t->contiguous()) : std::nullopt;
 }
 
 template <typename P>
@@ -72,17 +82,13 @@ int num_sms(c10::DeviceIndex device) {
   return n;
 }
 
-bool aligned(const void* ptr, int64_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
-}
-
 // ------------------------------------------------------------------ verify_chain
 
-void verify_chain_cuda(const Tensor& logits, const Tensor& block_tokens, const Tensor& num_drafts,
-                       const OptTensor& temperature, const OptTensor& top_k,
-                       const OptTensor& top_p, const OptTensor& seeds,
-                       const OptTensor& positions, const OptTensor& draft_probs,
-                       const OptTensor& seq_lens, const Tensor& accept_len,
+void verify_chain_cuda(const Tensor& logits, const Tensor& block_tokens,
+                       const Tensor& num_drafts_in, const OptTensor& temperature_in,
+                       const OptTensor& top_k, const OptTensor& top_p, const OptTensor& seeds_in,
+                       const OptTensor& positions_in, const OptTensor& draft_probs,
+                       const OptTensor& seq_lens_in, const Tensor& accept_len,
                        const Tensor& out_tokens, const Tensor& bonus,
                        const OptTensor& new_seq_lens) {
   TORCH_CHECK(!top_k.has_value() && !top_p.has_value() && !draft_probs.has_value(),
@@ -112,26 +118,29 @@ void verify_chain_cuda(const Tensor& logits, const Tensor& block_tokens, const T
   check_cuda(block_tokens, logits, "block_tokens");
   TORCH_CHECK(block_tokens.scalar_type() == at::kInt || block_tokens.scalar_type() == at::kLong,
               "block_tokens: expected int32 or int64");
-  check_vec(num_drafts, at::kInt, B, "num_drafts", logits);
-  if (temperature.has_value()) {
-    check_vec(*temperature, at::kFloat, B, "temperature", logits);
-    TORCH_CHECK(seeds.has_value() && positions.has_value(),
+  check_vec(num_drafts_in, at::kInt, B, "num_drafts", logits);
+  if (temperature_in.has_value()) {
+    check_vec(*temperature_in, at::kFloat, B, "temperature", logits);
+    TORCH_CHECK(seeds_in.has_value() && positions_in.has_value(),
                 "seeds, positions: required with temperature");
-    check_vec(*seeds, at::kLong, B, "seeds", logits);
-    check_vec(*positions, at::kLong, B, "positions", logits);
+    check_vec(*seeds_in, at::kLong, B, "seeds", logits);
+    check_vec(*positions_in, at::kLong, B, "positions", logits);
   }
   check_vec(accept_len, at::kInt, B, "accept_len", logits, true);
   check_vec(out_tokens, at::kInt, B * S, "out_tokens", logits, true);
   check_vec(bonus, at::kInt, B, "bonus", logits, true);
-  TORCH_CHECK(seq_lens.has_value() == new_seq_lens.has_value(),
+  TORCH_CHECK(seq_lens_in.has_value() == new_seq_lens.has_value(),
               "seq_lens, new_seq_lens: pass both or neither");
-  if (seq_lens.has_value()) {
-    check_vec(*seq_lens, at::kInt, B, "seq_lens", logits);
+  if (seq_lens_in.has_value()) {
+    check_vec(*seq_lens_in, at::kInt, B, "seq_lens", logits);
     check_vec(*new_seq_lens, at::kInt, B, "new_seq_lens", logits, true);
   }
   if (B == 0) return;
 
   const c10::cuda::CUDAGuard guard(logits.device());
+  const Tensor num_drafts = dense(num_drafts_in);
+  const OptTensor temperature = dense(temperature_in), seeds = dense(seeds_in),
+                  positions = dense(positions_in), seq_lens = dense(seq_lens_in);
   VerifyChainParams p{};
   p.logits = logits.data_ptr();
   p.logits_dtype = ldt;
@@ -153,9 +162,7 @@ void verify_chain_cuda(const Tensor& logits, const Tensor& block_tokens, const T
   p.batch = static_cast<int32_t>(B);
   p.block_size = static_cast<int32_t>(S);
   p.vocab = static_cast<int32_t>(V);
-  const int64_t esize = logits.element_size();
-  p.vectorized = aligned(p.logits, 16) && (stride_b * esize) % 16 == 0 &&
-                 (stride_s * esize) % 16 == 0;
+  p.vectorized = verify_chain_vectorizable(p);
   verify_chain_plan(p, num_sms(logits.get_device()));
   // Workspace from the caching allocator: sizes are host-known, so this is
   // graph-capturable and never synchronizes.
@@ -172,7 +179,8 @@ void verify_chain_cuda(const Tensor& logits, const Tensor& block_tokens, const T
 // ---------------------------------------------------------------------- write_kv
 
 void write_kv_cuda(const Tensor& k, const Tensor& v, const OptTensor& k_norm_weight,
-                   const Tensor& positions, const Tensor& slot_mapping, at::TensorList k_caches,
+                   const Tensor& positions_in, const Tensor& slot_mapping_in,
+                   at::TensorList k_caches,
                    at::TensorList v_caches, const Tensor& cos_sin_cache, double eps,
                    bool rope_neox, int64_t rotary_dim, const OptTensor& k_scale,
                    const OptTensor& v_scale) {
@@ -214,8 +222,8 @@ void write_kv_cuda(const Tensor& k, const Tensor& v, const OptTensor& k_norm_wei
     check_vec(*k_scale, at::kFloat, 1, "k_scale", k);
     check_vec(*v_scale, at::kFloat, 1, "v_scale", k);
   }
-  check_vec(positions, at::kLong, N, "positions", k);
-  check_vec(slot_mapping, at::kLong, N, "slot_mapping", k);
+  check_vec(positions_in, at::kLong, N, "positions", k);
+  check_vec(slot_mapping_in, at::kLong, N, "slot_mapping", k);
   TORCH_CHECK(rotary_dim >= 0 && rotary_dim <= D && rotary_dim % 2 == 0,
               "rotary_dim: expected an even number <= ", D);
   check_cuda(cos_sin_cache, k, "cos_sin_cache");
@@ -236,8 +244,8 @@ void write_kv_cuda(const Tensor& k, const Tensor& v, const OptTensor& k_norm_wei
 
   const c10::cuda::CUDAGuard guard(k.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const Tensor positions = dense(positions_in), slot_mapping = dense(slot_mapping_in);
   const int64_t act_size = k.element_size();
-  const int64_t cache_size = kc0.element_size();
   const int64_t norm_size = k_norm_weight.has_value() ? k_norm_weight->element_size() : 0;
 
   // A stacked cache arrives as L views at a uniform distance: one launch for
@@ -284,12 +292,9 @@ void write_kv_cuda(const Tensor& k, const Tensor& v, const OptTensor& k_norm_wei
     p.v_uniform = v_uniform;
     p.k_layer_stride = k_layer_stride;
     p.v_layer_stride = v_layer_stride;
-    bool caches_aligned = true;
     for (int64_t i = 0; i < nl; ++i) {
       if (i == 0 || !k_uniform) p.k_cache_base[i] = k_caches[l0 + i].data_ptr();
       if (i == 0 || !v_uniform) p.v_cache_base[i] = v_caches[l0 + i].data_ptr();
-      caches_aligned = caches_aligned && aligned(k_caches[l0 + i].data_ptr(), 8 * cache_size) &&
-                       aligned(v_caches[l0 + i].data_ptr(), 8 * cache_size);
     }
     p.cache_dtype = cdt;
     p.k_stride_page = kc0.stride(0);
@@ -311,15 +316,7 @@ void write_kv_cuda(const Tensor& k, const Tensor& v, const OptTensor& k_norm_wei
     p.rope_neox = rope_neox;
     // Each lane moves 8 elements: 16-byte loads need 8-element-aligned rows,
     // and so do the cache stores (16 bytes, or 8 for fp8).
-    auto strides_div8 = [](std::initializer_list<int64_t> s) {
-      return std::all_of(s.begin(), s.end(), [](int64_t x) { return x % 8 == 0; });
-    };
-    p.vectorized = aligned(p.k, 16) && aligned(p.v, 16) &&
-                   strides_div8({p.k_stride_n, p.k_stride_l, p.k_stride_h, p.v_stride_n,
-                                 p.v_stride_l, p.v_stride_h, p.k_stride_page, p.k_stride_row,
-                                 p.k_stride_head, p.v_stride_page, p.v_stride_row,
-                                 p.v_stride_head}) &&
-                   caches_aligned;
+    p.vectorized = write_kv_vectorizable(p);
     const cudaError_t err = launch_write_kv(p, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     TORCH_CHECK(err == cudaSuccess, "write_kv_cuda: launch failed: ", cudaGetErrorString(err));

@@ -40,6 +40,9 @@ DFLASH_DEVICE void store_16B(void* ptr, uint32_t a, uint32_t b, uint32_t c, uint
                "r"(d)
                : "memory");
 #else
+#if defined(DFLASH_HOST_EMULATION)
+  emu::check_vector_alignment(ptr, 16);
+#endif
   const uint32_t w[4] = {a, b, c, d};
   std::memcpy(ptr, w, sizeof(w));
 #endif
@@ -49,6 +52,9 @@ DFLASH_DEVICE void store_8B(void* ptr, uint32_t a, uint32_t b) {
 #if defined(__CUDA_ARCH__)
   asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(ptr), "r"(a), "r"(b) : "memory");
 #else
+#if defined(DFLASH_HOST_EMULATION)
+  emu::check_vector_alignment(ptr, 8);
+#endif
   const uint32_t w[2] = {a, b};
   std::memcpy(ptr, w, sizeof(w));
 #endif

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 
 #include <cuda_runtime_api.h>
 
@@ -56,6 +57,14 @@ void verify_chain_plan(VerifyChainParams& params, int num_sms);
 // Launches the two kernels on stream; returns the launch error, if any.
 cudaError_t launch_verify_chain(const VerifyChainParams& params, cudaStream_t stream);
 
+// Whether every row start (and so every split start) is 16-byte aligned: the
+// base pointer AND both row strides. Host arithmetic on the filled params.
+inline bool verify_chain_vectorizable(const VerifyChainParams& p) {
+  const int64_t esize = p.logits_dtype == DType::kFloat32 ? 4 : 2;
+  return reinterpret_cast<uintptr_t>(p.logits) % 16 == 0 && (p.logits_stride_b * esize) % 16 == 0 &&
+         (p.logits_stride_s * esize) % 16 == 0;
+}
+
 // -------------------------------------------------------------------- write_kv
 // K RMSNorm per head, RoPE, fp8 quantization, scatter into per-layer caches.
 constexpr int kWriteKVMaxLayerPtrs = 32;
@@ -93,5 +102,32 @@ struct WriteKVParams {
 };
 
 cudaError_t launch_write_kv(const WriteKVParams& params, cudaStream_t stream);
+
+// Whether every (token, layer, head) row is 16-byte aligned in k and v and
+// 8-element aligned in every layer's caches (16-byte stores, 8-byte for fp8):
+// base pointers, layer offsets AND strides. Host arithmetic on the filled params.
+inline bool write_kv_vectorizable(const WriteKVParams& p) {
+  auto div8 = [](int64_t x) { return x % 8 == 0; };
+  auto at = [](const void* ptr, int64_t bytes) {
+    return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
+  };
+  const int64_t cache_bytes =
+      p.cache_dtype == DType::kFloat8E4M3 || p.cache_dtype == DType::kFloat8E5M2 ? 1 : 2;
+  const int64_t row_bytes = 8 * cache_bytes;
+  if (!at(p.k, 16) || !at(p.v, 16)) return false;
+  for (int64_t s : {p.k_stride_n, p.k_stride_l, p.k_stride_h, p.v_stride_n, p.v_stride_l,
+                    p.v_stride_h, p.k_stride_page, p.k_stride_row, p.k_stride_head,
+                    p.v_stride_page, p.v_stride_row, p.v_stride_head}) {
+    if (!div8(s)) return false;
+  }
+  const int32_t tables = p.num_layers < kWriteKVMaxLayerPtrs ? p.num_layers : kWriteKVMaxLayerPtrs;
+  for (int32_t l = 0; l < tables; ++l) {
+    if ((l == 0 || !p.k_uniform) && !at(p.k_cache_base[l], row_bytes)) return false;
+    if ((l == 0 || !p.v_uniform) && !at(p.v_cache_base[l], row_bytes)) return false;
+  }
+  if (p.k_uniform && p.k_layer_stride % row_bytes != 0) return false;
+  if (p.v_uniform && p.v_layer_stride % row_bytes != 0) return false;
+  return true;
+}
 
 }  // namespace dflash

@@ -26,7 +26,7 @@ import torch
 
 import dflash_kernels
 from test_inject_reference import (FP8_MAX, INT_VIEW, make_caches, make_cos_sin, make_slots,
-                                   snapshot)
+                                   sentinel_fill, snapshot)
 from test_verify_reference import make_case, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,24 @@ def emu(tmp_path_factory):
     lib.emu_verify_chain.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.emu_write_kv.restype = None
     lib.emu_write_kv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float]
+    lib.emu_misaligned_vector_accesses.restype = ctypes.c_int64
+    lib.emu_misaligned_vector_accesses.argtypes = []
     return lib
+
+
+class _NoMisalignedVectorAccess:
+    """Asserts that a block of emulated launches made no vector load / store at
+    an address that is not a multiple of its width (a fault on the GPU)."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def __enter__(self):
+        self.before = self.lib.emu_misaligned_vector_accesses()
+
+    def __exit__(self, *exc):
+        bad = self.lib.emu_misaligned_vector_accesses() - self.before
+        assert bad == 0, f"{bad} misaligned vector accesses: the vector path took unaligned data"
 
 
 def _ptr(t):
@@ -96,23 +113,30 @@ def _i64(values):
 
 def emu_verify_chain(lib, logits, block_tokens, num_drafts, temperature, seeds, positions,
                      seq_lens, accept_len, out_tokens, bonus, new_seq_lens):
-    """bindings.cpp's verify_chain_cuda, on the emulated kernels. Returns the split count."""
+    """bindings.cpp's verify_chain_cuda, on the emulated kernels.
+
+    Returns (split count, whether the vector path was chosen); the choice is
+    made in C++ by the function bindings.cpp uses.
+    """
     B, S, V = logits.shape
-    es = logits.element_size()
-    vectorized = (logits.data_ptr() % 16 == 0 and (logits.stride(0) * es) % 16 == 0
-                  and (logits.stride(1) * es) % 16 == 0)
     ints = _i64([B, S, V, DTYPE_CODE[logits.dtype], block_tokens.dtype == torch.int64,
                  logits.stride(0), logits.stride(1), block_tokens.stride(0),
-                 block_tokens.stride(1), vectorized, EMU_NUM_SMS])
+                 block_tokens.stride(1), -1, EMU_NUM_SMS])
     ptrs = _i64(_ptr(t) for t in (logits, block_tokens, num_drafts, temperature, seeds,
                                   positions, seq_lens, accept_len, out_tokens, bonus,
                                   new_seq_lens))
-    return lib.emu_verify_chain(ints.data_ptr(), ptrs.data_ptr())
+    with _NoMisalignedVectorAccess(lib):
+        splits = lib.emu_verify_chain(ints.data_ptr(), ptrs.data_ptr())
+    return splits, bool(ints[9])
 
 
 def emu_write_kv(lib, k, v, k_norm_weight, positions, slot_mapping, k_caches, v_caches,
                  cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale):
-    """bindings.cpp's write_kv_cuda, on the emulated kernel."""
+    """bindings.cpp's write_kv_cuda, on the emulated kernel.
+
+    Returns, per launch, whether the vector path was chosen (in C++, by the
+    function bindings.cpp uses).
+    """
     N, L, H, D = k.shape
     kc, vc = k_caches[0], v_caches[0]
 
@@ -124,18 +148,14 @@ def emu_write_kv(lib, k, v, k_norm_weight, positions, slot_mapping, k_caches, v_
     k_uni, k_ls = uniform(k_caches)
     v_uni, v_ls = uniform(v_caches)
     chunk = L if (k_uni and v_uni) else 32
+    chosen = []
     for l0 in range(0, L, chunk):
         nl = min(chunk, L - l0)
         ks, vs = k[:, l0:l0 + nl], v[:, l0:l0 + nl]
         knw = None if k_norm_weight is None else k_norm_weight[l0:l0 + nl]
         kcs, vcs = k_caches[l0:l0 + nl], v_caches[l0:l0 + nl]
-        csz = kc.element_size()
-        strides = [*ks.stride()[:3], *vs.stride()[:3], *kc.stride()[:3], *vc.stride()[:3]]
-        vectorized = (ks.data_ptr() % 16 == 0 and vs.data_ptr() % 16 == 0
-                      and all(s % 8 == 0 for s in strides)
-                      and all(c.data_ptr() % (8 * csz) == 0 for c in kcs + vcs))
         ints = _i64([N, nl, H, D, rotary_dim, DTYPE_CODE[k.dtype], DTYPE_CODE[kc.dtype],
-                     DTYPE_CODE[knw.dtype] if knw is not None else 0, rope_neox, vectorized,
+                     DTYPE_CODE[knw.dtype] if knw is not None else 0, rope_neox, -1,
                      *ks.stride()[:3], *vs.stride()[:3],
                      *(knw.stride() if knw is not None else (0, 0)),
                      cos_sin_cache.stride(0), cos_sin_cache.shape[0],
@@ -144,7 +164,10 @@ def emu_write_kv(lib, k, v, k_norm_weight, positions, slot_mapping, k_caches, v_
         ptrs = _i64([_ptr(ks), _ptr(vs), _ptr(knw), _ptr(positions), _ptr(slot_mapping),
                      _ptr(cos_sin_cache), _ptr(k_scale), _ptr(v_scale),
                      *(c.data_ptr() for c in kcs), *(c.data_ptr() for c in vcs)])
-        lib.emu_write_kv(ints.data_ptr(), ptrs.data_ptr(), eps)
+        with _NoMisalignedVectorAccess(lib):
+            lib.emu_write_kv(ints.data_ptr(), ptrs.data_ptr(), eps)
+        chosen.append(bool(ints[9]))
+    return chosen
 
 
 # ---------------------------------------------------------------- verify_chain
@@ -196,17 +219,47 @@ def test_verify_chain_matches_reference(runner, request, B, S, V, dtype, sampled
     assert_verify_equal(run_cuda_verify(runner, request, kw), kw)
 
 
+def _logits_layout(logits, layout):
+    """A copy of ``logits`` [B, S, V] whose base pointer or row strides are (mis)aligned.
+
+    aligned: rows on 16 bytes; base: the base 1 element past 16 bytes; row_stride:
+    aligned base, row stride (V + 1 elements) off 16 bytes; batch_stride: aligned
+    base and row stride, batch stride off 16 bytes. NaN fills the gaps.
+    """
+    B, S, V = logits.shape
+    Vp = (V + 7) // 8 * 8  # 32-byte rows for fp32 and fp16
+    row = {"aligned": Vp, "base": Vp, "row_stride": Vp + 1, "batch_stride": Vp}[layout]
+    batch = S * row + (1 if layout == "batch_stride" else 0)
+    offset = 1 if layout == "base" else 0
+    buf = torch.full((B * batch + offset + 8,), float("nan"), dtype=logits.dtype,
+                     device=logits.device)
+    out = buf.as_strided((B, S, V), (batch, row, 1), offset)
+    out.copy_(logits)
+    return out
+
+
 @pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("layout", ["aligned", "base", "row_stride", "batch_stride"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_verify_chain_unaligned_and_strided_logits(runner, request, dtype):
-    """Rows that do not start on 16 bytes take the scalar path; same answers."""
+def test_verify_chain_unaligned_and_strided_logits(runner, request, dtype, layout):
+    """Rows that do not start on 16 bytes (base pointer or either stride) take the
+    scalar path with the same answers; the emulator counts misaligned vector loads."""
     B, S, V = 3, 4, 2053
     kw = make_case(B, S, V, dtype=dtype, sampled="mixed", special_rows=True, gen_seed=5)
-    big = torch.full((B, S, V + 3), float("nan"), dtype=dtype)
-    big[:, :, 1:V + 1] = kw["logits"]
-    kw["logits"] = big[:, :, 1:V + 1]
-    assert kw["logits"].stride() == (S * (V + 3), V + 3, 1)
-    assert_verify_equal(run_cuda_verify(runner, request, kw), kw)
+    if runner == "gpu":
+        # Built on the device: .cuda() of a view with gaps would make it contiguous.
+        kwg = {k: v.cuda() for k, v in kw.items()}
+        kwg["logits"] = _logits_layout(kwg["logits"], layout)
+        got = tuple(run("cuda", kwg))
+    else:
+        kw["logits"] = _logits_layout(kw["logits"], layout)
+        out = _garbage_out(B, S, "seq_lens" in kw)
+        _, vectorized = emu_verify_chain(
+            request.getfixturevalue("emu"), kw["logits"], kw["block_tokens"], kw["num_drafts"],
+            kw.get("temperature"), kw.get("seeds"), kw.get("positions"), kw.get("seq_lens"), *out)
+        assert vectorized == (layout == "aligned")
+        got = out
+    assert_verify_equal(got, kw)
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
@@ -258,6 +311,23 @@ def test_verify_chain_cuda_flat_logits_and_graph_capture():
         static[key].copy_(new[key])
     graph.replay()
     assert_verify_equal(out, new)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and the built extension")
+def test_verify_chain_cuda_strided_and_expanded_vectors():
+    """Per-request vectors that are strided views (a column of a [B, 2] state) or
+    expanded (one temperature for the batch, stride 0): the kernels index them as
+    p[b], so the binding must pass dense copies."""
+    B, S, V = 5, 4, 3000
+    kw = {k: v.cuda() for k, v in make_case(B, S, V, dtype=torch.float16, sampled="all",
+                                             gen_seed=21).items()}
+    col = lambda x: torch.stack([x, torch.full_like(x, -9)], 1)[:, 0]  # stride 2
+    strided = dict(kw, num_drafts=col(kw["num_drafts"]), seeds=col(kw["seeds"]),
+                   positions=col(kw["positions"]), seq_lens=col(kw["seq_lens"]),
+                   temperature=torch.full((1,), 0.7, device="cuda").expand(B))
+    assert strided["temperature"].stride() == (0,) and strided["seeds"].stride() == (2,)
+    want = dict(strided, temperature=strided["temperature"].contiguous())
+    assert_verify_equal(tuple(run("cuda", strided)), want)
 
 
 # ---------------------------------------------------------------- write_kv
@@ -341,6 +411,80 @@ def test_write_kv_matches_reference(runner, request, L, N, page, D, layout, neox
                      v_list, cos_sin, 1e-6, neox, rd, ks, vs)
     assert_same_writes(k_list, k_ref_list, k_before, slots, page, act)
     assert_same_writes(v_list, v_ref_list, v_before, slots, page, act)
+
+
+def _strided_caches(layout, L, P, page, Hkv, D, dtype, device):
+    """L per-layer cache views of one buffer of random bits at a uniform layer
+    distance; cache_base, cache_head_stride and layer_stride put the base
+    pointer, the head stride (D + 4) or the layer distance off an 8-element row."""
+    Dh = D + 4 if layout == "cache_head_stride" else D
+    strides = (page * Hkv * Dh, Hkv * Dh, Dh, 1)
+    layer = P * page * Hkv * Dh + (4 if layout == "layer_stride" else 0)
+    offset = 4 if layout == "cache_base" else 0
+    buf = sentinel_fill(torch.empty(offset + L * layer, dtype=dtype, device=device))
+    return [buf.as_strided((P, page, Hkv, D), strides, offset + i * layer) for i in range(L)]
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("layout", ["aligned", "k_base", "k_head_stride", "cache_base",
+                                    "cache_head_stride", "layer_stride"])
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float8_e4m3fn])
+def test_write_kv_unaligned_layouts(runner, request, layout, cache_dtype):
+    """Any misaligned base pointer, stride or layer distance takes the scalar path
+    (the emulator counts misaligned vector accesses) with the reference's writes."""
+    device = "cuda" if runner == "gpu" else "cpu"
+    N, L, Hkv, D, page, P, max_pos = 6, 3, 2, 64, 4, 4, 50
+    Dk = D + 4 if layout == "k_head_stride" else D
+    off = 1 if layout == "k_base" else 0
+    flat = torch.randn(off + N * L * 2 * Hkv * Dk, device=device).half()
+    kv = flat[off:].view(N, L, 2, Hkv, Dk)[..., :D]
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    knw = (1 + 0.2 * torch.randn(L, D, device=device)).half()
+    positions = torch.randint(0, max_pos, (N,), device=device)
+    slots = make_slots(N, P * page, 2, device)
+    cos_sin = make_cos_sin(max_pos, D, device)
+    fp8 = cache_dtype in FP8_MAX
+    k_list = _strided_caches(layout, L, P, page, Hkv, D, cache_dtype, device)
+    v_list = _strided_caches(layout, L, P, page, Hkv, D, cache_dtype, device)
+    k_ref, v_ref = snapshot(k_list), snapshot(v_list)
+    k_before, v_before = snapshot(k_list), snapshot(v_list)
+    scales = dict(k_scale=0.05, v_scale=0.04) if fp8 else {}
+    dflash_kernels.write_kv(k, v, knw, positions, slots, k_ref, v_ref, cos_sin,
+                            backend="reference", **scales)
+    if runner == "gpu":
+        dflash_kernels.write_kv(k, v, knw, positions, slots, k_list, v_list, cos_sin,
+                                backend="cuda", **scales)
+    else:
+        one = (lambda x: torch.full((1,), x)) if fp8 else (lambda x: None)
+        chosen = emu_write_kv(request.getfixturevalue("emu"), k, v, knw, positions, slots,
+                              k_list, v_list, cos_sin, 1e-6, True, D, one(0.05), one(0.04))
+        assert chosen == [layout == "aligned"]
+    assert_same_writes(k_list, k_ref, k_before, slots, page, torch.float16)
+    assert_same_writes(v_list, v_ref, v_before, slots, page, torch.float16)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and the built extension")
+def test_write_kv_cuda_strided_positions_and_slots():
+    """positions / slot_mapping as strided views (every other row of a [2N] tensor):
+    the kernel reads them as p[t], so the binding must pass dense copies."""
+    N, L, Hkv, D, page, P, max_pos = 7, 2, 2, 128, 4, 5, 40
+    k = torch.randn(N, L, Hkv, D, device="cuda").half()
+    v = torch.randn(N, L, Hkv, D, device="cuda").half()
+    pos = torch.randint(0, max_pos, (2 * N,), device="cuda")[::2]
+    slots = torch.stack([make_slots(N, P * page, 2, "cuda"), torch.full((N,), -1, device="cuda")],
+                        1).reshape(-1)[::2]
+    assert pos.stride() == (2,) and slots.stride() == (2,)
+    cos_sin = make_cos_sin(max_pos, D, "cuda")
+    kc = sentinel_fill(torch.empty(L, P, page, Hkv, D, device="cuda").half())
+    vc = sentinel_fill(torch.empty_like(kc))
+    k_list, v_list = list(kc.unbind(0)), list(vc.unbind(0))
+    k_ref, v_ref = snapshot(k_list), snapshot(v_list)
+    k_before, v_before = snapshot(k_list), snapshot(v_list)
+    dflash_kernels.write_kv(k, v, None, pos.contiguous(), slots.contiguous(), k_ref, v_ref,
+                            cos_sin, backend="reference")
+    dflash_kernels.write_kv(k, v, None, pos, slots, kc, vc, cos_sin, backend="cuda")
+    assert_same_writes(k_list, k_ref, k_before, slots, page, torch.float16)
+    assert_same_writes(v_list, v_ref, v_before, slots, page, torch.float16)
 
 
 @pytest.mark.parametrize("runner", RUNNERS)

@@ -31,11 +31,15 @@ void run_write_kv_cache(const WriteKVParams& p) {
 
 extern "C" {
 
+// Vector accesses at misaligned addresses since the library was loaded.
+int64_t emu_misaligned_vector_accesses() { return emu::misaligned_vector_accesses().load(); }
+
 // ints: B, S, V, logits dtype, tokens int64, stride_b, stride_s, tok_stride_b,
-// tok_stride_s, vectorized, num_sms. ptrs: logits, block_tokens, num_drafts,
-// temperature, seeds, positions, seq_lens, accept_len, out_tokens, bonus,
-// new_seq_lens (0 for None). Returns the number of splits used.
-int emu_verify_chain(const int64_t* ints, const int64_t* ptrs) {
+// tok_stride_s, vectorized (out: bindings.cpp's choice), num_sms. ptrs: logits,
+// block_tokens, num_drafts, temperature, seeds, positions, seq_lens,
+// accept_len, out_tokens, bonus, new_seq_lens (0 for None). Returns the
+// number of splits used.
+int emu_verify_chain(int64_t* ints, const int64_t* ptrs) {
   VerifyChainParams p{};
   p.batch = static_cast<int32_t>(ints[0]);
   p.block_size = static_cast<int32_t>(ints[1]);
@@ -46,7 +50,6 @@ int emu_verify_chain(const int64_t* ints, const int64_t* ptrs) {
   p.logits_stride_s = ints[6];
   p.tokens_stride_b = ints[7];
   p.tokens_stride_s = ints[8];
-  p.vectorized = ints[9] != 0;
   auto ptr = [&](int i) { return reinterpret_cast<void*>(ptrs[i]); };
   p.logits = ptr(0);
   p.block_tokens = ptr(1);
@@ -59,6 +62,9 @@ int emu_verify_chain(const int64_t* ints, const int64_t* ptrs) {
   p.out_tokens = static_cast<int32_t*>(ptr(8));
   p.bonus = static_cast<int32_t*>(ptr(9));
   p.new_seq_lens = static_cast<int32_t*>(ptr(10));
+  // The decision bindings.cpp makes, from the same function.
+  p.vectorized = verify_chain_vectorizable(p);
+  ints[9] = p.vectorized;
   const int64_t esize = p.logits_dtype == DType::kFloat32 ? 4 : 2;
   verify::plan_splits(static_cast<int64_t>(p.batch) * p.block_size, p.vocab, esize,
                       static_cast<int>(ints[10]), p.split_len, p.num_splits);
@@ -90,13 +96,13 @@ int emu_verify_chain(const int64_t* ints, const int64_t* ptrs) {
 
 
 // ints: N, L, Hkv, D, rotary_dim, act dtype, cache dtype, norm dtype, rope_neox,
-// vectorized, k strides (n, l, h), v strides (n, l, h), norm strides (l, d),
+// vectorized (out: bindings.cpp's choice), k strides (n, l, h), v strides (n, l, h), norm strides (l, d),
 // cos_sin stride, max_position, k cache strides (page, row, head), v cache
 // strides (page, row, head), num_pages, page_size, k_uniform, v_uniform,
 // k_layer_stride, v_layer_stride (bytes). ptrs: k, v, k_norm_weight,
 // positions, slot_mapping, cos_sin, k_scale, v_scale, then L k-cache bases
 // and L v-cache bases (L <= 32).
-void emu_write_kv(const int64_t* ints, const int64_t* ptrs, float eps) {
+void emu_write_kv(int64_t* ints, const int64_t* ptrs, float eps) {
   WriteKVParams p{};
   p.num_tokens = static_cast<int32_t>(ints[0]);
   p.num_layers = static_cast<int32_t>(ints[1]);
@@ -107,7 +113,6 @@ void emu_write_kv(const int64_t* ints, const int64_t* ptrs, float eps) {
   p.cache_dtype = static_cast<DType>(ints[6]);
   p.norm_dtype = static_cast<DType>(ints[7]);
   p.rope_neox = ints[8] != 0;
-  p.vectorized = ints[9] != 0;
   p.k_stride_n = ints[10]; p.k_stride_l = ints[11]; p.k_stride_h = ints[12];
   p.v_stride_n = ints[13]; p.v_stride_l = ints[14]; p.v_stride_h = ints[15];
   p.norm_stride_l = ints[16]; p.norm_stride_d = ints[17];
@@ -135,6 +140,8 @@ void emu_write_kv(const int64_t* ints, const int64_t* ptrs, float eps) {
     p.k_cache_base[l] = ptr(8 + l);
     p.v_cache_base[l] = ptr(8 + p.num_layers + l);
   }
+  p.vectorized = write_kv_vectorizable(p);
+  ints[9] = p.vectorized;
   if (p.act_dtype == DType::kFloat16) {
     run_write_kv_cache<__half>(p);
   } else {

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -50,6 +51,18 @@ struct Block {
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<unsigned char> smem;
 };
+
+// Vector loads / stores at addresses that are not multiples of their width
+// (a fault on the GPU; memcpy on the host would hide it): counted here so the
+// tests can assert that only aligned data takes the vector path.
+inline std::atomic<int64_t>& misaligned_vector_accesses() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+inline void check_vector_alignment(const void* ptr, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(ptr) % bytes != 0) ++misaligned_vector_accesses();
+}
 
 inline Block*& current_block() {
   static Block* block = nullptr;
@@ -98,6 +111,7 @@ T __shfl_xor_sync(unsigned, T value, int lane_mask) {
 // library is built with -fno-strict-aliasing.
 template <typename T>
 T __ldg(const T* p) {
+  dflash::emu::check_vector_alignment(p, sizeof(T));
   T out;
   std::memcpy(&out, p, sizeof(T));
   return out;
