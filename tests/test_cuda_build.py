@@ -130,3 +130,81 @@ def test_cuda_sources_keep_pytorch_out():
     for path in list(CSRC.glob("*.cu")) + list(CSRC.glob("*.cuh")) + list(CSRC.glob("*.h")):
         assert not pattern.search(path.read_text()), path
     assert pattern.search((CSRC / "bindings.cpp").read_text())
+
+
+# ------------------------------------------------ fp32 rounding of the sampled score
+
+FAST_MATH_FLAGS = re.compile(
+    r"use_fast_math|ftz\s*=\s*true|prec-div\s*=\s*false|prec-sqrt\s*=\s*false|"
+    r"-ffast-math")
+
+
+def test_build_flags_keep_ieee_fp32():
+    """No flag of setup.py, CMakeLists.txt or torch's default nvcc flags turns on
+    fast math, flush-to-zero or approximate division: the Gumbel noise needs the
+    IEEE logf and the score ``logit * (1/T) + g`` the reference's rounding."""
+    from torch.utils import cpp_extension
+
+    for path in (ROOT / "setup.py", ROOT / "CMakeLists.txt"):
+        code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+        assert not FAST_MATH_FLAGS.search(code), (path, FAST_MATH_FLAGS.search(code))
+    assert not FAST_MATH_FLAGS.search(" ".join(cpp_extension.COMMON_NVCC_FLAGS))
+
+
+def test_binary_sampling_kernel_uses_the_ieee_logf():
+    """--use_fast_math turns logf into __logf (MUFU.LG2 in SASS) and would change
+    the noise: the built split_argmax kernels hold no MUFU.LG2."""
+    sass = _cuobjdump("-sass")
+    bodies = re.split(r"\n\s*Function : ", sass)
+    kernels = [b for b in bodies if b.startswith("_ZN6dflash6verify19split_argmax_kernel")]
+    assert len(kernels) == 3 * len(_targets())
+    for body in kernels:
+        assert "MUFU.LG2" not in body, body.split("\n", 1)[0]
+
+
+def _ptx_functions(ptx):
+    """{entry name: body} of a PTX module."""
+    out = {}
+    for m in re.finditer(r"\.entry\s+(\w+)\s*\((.*?)\n}\n", ptx, re.S):
+        out[m.group(1)] = m.group(2)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])
+def test_sampled_score_is_a_separate_multiply_and_add(arch, tmp_path):
+    """``logit * (1/T) + g`` must round twice, like the reference's separate
+    multiply and add (nvcc contracts a plain ``a * b + c`` into one FMA by
+    default, which changes some tokens). ``mul.rn`` / ``add.rn`` are never
+    contracted by ptxas, so in the PTX every add.rn.f32 of a split_argmax kernel
+    adds the result of a mul.rn.f32, with no flush-to-zero."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH")
+    ptx_path = tmp_path / "verify_chain.ptx"
+    cmd = [nvcc, "-O3", "-std=c++17", f"-arch={arch}", "-ptx", *cpp_extension.COMMON_NVCC_FLAGS,
+           f"-I{CSRC}", str(CSRC / "verify_chain.cu"), "-o", str(ptx_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    funcs = {name: body for name, body in _ptx_functions(ptx_path.read_text()).items()
+             if "split_argmax_kernel" in name}
+    assert len(funcs) == 3, list(funcs)
+    for name, body in funcs.items():
+        products = set(re.findall(r"mul\.rn\.f32\s+(%f\d+),", body))
+        adds = re.findall(r"add\.rn\.f32\s+%f\d+,\s*(%f\d+),\s*(%f\d+);", body)
+        assert products and len(adds) == len(products), (name, len(products), len(adds))
+        for a, b in adds:
+            assert a in products or b in products, (name, a, b)
+        assert not re.search(r"(mul|add)\.rn\.ftz\.f32", body), name
+        assert "lg2.approx" not in body, name
+
+
+def test_sampled_score_source_uses_rounding_intrinsics():
+    """The host emulator cannot see FMA contraction (x86 g++ does not contract
+    without -mfma): keep the spelled-out rounding in the kernel source."""
+    src = (CSRC / "verify_chain.cuh").read_text()
+    assert re.search(r"__fadd_rn\(\s*__fmul_rn\(\s*s,\s*key\.inv_t\s*\)", src)
+    assert "key.inv_t = __frcp_rn(t)" in src
