@@ -198,3 +198,36 @@ def test_each_context_element_is_read_once(num_splits, monkeypatch):
         want = _cache_addresses(cache, case["block_table"], ctx)
         assert len(mine) == len(want) == sum(ctx) * 2 * 64      # read once, no more
         assert set(mine.tolist()) == want
+
+
+def test_head_offsets_past_int32(device):
+    # A head-major fp8 pool [Hkv, (k|v), P, page, D] viewed as [P, page, Hkv, D]:
+    # each stride fits int32 but h * sk_h reaches 2**31 elements for h >= 2, so
+    # the kernel must form 64-bit products. ~4.3 GB of address space; only the
+    # pages copied in below are ever touched.
+    Hkv, D, page = 4, 64, 4
+    case = make_case(S=3, Hq=8, Hkv=Hkv, D=D, page_size=page, ctx_lens=(7, 2, 9),
+                     cache_dtype=torch.float8_e4m3fn, device=device)
+    n = case["k_cache"].shape[0]
+    big_pages = 2 ** 30 // (2 * page * D)
+    buf = torch.empty((Hkv, 2, big_pages, page, D), dtype=torch.uint8, device=device)
+    buf = buf.view(torch.float8_e4m3fn)
+    k_big, v_big = (buf[:, i].permute(1, 2, 0, 3) for i in (0, 1))
+    assert k_big.stride(2) == 2 ** 30 and (Hkv - 1) * k_big.stride(2) >= 2 ** 31
+    k_big[:n].copy_(case["k_cache"])
+    v_big[:n].copy_(case["v_cache"])
+    sm_scale = D ** -0.5
+    out, lse = run_triton(dict(case, k_cache=k_big, v_cache=v_big), sm_scale, 0, num_splits=1)
+    assert_matches_reference(case, out, lse, sm_scale, 0)
+
+
+def test_strided_context_lens_and_huge_window(device):
+    # context_lens as a column view (stride 2): ops.py checks only its shape.
+    # window = 2**31 - 1 (a common "no window" sentinel): the same as no window.
+    case = make_case(S=4, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=(5, 17, 0), device=device)
+    cl = case["context_lens"]
+    strided = dict(case, context_lens=torch.stack([torch.full_like(cl, 9999), cl], 1)[:, 1])
+    sm_scale = 0.125
+    for window in (0, 2 ** 31 - 1):
+        out, lse = run_triton(strided, sm_scale, window, num_splits=2)
+        assert_matches_reference(case, out, lse, sm_scale, 0)

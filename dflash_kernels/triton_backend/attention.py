@@ -58,7 +58,9 @@ def _block_attention_kernel(
     split = tl.program_id(1)
     mb = pid % NUM_M_BLOCKS
     bh = pid // NUM_M_BLOCKS
-    h = bh % HKV
+    # 64-bit index * stride products: with ANY cache strides (e.g. a head-major
+    # pool) h * sk_h or row * sk_r passes 2**31 elements while each stride is i32.
+    h = (bh % HKV).to(tl.int64)
     b = (bh // HKV).to(tl.int64)
 
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -66,6 +68,7 @@ def _block_attention_kernel(
     s_idx = rows // GROUP
     head = h * GROUP + rows % GROUP
     d = tl.arange(0, D)
+    d64 = d.to(tl.int64)
     q = tl.load(Q + (b * sq_b + s_idx * sq_s + head * sq_h)[:, None] + d[None, :],
                 mask=row_ok[:, None], other=0.0)
 
@@ -106,10 +109,10 @@ def _block_attention_kernel(
         # used pages are never followed.
         page = tl.load(BT + b * sbt_b + (tok // PAGE) * sbt_p, mask=tok_ok, other=0)
         page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-        row = tok % PAGE
-        k = tl.load(KC + (page * sk_p + row * sk_r + h * sk_h)[:, None] + d[None, :] * sk_d,
+        row = (tok % PAGE).to(tl.int64)
+        k = tl.load(KC + (page * sk_p + row * sk_r + h * sk_h)[:, None] + d64[None, :] * sk_d,
                     mask=tok_ok[:, None], other=0.0)
-        v = tl.load(VC + (page * sv_p + row * sv_r + h * sv_h)[:, None] + d[None, :] * sv_d,
+        v = tl.load(VC + (page * sv_p + row * sv_r + h * sv_h)[:, None] + d64[None, :] * sv_d,
                     mask=tok_ok[:, None], other=0.0)
         if IS_FP8:
             k = k.to(q.dtype)
@@ -301,6 +304,12 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
     num_pages, page, Hkv, _ = k_cache.shape
     if B == 0 or S == 0 or Hq == 0:
         return
+    # The kernel reads context_lens[b] at a unit stride; ops.py checks only its shape.
+    context_lens = context_lens.contiguous()
+    if window >= block_table.shape[1] * page + S:
+        # Wider than any two positions can be apart: no window. (The kernel's
+        # int32 bounds q0 + S - 1 + window would overflow for e.g. 2**31 - 1.)
+        window = 0
     g = Hq // Hkv
     on_gpu = q.device.type == "cuda"
     arch = _arch(q.device)
