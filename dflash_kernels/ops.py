@@ -48,6 +48,16 @@ def _resolve(op: str, device_type: str, backend: Optional[str]) -> str:
     return _registry.resolve(op, device_type, backend)
 
 
+def _dense(*tensors):
+    """Small index / per-request inputs made dense for the backends.
+
+    They may arrive as strided views (a column of an engine's state tensor, a
+    scalar expanded over the batch); ``.contiguous()`` is free for dense ones
+    and a device copy (no host sync, graph-capturable) otherwise.
+    """
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 # --------------------------------------------------------------------------
 # Custom ops: thin, mutation-only, dispatching to the chosen backend.
 # --------------------------------------------------------------------------
@@ -216,6 +226,7 @@ def block_attention(
                                shape=(B, S, Hq), contiguous=True)
     elif lse_out is not None:
         raise ValueError("lse_out: only valid with return_lse=True")
+    block_table, context_lens = _dense(block_table, context_lens)
     chosen = _resolve("block_attention", dev.type, backend)
     _block_attention_op(q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
                         sm_scale, window, k_scale, v_scale, out, lse, chosen)
@@ -330,6 +341,7 @@ def _check_kv_common(act_dtype, dev, N, L, Hkv, D, k_norm_weight, positions, slo
     return k_caches, v_caches, rotary_dim, k_scale, v_scale, eps
 
 
+
 def inject_kv(
     hidden: Tensor, kv_weight: Tensor, k_norm_weight: Optional[Tensor], positions: Tensor,
     slot_mapping: Tensor, k_cache, v_cache, cos_sin_cache: Tensor, *,
@@ -380,6 +392,7 @@ def inject_kv(
                          f"got shape {list(kv_weight.shape)}")
     if kv_bias is not None:
         check_tensor("kv_bias", kv_bias, dtypes=FLOAT_DTYPES, device=dev, shape=(L, 2, Hkv * D))
+    positions, slot_mapping, cos_sin_cache = _dense(positions, slot_mapping, cos_sin_cache)
     chosen = _resolve("inject_kv", dev.type, backend)
     _inject_kv_op(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping, k_caches,
                   v_caches, cos_sin_cache, eps, rope_style == "neox", rotary_dim, k_scale, v_scale,
@@ -403,6 +416,7 @@ def write_kv(
     k_caches, v_caches, rotary_dim, k_scale, v_scale, eps = _check_kv_common(
         k.dtype, dev, N, L, Hkv, D, k_norm_weight, positions, slot_mapping,
         k_cache, v_cache, cos_sin_cache, rope_style, rotary_dim, k_scale, v_scale, eps)
+    positions, slot_mapping, cos_sin_cache = _dense(positions, slot_mapping, cos_sin_cache)
     chosen = _resolve("write_kv", dev.type, backend)
     _write_kv_op(k, v, k_norm_weight, positions, slot_mapping, k_caches, v_caches, cos_sin_cache,
                  eps, rope_style == "neox", rotary_dim, k_scale, v_scale, chosen)
@@ -515,6 +529,8 @@ def verify_chain(
         else:
             check_tensor("out.new_seq_lens", new_seq_lens, dtypes=i32, device=dev, shape=(B,),
                          contiguous=True)
+    block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens = _dense(
+        block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens)
     chosen = _resolve("verify_chain", dev.type, backend)
     _verify_chain_op(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
                      draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens, chosen)

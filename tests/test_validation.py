@@ -300,3 +300,42 @@ def test_validation_reads_no_device_value(monkeypatch):
         case[0](args)
         with pytest.raises(ValueError):
             dk.block_attention(**args, backend="reference")
+
+
+def test_backends_receive_dense_small_inputs(monkeypatch):
+    """Per-request / per-token vectors given as strided or expanded views (a
+    column of an engine's state tensor, a scalar expanded over the batch) reach
+    the backend dense, since the kernels index them densely."""
+    from dflash_kernels import _registry
+
+    seen = {}
+
+    def spy(op):
+        def impl(*args):
+            seen[op] = [a for a in args if isinstance(a, torch.Tensor) and a.dim() <= 2]
+        return impl
+
+    monkeypatch.setattr(_registry, "get", lambda op, backend: spy(op))
+    B, S, V = 4, 3, 30
+    state = torch.zeros(B, 3, dtype=I32)
+    col = state[:, 1]
+    wide = torch.arange(B * 2, dtype=I64)[::2]
+    dk.verify_chain(torch.randn(B, S, V), torch.zeros(S, B, dtype=I32).t(), num_drafts=col,
+                    temperature=torch.full((1,), 0.7).expand(B), seeds=wide, positions=wide,
+                    seq_lens=col, backend="reference")
+    a = attention_args()
+    a["block_table"] = torch.arange(12, dtype=I32).view(3, 2 * 2).t()[:2]
+    a["context_lens"] = torch.tensor([5, 0, 7, 0], dtype=I32)[::2]
+    dk.block_attention(**a, backend="reference")
+    w = write_args()
+    N = w["positions"].shape[0]
+    w["positions"] = torch.arange(2 * N, dtype=I64)[::2]
+    w["slot_mapping"] = torch.arange(2 * N, dtype=I64)[::2]
+    dk.write_kv(**w, backend="reference")
+    i = inject_args()
+    i["positions"], i["slot_mapping"] = w["positions"], w["slot_mapping"]
+    dk.inject_kv(**i, backend="reference")
+    assert set(seen) == {"verify_chain", "block_attention", "write_kv", "inject_kv"}
+    for op, tensors in seen.items():
+        for t in tensors:
+            assert t.is_contiguous(), (op, t.shape, t.stride())
