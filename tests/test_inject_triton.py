@@ -172,6 +172,21 @@ def test_layer_addressing(device, layout, L, uniform):
         assert tri._layer_addressing(k_list)[2] is table        # built once, then reused
 
 
+def test_pointer_tables_outlive_many_layouts(device):
+    # A CUDA graph holds the table's address, not the tensor: a table once
+    # handed to a launch must never be freed while its caches may be replayed.
+    import weakref
+    from dflash_kernels.triton_backend import inject as tri
+    buf = torch.empty(4096, device=device)
+    # 70 distinct non-uniform layouts: three caches at offsets (i, 1000 + i, 3000 + 2i).
+    keep = [[buf[o:o + 512].view(2, 4, 1, 64) for o in (i, 1000 + i, 3000 + 2 * i)]
+            for i in range(70)]
+    first = weakref.ref(tri._layer_addressing(keep[0])[2])
+    for caches in keep[1:]:
+        assert tri._layer_addressing(caches)[2] is not None
+    assert first() is not None and tri._layer_addressing(keep[0])[2] is first()
+
+
 def test_fuse_split_choice():
     from dflash_kernels.triton_backend import inject as tri
     cpu = torch.device("cpu")
@@ -217,6 +232,9 @@ def test_fuse_target_features_triton(device, widths, concatenated, N, H):
     parts = [torch.randn(N, w, device=device).to(act) for w in widths]
     fc_weight = (torch.randn(H, sum(widths), device=device) / math.sqrt(sum(widths))).to(act)
     norm_weight = 1 + 0.3 * torch.randn(H, device=device)
+    if not concatenated:
+        # A strided view (ops.py checks only its shape): the kernel must not assume a unit stride.
+        norm_weight = torch.stack([torch.full_like(norm_weight, 7.0), norm_weight], 1)[:, 1]
     feats = torch.cat(parts, 1) if concatenated else parts
     out = sentinel_fill(torch.empty(N, H, dtype=act, device=device))
     ref = torch.empty(N, H, dtype=act, device=device)
@@ -269,3 +287,16 @@ def test_compiles_to_tensor_cores_without_spills(arch, kernel, cache_dtype):
     assert rep["shared"] <= 227 * 1024
     if cache_dtype == torch.float8_e4m3fn:
         assert "cvt.rn.satfinite.e4m3x2.f32" in rep["ptx"]     # saturating, round-to-nearest-even
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_fuse_on_a_non_current_gpu():
+    # Triton launches on the current device; the op must launch on its tensors' one.
+    dev, act, N, H = "cuda:1", torch.float16, 5, 64
+    feats = torch.randn(N, 3 * H, device=dev).to(act)
+    fc_weight = (torch.randn(H, 3 * H, device=dev) / 16).to(act)
+    norm_weight = 1 + 0.3 * torch.randn(H, device=dev)
+    with torch.cuda.device(0):
+        got = dflash_kernels.fuse_target_features(feats, fc_weight, norm_weight, backend="triton")
+    want = dflash_kernels.fuse_target_features(feats, fc_weight, norm_weight, backend="reference")
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)

@@ -19,6 +19,7 @@ get cos = 1, sin = 0.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -98,8 +99,9 @@ def _layer_addressing(caches: list):
     key = (c0.device, ptrs)
     table = _PTR_TABLES.get(key)
     if table is None:
-        if len(_PTR_TABLES) >= 64:
-            _PTR_TABLES.clear()
+        # Never evicted: a captured CUDA graph keeps the table's address, and
+        # freeing it would make a replay read reused memory. 8 bytes per layer
+        # per distinct set of cache addresses.
         table = torch.tensor(ptrs, dtype=torch.int64, device=c0.device)
         _PTR_TABLES[key] = table
     return c0, 0, table, False
@@ -266,7 +268,7 @@ def _cache_kernel_args(k_caches, v_caches):
     return args, vargs, kuni, vuni
 
 
-def inject_kv(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping,
+def _inject_kv(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping,
               k_caches: list, v_caches: list, cos_sin_cache, eps: float, rope_neox: bool,
               rotary_dim: int, k_scale, v_scale) -> None:
     """See the reference; one launch for all layers. hidden fp16/bf16 ``[N, H]``."""
@@ -347,7 +349,7 @@ def _write_kv_kernel(
               D, HAS_KNORM, FP8, FP8_MAX, UNIFORM_K, UNIFORM_V)
 
 
-def write_kv(k, v, k_norm_weight, positions, slot_mapping, k_caches: list, v_caches: list,
+def _write_kv(k, v, k_norm_weight, positions, slot_mapping, k_caches: list, v_caches: list,
              cos_sin_cache, eps: float, rope_neox: bool, rotary_dim: int, k_scale, v_scale) -> None:
     """See the reference; one launch. k, v fp16/bf16 ``[N, L, Hkv, D]``."""
     _check_caches(k_caches, v_caches)
@@ -475,7 +477,7 @@ def _fuse_split(m_tiles: int, n_tiles: int, k_tiles: int, device) -> int:
     return max(1, min(want, k_tiles // 4, 16))
 
 
-def fuse_target_features(features: list, fc_weight, norm_weight, eps: float, out) -> None:
+def _fuse_target_features(features: list, fc_weight, norm_weight, eps: float, out) -> None:
     """See the reference. Two launches: split-K GEMM into fp32 partials, then row RMSNorm."""
     parts = list(features)
     if len(parts) > MAX_FEATURE_PARTS:
@@ -486,6 +488,8 @@ def fuse_target_features(features: list, fc_weight, norm_weight, eps: float, out
             parts[i] = p.contiguous()
     if fc_weight.stride(1) != 1:
         fc_weight = fc_weight.contiguous()
+    # Read at a unit stride; ops.py checks only its shape.
+    norm_weight = norm_weight.contiguous()
     N, H = out.shape
     if N == 0:
         return
@@ -563,3 +567,35 @@ def compile_spec(kernel: str, arch: int, dtype=torch.bfloat16, cache_dtype=None,
     divisible = [n for n, s in sig.items() if s != "constexpr" and s != "fp32" and n not in unaligned]
     return dict(kernel=fn.__name__ if hasattr(fn, "__name__") else fn.fn.__name__, signature=sig,
                 constexprs=ce, num_warps=num_warps, num_stages=num_stages, divisible_by_16=divisible)
+
+
+# --------------------------------------------------------------------------
+# entry points (docs/DESIGN.md): Triton launches on the current device, so
+# each launch runs under its tensors' device (multi-GPU processes).
+# --------------------------------------------------------------------------
+
+def _on_device(t):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def inject_kv(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping,
+              k_caches: list, v_caches: list, cos_sin_cache, eps: float, rope_neox: bool,
+              rotary_dim: int, k_scale, v_scale) -> None:
+    """See the reference; one launch for all layers. hidden fp16/bf16 ``[N, H]``."""
+    with _on_device(hidden):
+        _inject_kv(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping, k_caches,
+                   v_caches, cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale)
+
+
+def write_kv(k, v, k_norm_weight, positions, slot_mapping, k_caches: list, v_caches: list,
+             cos_sin_cache, eps: float, rope_neox: bool, rotary_dim: int, k_scale, v_scale) -> None:
+    """See the reference; one launch. k, v fp16/bf16 ``[N, L, Hkv, D]``."""
+    with _on_device(k):
+        _write_kv(k, v, k_norm_weight, positions, slot_mapping, k_caches, v_caches, cos_sin_cache,
+                  eps, rope_neox, rotary_dim, k_scale, v_scale)
+
+
+def fuse_target_features(features: list, fc_weight, norm_weight, eps: float, out) -> None:
+    """See the reference. Two launches: split-K GEMM into fp32 partials, then row RMSNorm."""
+    with _on_device(out):
+        _fuse_target_features(features, fc_weight, norm_weight, eps, out)
