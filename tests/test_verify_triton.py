@@ -109,7 +109,7 @@ KERNEL_SIGS = {
         topp_ptr="*fp32", seed_ptr="*i64", pos_ptr="*i64", pval_ptr="*fp32", pidx_ptr="*i32",
         pm_ptr="*fp32", pz_ptr="*fp32", thr_ptr="*fp32", S="i32", V="i32", CHUNK="i32",
         NSPLIT="i32", HAS_TEMP="constexpr", HAS_TOPK="constexpr", HAS_TOPP="constexpr",
-        NEED_MZ="constexpr", BLOCK="constexpr"),
+        NEED_MZ="constexpr", BLOCK="constexpr", SBLOCK="constexpr", KWAY="constexpr"),
     "_verify_finish_kernel": dict(
         logits_ptr="*bf16", stride_lb="i64", stride_ls="i64", bt_ptr="*i64", stride_tb="i64",
         nd_ptr="*i32", temp_ptr="*fp32", seed_ptr="*i64", pos_ptr="*i64", dp_ptr="*fp32",
@@ -121,7 +121,7 @@ KERNEL_SIGS = {
 }
 KERNEL_CONSTS = {
     "_verify_rows_kernel": dict(HAS_TEMP=True, HAS_TOPK=True, HAS_TOPP=True, NEED_MZ=True,
-                                BLOCK=tv.BLOCK_V),
+                                BLOCK=tv.BLOCK_V, SBLOCK=tv.SEARCH_BLOCK_V, KWAY=tv.KWAY),
     "_verify_finish_kernel": dict(HAS_TEMP=True, HAS_DP=True, HAS_SEQ=True, NSPLIT_P2=64,
                                   S_P2=32, BLOCK=tv.BLOCK_V),
 }
@@ -192,3 +192,125 @@ def test_tensors_on_a_non_current_gpu():
     with torch.cuda.device(0):
         got = run("triton", kw)
     assert_same(got, run("reference", kw))
+
+
+# ---------------------------------------------------------------------------
+# The K-way threshold search, stressed: exact top-k / top-p thresholds
+# ---------------------------------------------------------------------------
+
+NAN, NINF = float("nan"), float("-inf")
+
+
+def stress_rows(V, gen_seed=0):
+    """Rows and per-row (temperature, top_k, top_p) that put the thresholds on ties,
+    negative values, -inf / NaN, k = 1 and V - 1, tiny and near-1 top_p."""
+    g = torch.Generator().manual_seed(gen_seed)
+    levels = torch.randint(-6, 4, (V,), generator=g).float()          # heavy ties everywhere
+    cont = torch.randn(V, generator=g) * 2.0
+    neg = -40.0 + torch.randn(V, generator=g) * 0.01                  # all negative, close keys
+    holes = cont.clone()
+    holes[::2] = NAN
+    holes[1::7] = NINF
+    one_ninf = levels.clone()
+    one_ninf[V // 3] = NINF
+    nfin = int(torch.isfinite(holes).sum())
+    top = int((levels == 3).sum())
+    cases = [  # row, T, k, p
+        (levels, 1.0, 1, 1.0), (levels, 1.0, V - 1, 1.0), (levels, 0.7, top, 1.0),
+        (levels, 1.0, top + 1, 1.0), (levels, 1.3, V // 2, 1.0),
+        (levels, 1.0, 0, 1e-7), (levels, 1.0, 0, 0.0), (levels, 1.0, 0, -1.0),
+        (levels, 1.0, 0, 1 - 1e-6), (levels, 0.9, 0, 0.5), (levels, 1.0, V // 2, 0.3),
+        (neg, 1.0, V // 2, 1.0), (neg, 0.5, 0, 0.5), (neg, 1.0, V - 1, 0.9),
+        (holes, 1.0, nfin + 5, 1.0), (holes, 1.0, nfin, 1.0), (holes, 1.0, 3, 0.8),
+        (holes, 1.0, 0, 1 - 1e-6), (one_ninf, 1.0, V - 1, 1.0), (one_ninf, 1.0, V - 2, 0.99),
+        (cont, 0.8, 37, 0.6), (cont, 1.0, 0, 0.95),
+        (torch.full((V,), NINF), 1.0, 5, 0.5), (torch.full((V,), NAN), 1.0, 0, 0.5),
+    ]
+    rows = torch.stack([c[0] for c in cases])
+    temp = torch.tensor([c[1] for c in cases], dtype=torch.float32)
+    k = torch.tensor([c[2] for c in cases], dtype=torch.int32)
+    p = torch.tensor([c[3] for c in cases], dtype=torch.float32)
+    return rows, temp, k, p
+
+
+def scaled_rows(rows, temp):
+    x = rows.float().nan_to_num(nan=NINF, posinf=float("inf"), neginf=NINF)
+    return x * (1.0 / temp).view(-1, 1)                 # one fp32 division, then the product
+
+
+def expected_thresholds(scaled, k, p):
+    """Independent float64 math: k-th largest, then top-p as the largest value whose
+    kept mass (over the top-k set) reaches p * Z; -inf where nothing is filtered."""
+    out = []
+    for s, kk, pp in zip(scaled.tolist(), k.tolist(), p.tolist()):
+        V = len(s)
+        desc = sorted(s, reverse=True)
+        thr = desc[kk - 1] if 0 < kk < V else NINF
+        if pp < 1.0 and desc[0] > NINF:
+            import math
+            kept = [v for v in desc if v >= thr]
+            m = kept[0]
+            z = sum(math.exp(v - m) for v in kept)
+            acc, i = 0.0, 0
+            while i < len(kept):
+                v = kept[i]
+                while i < len(kept) and kept[i] == v:           # a whole tie group at once
+                    acc += math.exp(kept[i] - m)
+                    i += 1
+                if acc >= pp * z:
+                    thr = v
+                    break
+        out.append(thr)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def kernel_thresholds(rows, temp, k, p, sblock):
+    """The threshold launch 1 stores for each row (one request of one row per row)."""
+    R, V = rows.shape
+    block = tv.block_size(V)
+    f32 = dict(dtype=torch.float32)
+    pval, pm, pz = (torch.empty(R, **f32) for _ in range(3))
+    pidx = torch.empty(R, dtype=torch.int32)
+    thr = torch.full((R,), 1234.5, **f32)
+    seeds = torch.arange(R, dtype=torch.int64)
+    pos = torch.arange(R, dtype=torch.int64) * 17
+    tv._verify_rows_kernel[(R, 1)](
+        rows, V, V, temp, k, p, seeds, pos, pval, pidx, pm, pz, thr, 1, V,
+        triton.cdiv(V, block) * block, 1, HAS_TEMP=True, HAS_TOPK=True, HAS_TOPP=True,
+        NEED_MZ=True, BLOCK=block, SBLOCK=sblock, KWAY=tv.KWAY, num_warps=4,
+        enable_fp_fusion=False)
+    return thr
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="launches the kernel on CPU tensors (interpreter)")
+@pytest.mark.parametrize("V, sblock", [(1000, None), (1030, None), (300, tv.SEARCH_BLOCK_V)])
+def test_search_thresholds_exact(V, sblock):
+    from dflash_kernels.reference.verify import kept_set
+
+    rows, temp, k, p = stress_rows(V, gen_seed=V)
+    thr = kernel_thresholds(rows, temp, k, p, sblock or tv.block_size(V))
+    scaled = scaled_rows(rows, temp)
+    want = expected_thresholds(scaled, k, p)
+    assert torch.equal(thr, want), (thr, want)
+    # Same kept sets as the reference's sorted definition.
+    keep = kept_set(scaled[:, None], torch.ones(len(rows), dtype=torch.bool), k, p)[:, 0]
+    assert torch.equal(scaled >= thr[:, None], keep)
+    assert (keep.sum(-1) >= 1).all()
+
+
+@pytest.mark.parametrize("V, sblock", [(1000, None), (300, tv.SEARCH_BLOCK_V)])
+def test_search_stress_tokens(V, sblock, device, monkeypatch):
+    # End to end: the stressed rows as requests of S = 2 rows (the second a copy of
+    # the first), tokens compared with the reference token for token.
+    if sblock is not None:
+        monkeypatch.setattr(tv, "search_block", lambda V, dev: sblock)
+    rows, temp, k, p = stress_rows(V, gen_seed=V + 1)
+    B = len(rows)
+    g = torch.Generator().manual_seed(V)
+    kw = dict(logits=rows[:, None, :].expand(B, 2, V).contiguous().to(device),
+              block_tokens=torch.randint(0, V, (B, 2), generator=g).to(device),
+              num_drafts=torch.ones(B, dtype=torch.int32, device=device),
+              temperature=temp.to(device), top_k=k.to(device), top_p=p.to(device),
+              seeds=torch.randint(-2 ** 62, 2 ** 62, (B,), generator=g).to(device),
+              positions=torch.randint(0, 2 ** 34, (B,), generator=g).to(device))
+    check_against_reference(kw)

@@ -66,23 +66,32 @@ def _row_max(row_ptr, V, inv_t, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _count_ge(row_ptr, V, inv_t, thr, BLOCK: tl.constexpr):
-    acc = tl.zeros((BLOCK,), tl.int32)
+def _kway_count(row_ptr, V, inv_t, cand, K: tl.constexpr, BLOCK: tl.constexpr):
+    """Per candidate threshold ``cand [K]``: #(s >= cand); and the row max."""
+    # Per-lane [BLOCK, K] accumulators, reduced once after the row: no reduction per tile.
+    acc = tl.zeros((BLOCK, K), tl.int32)
+    mx = tl.full((BLOCK,), float("-inf"), tl.float32)
     for off in range(0, V, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         s = _load_scaled(row_ptr, offs, V, inv_t)
-        acc += ((s >= thr) & (offs < V)).to(tl.int32)
-    return tl.sum(acc, axis=0)
+        mx = tl.maximum(mx, s)
+        ge = (s[:, None] >= cand[None, :]) & (offs < V)[:, None]
+        acc += ge.to(tl.int32)
+    return tl.sum(acc, axis=0), tl.max(mx, axis=0)
 
 
 @triton.jit
-def _mass_ge(row_ptr, V, inv_t, thr, m, BLOCK: tl.constexpr):
-    """sum of exp(s - m) over s >= thr (m the finite row max)."""
-    acc = tl.zeros((BLOCK,), tl.float32)
+def _kway_mass(row_ptr, V, inv_t, cand, m, K: tl.constexpr, BLOCK: tl.constexpr):
+    """Per candidate threshold ``cand [K]``: sum of exp(s - m) over s >= cand (m the finite row max).
+
+    Every candidate sums in the same order, so the mass is monotone in the threshold.
+    """
+    acc = tl.zeros((BLOCK, K), tl.float32)
     for off in range(0, V, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         s = _load_scaled(row_ptr, offs, V, inv_t)
-        acc += tl.where(s >= thr, tl.exp(s - m), 0.0)
+        e = tl.exp(s - m)
+        acc += tl.where(s[:, None] >= cand[None, :], e[:, None], 0.0)
     return tl.sum(acc, axis=0)
 
 
@@ -123,7 +132,7 @@ def _verify_rows_kernel(
     logits_ptr, stride_lb, stride_ls, temp_ptr, topk_ptr, topp_ptr, seed_ptr, pos_ptr,
     pval_ptr, pidx_ptr, pm_ptr, pz_ptr, thr_ptr, S, V, CHUNK, NSPLIT,
     HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
-    NEED_MZ: tl.constexpr, BLOCK: tl.constexpr,
+    NEED_MZ: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr, KWAY: tl.constexpr,
 ):
     r = tl.program_id(0)
     sp = tl.program_id(1)
@@ -157,28 +166,49 @@ def _verify_rows_kernel(
         filt = filt & sampled
         if filt:
             if sp == 0:
-                # Whole row in this program: threshold search, then the Gumbel-max.
-                m = _row_max(row_ptr, V, inv_t, BLOCK)
-                hi = _key_of(m)
+                # Whole row in this program: K-way threshold searches on the order-preserving
+                # key (each pass splits [lo, hi] into KWAY buckets starting at lo, and keeps
+                # the highest bucket whose start passes), then the Gumbel-max.
+                slot = tl.arange(0, KWAY).to(tl.int64)
+                m = tl.full((), NEG, tl.float32)
                 lo = _key_of(thr)
                 if HAS_TOPK:
                     if (k > 0) & (k < V):
+                        # No max pass: the first count pass spans every key up to +inf and
+                        # yields the row max for top-p on the way.
+                        hi = _key_of(tl.full((), float("inf"), tl.float32))
                         while lo < hi:
-                            mid = lo + (hi - lo + 1) // 2
-                            ok = _count_ge(row_ptr, V, inv_t, _value_of(mid), BLOCK) >= k
-                            lo = tl.where(ok, mid, lo)
-                            hi = tl.where(ok, hi, mid - 1)
+                            step = (hi - lo + KWAY) // KWAY
+                            ck = lo + slot * step
+                            cnt, mx = _kway_count(row_ptr, V, inv_t, _value_of(tl.minimum(ck, hi)),
+                                                  KWAY, SBLOCK)
+                            m = tl.maximum(m, mx)
+                            ok = (ck <= hi) & (cnt >= k)
+                            lo = lo + tl.max(tl.where(ok, slot, 0), axis=0) * step
+                            hi = tl.minimum(lo + step - 1, hi)
                         thr = _value_of(lo)
                 if HAS_TOPP:
-                    if (tp < 1.0) & (m > NEG):
-                        target = tp * _mass_ge(row_ptr, V, inv_t, thr, m, BLOCK)
-                        hi = _key_of(m)
-                        while lo < hi:
-                            mid = lo + (hi - lo + 1) // 2
-                            ok = _mass_ge(row_ptr, V, inv_t, _value_of(mid), m, BLOCK) >= target
-                            lo = tl.where(ok, mid, lo)
-                            hi = tl.where(ok, hi, mid - 1)
-                        thr = _value_of(lo)
+                    if tp < 1.0:
+                        if m == NEG:  # no top-k pass gave it (or an all -inf row: -inf again)
+                            m = _row_max(row_ptr, V, inv_t, BLOCK)
+                        if m > NEG:
+                            hi = _key_of(m)
+                            target = tl.full((), 0.0, tl.float32)
+                            npass = 0
+                            while lo < hi:
+                                step = (hi - lo + KWAY) // KWAY
+                                ck = lo + slot * step
+                                mass = _kway_mass(row_ptr, V, inv_t, _value_of(tl.minimum(ck, hi)),
+                                                  m, KWAY, SBLOCK)
+                                # Slot 0 is lo: the first pass gives the normaliser (the mass
+                                # of the top-k set), later passes recompute it bit for bit.
+                                z0 = tl.sum(tl.where(slot == 0, mass, 0.0), axis=0)
+                                target = tl.where(npass == 0, tp * z0, target)
+                                npass += 1
+                                ok = (ck <= hi) & (mass >= target)
+                                lo = lo + tl.max(tl.where(ok, slot, 0), axis=0) * step
+                                hi = tl.minimum(lo + step - 1, hi)
+                            thr = _value_of(lo)
                 bv, bi, m_run, z_run = _stream_best(row_ptr, 0, V, inv_t, thr, k0, k1, p_lo, p_hi,
                                                     True, NEED_MZ, BLOCK)
             else:
@@ -318,11 +348,21 @@ def _verify_finish_kernel(
 
 
 BLOCK_V = 1024
+# Threshold search: KWAY candidates per pass over the row, on SEARCH_BLOCK_V-wide
+# tiles on a GPU ([SEARCH_BLOCK_V, KWAY] per-lane accumulators fit in registers).
+KWAY = 16
+SEARCH_BLOCK_V = 128
 
 
 def block_size(V: int) -> int:
     """Vocab tile: BLOCK_V, or the next power of two of a small vocabulary."""
     return min(BLOCK_V, max(16, triton.next_power_of_2(V)))
+
+
+def search_block(V: int, device: torch.device) -> int:
+    """Tile of the threshold-search passes. The interpreter pays per loop iteration,
+    not per element, so it takes the wide tile (only top-p's fp32 summation order differs)."""
+    return min(block_size(V), SEARCH_BLOCK_V) if device.type == "cuda" else block_size(V)
 
 
 def num_splits(rows: int, V: int, device: torch.device) -> int:
@@ -383,7 +423,7 @@ def _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, 
         seeds_, pos_, pval, pidx, pm, pz, thr, S, V, chunk, nsplit,
         HAS_TEMP=has_temp, HAS_TOPK=has_temp and top_k is not None,
         HAS_TOPP=has_temp and top_p is not None, NEED_MZ=has_dp, BLOCK=block,
-        num_warps=4, enable_fp_fusion=False)
+        SBLOCK=search_block(V, dev), KWAY=KWAY, num_warps=4, enable_fp_fusion=False)
     dp = draft_probs if has_dp else dummy
     _verify_finish_kernel[(B,)](
         logits, logits.stride(0), logits.stride(1), block_tokens, block_tokens.stride(0),
