@@ -5,11 +5,13 @@ once, keeping the running argmax (greedy rows) or the keyed Gumbel-max of
 ``logit * (1/T) + g`` (sampled rows, Philox noise made in registers), and,
 with ``draft_probs``, the online max / sum-exp of the scaled logits. It
 writes one (value, index, max, sum) partial per (row, split). A sampled row
-with top-k / top-p is handled whole by its split-0 program: a max pass, a
-bisection on the fp32 bit pattern of the threshold (one counting pass per
-step, at most 32 for top-k and 32 for top-p, plus one pass for top-p's
-normaliser), then the Gumbel-max pass over the kept set; its other splits
-write neutral partials.
+with top-k / top-p is handled whole by its split-0 program: a K-way search
+for the threshold on the fp32 key (each pass over the row evaluates KWAY = 16
+candidate thresholds at once, per-lane ``[SBLOCK, KWAY]`` counts or masses,
+and keeps one of 16 buckets: at most 8 passes for top-k, whose first pass
+also gives the row max, and 8 for top-p, whose first pass also gives the
+normaliser; top-p alone adds one max pass), then the Gumbel-max pass over the
+kept set; its other splits write neutral partials.
 
 Launch 2, grid ``(B,)``: one program per request reduces the partials (lowest
 index on ties), walks the drafts (point mass, or the ``draft_probs`` rule with
