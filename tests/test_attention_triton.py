@@ -222,12 +222,15 @@ def test_head_offsets_past_int32(device):
 
 
 def test_strided_context_lens_and_huge_window(device):
-    # context_lens as a column view (stride 2): ops.py checks only its shape.
-    # window = 2**31 - 1 (a common "no window" sentinel): the same as no window.
+    # context_lens as a column view (stride 2), through the public op, which
+    # hands the kernel a dense copy; window = 2**31 - 1 (a common "no window"
+    # sentinel) is the same as no window, in the backend with forced splits too.
     case = make_case(S=4, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=(5, 17, 0), device=device)
     cl = case["context_lens"]
-    strided = dict(case, context_lens=torch.stack([torch.full_like(cl, 9999), cl], 1)[:, 1])
+    strided = torch.stack([torch.full_like(cl, 9999), cl], 1)[:, 1]
     sm_scale = 0.125
-    for window in (0, 2 ** 31 - 1):
-        out, lse = run_triton(strided, sm_scale, window, num_splits=2)
+    for window in (None, 2 ** 31 - 1):
+        out, lse = run_public(dict(case, context_lens=strided), "triton", sm_scale, window)
+        assert_matches_reference(case, out, lse, sm_scale, 0)
+        out, lse = run_triton(case, sm_scale, window or 0, num_splits=2)
         assert_matches_reference(case, out, lse, sm_scale, 0)

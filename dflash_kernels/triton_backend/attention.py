@@ -304,8 +304,8 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
     num_pages, page, Hkv, _ = k_cache.shape
     if B == 0 or S == 0 or Hq == 0:
         return
-    # The kernel reads context_lens[b] at a unit stride; ops.py checks only its shape.
-    context_lens = context_lens.contiguous()
+    # The kernel reads context_lens[b] and the block table's columns at unit
+    # strides: ops.block_attention hands them over dense (ops._dense).
     if window >= block_table.shape[1] * page + S:
         # Wider than any two positions can be apart: no window. (The kernel's
         # int32 bounds q0 + S - 1 + window would overflow for e.g. 2**31 - 1.)

@@ -385,11 +385,8 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
                  new_seq_lens) -> None:
     """Writes accept_len / out_tokens / bonus / new_seq_lens (shapes in docs/DESIGN.md)."""
     dev = logits.device
-    # The kernels index these with unit strides; ops.py checks only their shapes.
-    # (A no-op for contiguous inputs; otherwise one small copy, captured like any kernel.)
-    block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens = (
-        None if x is None else x.contiguous()
-        for x in (block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens))
+    # The kernels index block_tokens and the [B] vectors with unit strides:
+    # ops.verify_chain hands them over dense (ops._dense).
     # Triton launches on the current device: make it the tensors' one (multi-GPU processes).
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
