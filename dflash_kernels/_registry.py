@@ -20,8 +20,8 @@ OPS = ("block_attention", "fuse_target_features", "inject_kv", "write_kv", "veri
 # op -> backend -> module holding a function named like the op.
 _MODULES = {
     "block_attention": {
-        "reference": "dflash_kernels.reference.attention",
-        "triton": "dflash_kernels.triton_backend.attention",
+        "reference": "dflash_kernels.reference.block_attention",
+        "triton": "dflash_kernels.triton_backend.block_attention",
     },
     "fuse_target_features": {
         "reference": "dflash_kernels.reference.inject",
@@ -37,8 +37,8 @@ _MODULES = {
         "cuda": "dflash_kernels.cuda",
     },
     "verify_chain": {
-        "reference": "dflash_kernels.reference.verify",
-        "triton": "dflash_kernels.triton_backend.verify",
+        "reference": "dflash_kernels.reference.verify_chain",
+        "triton": "dflash_kernels.triton_backend.verify_chain",
         "cuda": "dflash_kernels.cuda",
     },
 }

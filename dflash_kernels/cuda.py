@@ -21,9 +21,9 @@ __all__ = ["verify_chain", "write_kv"]
 
 def _verify_chain_fallback():
     try:
-        from .triton_backend.verify import verify_chain as fn
+        from .triton_backend.verify_chain import verify_chain as fn
     except ImportError:
-        from .reference.verify import verify_chain as fn
+        from .reference.verify_chain import verify_chain as fn
     return fn
 
 

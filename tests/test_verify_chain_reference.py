@@ -3,7 +3,7 @@ tests of the emitted tokens, reproducibility, and speculative == plain decoding.
 
 The truth here walks each request row by row in numpy (fp32 scores, fp64
 probabilities). ``make_case``, ``run`` and the goodness-of-fit helpers are
-shared with test_verify_triton.py.
+shared with test_verify_chain_triton.py.
 """
 
 import math

@@ -2,7 +2,7 @@
 
 The truth here walks each request's pages token by token in Python, appends
 the block keys, and runs a dense softmax per query head with an explicit
-visibility mask. The cases builder is shared with test_attention_triton.py.
+visibility mask. The cases builder is shared with test_block_attention_triton.py.
 """
 
 import math
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dflash_kernels
-from dflash_kernels.reference import attention as ref
+from dflash_kernels.reference import block_attention as ref
 
 NAN = float("nan")
 

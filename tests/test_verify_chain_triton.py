@@ -11,8 +11,8 @@ import pytest
 import torch
 import triton
 
-from dflash_kernels.triton_backend import verify as tv
-from test_verify_reference import (assert_fits, assert_same, draft_case, keyed_batch, make_case,
+from dflash_kernels.triton_backend import verify_chain as tv
+from test_verify_chain_reference import (assert_fits, assert_same, draft_case, keyed_batch, make_case,
                                    run, softmax64)
 from conftest import HAS_CUDA
 
@@ -132,7 +132,7 @@ KERNEL_CONSTS = {
 def test_compiles_without_spills(kernel, arch):
     from triton_compile import compile_report
 
-    rep = compile_report("dflash_kernels.triton_backend.verify", kernel, KERNEL_SIGS[kernel],
+    rep = compile_report("dflash_kernels.triton_backend.verify_chain", kernel, KERNEL_SIGS[kernel],
                          KERNEL_CONSTS[kernel], arch)
     assert rep["spills"] == 0, rep["spills"]
     assert rep["registers"] <= 128, rep["registers"]
@@ -285,7 +285,7 @@ def kernel_thresholds(rows, temp, k, p, sblock):
 @pytest.mark.skipif(HAS_CUDA, reason="launches the kernel on CPU tensors (interpreter)")
 @pytest.mark.parametrize("V, sblock", [(1000, None), (1030, None), (300, tv.SEARCH_BLOCK_V)])
 def test_search_thresholds_exact(V, sblock):
-    from dflash_kernels.reference.verify import kept_set
+    from dflash_kernels.reference.verify_chain import kept_set
 
     rows, temp, k, p = stress_rows(V, gen_seed=V)
     thr = kernel_thresholds(rows, temp, k, p, sblock or tv.block_size(V))

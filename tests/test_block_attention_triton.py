@@ -1,6 +1,6 @@
 """The Triton block_attention against the reference (interpreter on CPU, native on GPU).
 
-Inputs come from test_attention_reference.make_case: NaN in unused cache rows
+Inputs come from test_block_attention_reference.make_case: NaN in unused cache rows
 and spare pages, garbage block-table entries past the used pages, and
 outputs pre-filled with NaN so that any element left unwritten shows.
 """
@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from dflash_kernels.triton_backend import attention as tri
-from test_attention_reference import _lens, make_case, run_public
+from dflash_kernels.triton_backend import block_attention as tri
+from test_block_attention_reference import _lens, make_case, run_public
 from triton_compile import compile_report
 
 NAN = float("nan")
@@ -145,7 +145,7 @@ def test_split_count_uses_host_sizes_only():
 )
 def test_compiles_to_tensor_cores_without_spills(arch, mma, smem_limit, dtype, g):
     spec = tri.compile_spec(arch, dtype, dtype, S=16, Hq=8 * g, Hkv=8, D=128)
-    rep = compile_report("dflash_kernels.triton_backend.attention", "_block_attention_kernel",
+    rep = compile_report("dflash_kernels.triton_backend.block_attention", "_block_attention_kernel",
                          spec["signature"], spec["constexprs"], arch,
                          num_warps=spec["num_warps"], num_stages=spec["num_stages"],
                          divisibility=spec["divisibility"])
