@@ -1,11 +1,13 @@
 """Public operations of dflash_kernels (see SPEC.md and docs/DESIGN.md).
 
 Each public function validates its arguments on the host (raising
-``ValueError`` that names the argument), normalises them, allocates missing
-outputs, and calls a ``torch.ops.dflash.*`` custom op. The custom ops only
-mutate their output arguments and return nothing, so ``torch.compile``
-functionalises them and CUDA graphs capture them with static buffers. The op
-then runs the backend picked by :mod:`dflash_kernels._registry`.
+``ValueError`` that names the argument: the public function owns the contract),
+normalises them, allocates missing outputs, and calls the custom op
+``torch.ops.dflash.<op>`` generated from the schema table
+(:mod:`dflash_kernels._schema`). The custom ops only mutate their output
+arguments and return nothing, so ``torch.compile`` functionalises them and CUDA
+graphs capture them with static buffers. The op runs the backend that
+:mod:`dflash_kernels._registry` picks for the call.
 
 Every public function takes ``backend=None | "reference" | "triton" | "cuda"``.
 """
@@ -15,17 +17,20 @@ from __future__ import annotations
 from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
+import torch.autograd.profiler as _profiler
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import _registry
+from . import _registry, _schema
 from ._validation import (
     ACT_DTYPES,
-    FP8_DTYPES,
     check_cache_dtype,
     check_float,
     check_head_dim,
     check_int,
+    check_no_overlap,
     check_tensor,
+    check_vector,
     normalize_scale,
 )
 
@@ -43,9 +48,53 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @torch.compiler.assume_constant_result
-def _resolve(op: str, device_type: str, backend: Optional[str]) -> str:
+def _resolve(op: str, device_type: str, backend: Optional[str], given: tuple) -> str:
     # Host-only decision, made once per trace under torch.compile.
-    return _registry.resolve(op, device_type, backend)
+    return _registry.resolve(op, device_type, backend, given)
+
+
+_LIB = torch.library.Library("dflash", "FRAGMENT")
+
+
+def _define(op: _schema.OpSchema):
+    """``torch.ops.dflash.<op>``: the schema plus ``str backend``, returning nothing."""
+
+    def impl(*args):
+        # args: the schema's arguments, then the backend chosen on the host.
+        _registry.get(op.name, args[-1])(*args[:-1])
+
+    def fake(*args):
+        return None
+
+    _LIB.define(f"{op.name}({op.schema}, str backend) -> ()")
+    # One Python kernel for every device: the backend, not the dispatch key,
+    # decides what runs (the registry already matched it to the device).
+    _LIB.impl(op.name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"dflash::{op.name}", fake, lib=_LIB)
+    return getattr(torch.ops.dflash, op.name).default
+
+
+_OVERLOADS = {name: _define(op) for name, op in _schema.OPS.items()}
+_OPTIONAL = {name: op.optional for name, op in _schema.OPS.items()}
+
+
+def _run(op: str, device_type: str, backend: Optional[str], *args) -> None:
+    """Run ``op`` (arguments in schema order) on the backend that can take this
+    call: the registry sees which optional inputs are given.
+
+    Traced (torch.compile, a dispatch mode such as FakeTensorMode, jit.trace)
+    or profiled, the call is ``torch.ops.dflash.<op>``, so graphs and traces
+    see one opaque mutating op. Plain eager calls skip the dispatcher's round
+    trip into Python (about 0.5 us per argument, 10 us for verify_chain) and
+    call the backend directly: the same function the op's kernel calls.
+    """
+    given = tuple([name for i, name in _OPTIONAL[op] if args[i] is not None])
+    chosen = _resolve(op, device_type, backend, given)
+    if (torch.compiler.is_compiling() or _profiler._is_profiler_enabled
+            or _get_current_dispatch_mode() is not None or torch._C._get_tracing_state() is not None):
+        _OVERLOADS[op](*args, chosen)
+    else:
+        _registry.get(op, chosen)(*args)
 
 
 def _dense(*tensors):
@@ -56,97 +105,6 @@ def _dense(*tensors):
     and a device copy (no host sync, graph-capturable) otherwise.
     """
     return tuple(None if t is None else t.contiguous() for t in tensors)
-
-
-# --------------------------------------------------------------------------
-# Custom ops: thin, mutation-only, dispatching to the chosen backend.
-# --------------------------------------------------------------------------
-
-@torch.library.custom_op("dflash::block_attention", mutates_args=("out", "lse"))
-def _block_attention_op(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
-    k_block: Optional[Tensor], v_block: Optional[Tensor], sm_scale: float, window: int,
-    k_scale: Optional[Tensor], v_scale: Optional[Tensor], out: Tensor, lse: Optional[Tensor],
-    backend: str,
-) -> None:
-    _registry.get("block_attention", backend)(
-        q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
-        sm_scale, window, k_scale, v_scale, out, lse)
-
-
-@_block_attention_op.register_fake
-def _(q, k_cache, v_cache, block_table, context_lens, k_block, v_block, sm_scale, window,
-      k_scale, v_scale, out, lse, backend):
-    return None
-
-
-@torch.library.custom_op("dflash::fuse_target_features", mutates_args=("out",))
-def _fuse_target_features_op(
-    features: List[Tensor], fc_weight: Tensor, norm_weight: Tensor, eps: float, out: Tensor,
-    backend: str,
-) -> None:
-    _registry.get("fuse_target_features", backend)(features, fc_weight, norm_weight, eps, out)
-
-
-@_fuse_target_features_op.register_fake
-def _(features, fc_weight, norm_weight, eps, out, backend):
-    return None
-
-
-@torch.library.custom_op("dflash::inject_kv", mutates_args=("k_caches", "v_caches"))
-def _inject_kv_op(
-    hidden: Tensor, kv_weight: Tensor, kv_bias: Optional[Tensor], k_norm_weight: Optional[Tensor],
-    positions: Tensor, slot_mapping: Tensor, k_caches: List[Tensor], v_caches: List[Tensor],
-    cos_sin_cache: Tensor, eps: float, rope_neox: bool, rotary_dim: int,
-    k_scale: Optional[Tensor], v_scale: Optional[Tensor], backend: str,
-) -> None:
-    _registry.get("inject_kv", backend)(
-        hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping, k_caches, v_caches,
-        cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale)
-
-
-@_inject_kv_op.register_fake
-def _(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping, k_caches, v_caches,
-      cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale, backend):
-    return None
-
-
-@torch.library.custom_op("dflash::write_kv", mutates_args=("k_caches", "v_caches"))
-def _write_kv_op(
-    k: Tensor, v: Tensor, k_norm_weight: Optional[Tensor], positions: Tensor, slot_mapping: Tensor,
-    k_caches: List[Tensor], v_caches: List[Tensor], cos_sin_cache: Tensor, eps: float,
-    rope_neox: bool, rotary_dim: int, k_scale: Optional[Tensor], v_scale: Optional[Tensor],
-    backend: str,
-) -> None:
-    _registry.get("write_kv", backend)(
-        k, v, k_norm_weight, positions, slot_mapping, k_caches, v_caches, cos_sin_cache, eps,
-        rope_neox, rotary_dim, k_scale, v_scale)
-
-
-@_write_kv_op.register_fake
-def _(k, v, k_norm_weight, positions, slot_mapping, k_caches, v_caches, cos_sin_cache, eps,
-      rope_neox, rotary_dim, k_scale, v_scale, backend):
-    return None
-
-
-@torch.library.custom_op(
-    "dflash::verify_chain", mutates_args=("accept_len", "out_tokens", "bonus", "new_seq_lens"))
-def _verify_chain_op(
-    logits: Tensor, block_tokens: Tensor, num_drafts: Tensor, temperature: Optional[Tensor],
-    top_k: Optional[Tensor], top_p: Optional[Tensor], seeds: Optional[Tensor],
-    positions: Optional[Tensor], draft_probs: Optional[Tensor], seq_lens: Optional[Tensor],
-    accept_len: Tensor, out_tokens: Tensor, bonus: Tensor, new_seq_lens: Optional[Tensor],
-    backend: str,
-) -> None:
-    _registry.get("verify_chain", backend)(
-        logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
-        draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens)
-
-
-@_verify_chain_op.register_fake
-def _(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
-      draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens, backend):
-    return None
 
 
 # --------------------------------------------------------------------------
@@ -201,7 +159,7 @@ def block_attention(
     check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=dev)
     if block_table.shape[0] != B:
         raise ValueError(f"block_table: expected {B} rows (the batch of q), got shape {list(block_table.shape)}")
-    check_tensor("context_lens", context_lens, dtypes=(torch.int32,), device=dev, shape=(B,))
+    check_vector("context_lens", context_lens, torch.int32, B, dev)
     if (k_block is None) != (v_block is None):
         raise ValueError("k_block, v_block: pass both or neither")
     if k_block is not None:
@@ -211,8 +169,13 @@ def block_attention(
                      last_contiguous=True)
     sm_scale = D ** -0.5 if sm_scale is None else check_float("sm_scale", sm_scale, positive=True)
     window = 0 if window is None else check_int("window", window, minimum=1)
+    if window >= block_table.shape[1] * k_cache.shape[1] + S:
+        # Wider than any query and key can be apart: no window (and an int
+        # that fits the kernels' arguments whatever the caller passed).
+        window = 0
     k_scale = normalize_scale("k_scale", k_scale, k_cache, dev)
     v_scale = normalize_scale("v_scale", v_scale, v_cache, dev)
+    given_out = out is not None or lse_out is not None
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
@@ -226,10 +189,17 @@ def block_attention(
                                shape=(B, S, Hq), contiguous=True)
     elif lse_out is not None:
         raise ValueError("lse_out: only valid with return_lse=True")
+    if given_out:
+        check_no_overlap((("out", out), ("lse_out", lse)),
+                         (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
+                          ("block_table", block_table), ("context_lens", context_lens),
+                          ("k_block", k_block), ("v_block", v_block), ("k_scale", k_scale),
+                          ("v_scale", v_scale)))
+    if out.numel() == 0:
+        return (out, lse) if return_lse else out
     block_table, context_lens = _dense(block_table, context_lens)
-    chosen = _resolve("block_attention", dev.type, backend)
-    _block_attention_op(q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
-                        sm_scale, window, k_scale, v_scale, out, lse, chosen)
+    _run("block_attention", dev.type, backend, q, k_cache, v_cache, block_table, context_lens,
+         k_block, v_block, sm_scale, window, k_scale, v_scale, out, lse)
     return (out, lse) if return_lse else out
 
 
@@ -277,8 +247,12 @@ def fuse_target_features(
         out = torch.empty((N, H), dtype=dtype, device=dev)
     else:
         check_tensor("out", out, dtypes=(dtype,), device=dev, shape=(N, H), contiguous=True)
-    chosen = _resolve("fuse_target_features", dev.type, backend)
-    _fuse_target_features_op(parts, fc_weight, norm_weight, eps, out, chosen)
+        check_no_overlap((("out", out),),
+                         [(f"features[{i}]", p) for i, p in enumerate(parts)]
+                         + [("fc_weight", fc_weight), ("norm_weight", norm_weight)])
+    if out.numel() == 0:
+        return out
+    _run("fuse_target_features", dev.type, backend, parts, fc_weight, norm_weight, eps, out)
     return out
 
 
@@ -306,8 +280,19 @@ def _layer_caches(name, cache, L, dev):
     return list(cache)
 
 
+def _cache_parts(name, cache):
+    """The tensors of a stacked cache (one) or of a list of per-layer caches, named."""
+    if isinstance(cache, torch.Tensor):
+        return [(name, cache)]
+    return [(f"{name}[{i}]", c) for i, c in enumerate(cache)]
+
+
 def _check_kv_common(act_dtype, dev, N, L, Hkv, D, k_norm_weight, positions, slot_mapping,
-                     k_cache, v_cache, cos_sin_cache, rope_style, rotary_dim, k_scale, v_scale, eps):
+                     k_cache, v_cache, cos_sin_cache, rope_style, rotary_dim, k_scale, v_scale, eps,
+                     reads):
+    """Checks shared by inject_kv and write_kv. ``reads``: the op's own
+    ``(name, tensor)`` inputs; returned with the shared ones, for
+    :func:`_check_cache_overlap` once everything is checked."""
     k_caches = _layer_caches("k_cache", k_cache, L, dev)
     v_caches = _layer_caches("v_cache", v_cache, L, dev)
     kc, vc = k_caches[0], v_caches[0]
@@ -326,8 +311,8 @@ def _check_kv_common(act_dtype, dev, N, L, Hkv, D, k_norm_weight, positions, slo
         raise ValueError(f"v_cache: expected the dtype of k_cache ({kc.dtype}), got {vc.dtype}")
     if k_norm_weight is not None:
         check_tensor("k_norm_weight", k_norm_weight, dtypes=FLOAT_DTYPES, device=dev, shape=(L, D))
-    check_tensor("positions", positions, dtypes=(torch.int64,), device=dev, shape=(N,))
-    check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), device=dev, shape=(N,))
+    check_vector("positions", positions, torch.int64, N, dev)
+    check_vector("slot_mapping", slot_mapping, torch.int64, N, dev)
     if rope_style not in ("neox", "gptj"):
         raise ValueError(f"rope_style: expected 'neox' or 'gptj', got {rope_style!r}")
     rotary_dim = D if rotary_dim is None else check_int("rotary_dim", rotary_dim, minimum=2)
@@ -338,7 +323,15 @@ def _check_kv_common(act_dtype, dev, N, L, Hkv, D, k_norm_weight, positions, slo
     k_scale = normalize_scale("k_scale", k_scale, kc, dev)
     v_scale = normalize_scale("v_scale", v_scale, vc, dev)
     eps = check_float("eps", eps, positive=True)
-    return k_caches, v_caches, rotary_dim, k_scale, v_scale, eps
+    reads = list(reads) + [("k_norm_weight", k_norm_weight), ("positions", positions),
+                           ("slot_mapping", slot_mapping), ("cos_sin_cache", cos_sin_cache),
+                           ("k_scale", k_scale), ("v_scale", v_scale)]
+    return k_caches, v_caches, rotary_dim, k_scale, v_scale, eps, reads
+
+
+def _check_cache_overlap(k_cache, v_cache, reads):
+    """The caches written in place overlap neither each other nor any input."""
+    check_no_overlap(_cache_parts("k_cache", k_cache) + _cache_parts("v_cache", v_cache), reads)
 
 
 
@@ -383,20 +376,23 @@ def inject_kv(
     L = kv_weight.shape[0]
     if L < 1 or kv_weight.shape[1] != 2 or kv_weight.shape[3] != H:
         raise ValueError(f"kv_weight: expected shape [L, 2, Hkv*D, {H}], got {list(kv_weight.shape)}")
-    k_caches, v_caches, rotary_dim, k_scale, v_scale, eps = _check_kv_common(
+    k_caches, v_caches, rotary_dim, k_scale, v_scale, eps, reads = _check_kv_common(
         hidden.dtype, dev, N, L, None, None, k_norm_weight, positions, slot_mapping,
-        k_cache, v_cache, cos_sin_cache, rope_style, rotary_dim, k_scale, v_scale, eps)
+        k_cache, v_cache, cos_sin_cache, rope_style, rotary_dim, k_scale, v_scale, eps,
+        (("hidden", hidden), ("kv_weight", kv_weight), ("kv_bias", kv_bias)))
     Hkv, D = k_caches[0].shape[2], k_caches[0].shape[3]
     if kv_weight.shape[2] != Hkv * D:
         raise ValueError(f"kv_weight: expected {Hkv * D} = Hkv*D output rows (from the caches) in dim 2, "
                          f"got shape {list(kv_weight.shape)}")
     if kv_bias is not None:
         check_tensor("kv_bias", kv_bias, dtypes=FLOAT_DTYPES, device=dev, shape=(L, 2, Hkv * D))
+    _check_cache_overlap(k_cache, v_cache, reads)
+    if N == 0:
+        return
     positions, slot_mapping, cos_sin_cache = _dense(positions, slot_mapping, cos_sin_cache)
-    chosen = _resolve("inject_kv", dev.type, backend)
-    _inject_kv_op(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping, k_caches,
-                  v_caches, cos_sin_cache, eps, rope_style == "neox", rotary_dim, k_scale, v_scale,
-                  chosen)
+    _run("inject_kv", dev.type, backend, hidden, kv_weight, kv_bias, k_norm_weight, positions,
+         slot_mapping, k_caches, v_caches, cos_sin_cache, eps, rope_style == "neox", rotary_dim,
+         k_scale, v_scale)
 
 
 def write_kv(
@@ -413,13 +409,16 @@ def write_kv(
     check_tensor("k", k, ndim=4, dtypes=ACT_DTYPES, last_contiguous=True)
     dev, (N, L, Hkv, D) = k.device, k.shape
     check_tensor("v", v, dtypes=(k.dtype,), device=dev, shape=(N, L, Hkv, D), last_contiguous=True)
-    k_caches, v_caches, rotary_dim, k_scale, v_scale, eps = _check_kv_common(
+    k_caches, v_caches, rotary_dim, k_scale, v_scale, eps, reads = _check_kv_common(
         k.dtype, dev, N, L, Hkv, D, k_norm_weight, positions, slot_mapping,
-        k_cache, v_cache, cos_sin_cache, rope_style, rotary_dim, k_scale, v_scale, eps)
+        k_cache, v_cache, cos_sin_cache, rope_style, rotary_dim, k_scale, v_scale, eps,
+        (("k", k), ("v", v)))
+    _check_cache_overlap(k_cache, v_cache, reads)
+    if N == 0:
+        return
     positions, slot_mapping, cos_sin_cache = _dense(positions, slot_mapping, cos_sin_cache)
-    chosen = _resolve("write_kv", dev.type, backend)
-    _write_kv_op(k, v, k_norm_weight, positions, slot_mapping, k_caches, v_caches, cos_sin_cache,
-                 eps, rope_style == "neox", rotary_dim, k_scale, v_scale, chosen)
+    _run("write_kv", dev.type, backend, k, v, k_norm_weight, positions, slot_mapping, k_caches,
+         v_caches, cos_sin_cache, eps, rope_style == "neox", rotary_dim, k_scale, v_scale)
 
 
 # --------------------------------------------------------------------------
@@ -486,28 +485,28 @@ def verify_chain(
     if num_drafts is None:
         num_drafts = torch.full((B,), S - 1, dtype=torch.int32, device=dev)
     else:
-        check_tensor("num_drafts", num_drafts, dtypes=(torch.int32,), device=dev, shape=(B,))
+        check_vector("num_drafts", num_drafts, torch.int32, B, dev)
     if temperature is None:
         for name, val in (("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
                           ("positions", positions), ("draft_probs", draft_probs)):
             if val is not None:
                 raise ValueError(f"{name}: only used with temperature; pass temperature (<= 0 for greedy rows)")
     else:
-        check_tensor("temperature", temperature, dtypes=(torch.float32,), device=dev, shape=(B,))
+        check_vector("temperature", temperature, torch.float32, B, dev)
         if seeds is None or positions is None:
             raise ValueError("seeds, positions: required with temperature, so that every request "
                              "draws its own noise (keyed by seed and position)")
-        check_tensor("seeds", seeds, dtypes=(torch.int64,), device=dev, shape=(B,))
-        check_tensor("positions", positions, dtypes=(torch.int64,), device=dev, shape=(B,))
+        check_vector("seeds", seeds, torch.int64, B, dev)
+        check_vector("positions", positions, torch.int64, B, dev)
         if top_k is not None:
-            check_tensor("top_k", top_k, dtypes=(torch.int32,), device=dev, shape=(B,))
+            check_vector("top_k", top_k, torch.int32, B, dev)
         if top_p is not None:
-            check_tensor("top_p", top_p, dtypes=(torch.float32,), device=dev, shape=(B,))
+            check_vector("top_p", top_p, torch.float32, B, dev)
         if draft_probs is not None:
             check_tensor("draft_probs", draft_probs, dtypes=FLOAT_DTYPES, device=dev,
                          shape=(B, S - 1, V), last_contiguous=True)
     if seq_lens is not None:
-        check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), device=dev, shape=(B,))
+        check_vector("seq_lens", seq_lens, torch.int32, B, dev)
     if out is None:
         accept_len = torch.empty((B,), dtype=torch.int32, device=dev)
         out_tokens = torch.empty((B, S), dtype=torch.int32, device=dev)
@@ -519,19 +518,27 @@ def verify_chain(
                              "(accept_len, out_tokens, bonus, new_seq_lens)")
         accept_len, out_tokens, bonus, new_seq_lens = out
         i32 = (torch.int32,)
-        check_tensor("out.accept_len", accept_len, dtypes=i32, device=dev, shape=(B,), contiguous=True)
+        check_vector("out.accept_len", accept_len, torch.int32, B, dev, contiguous=True)
         check_tensor("out.out_tokens", out_tokens, dtypes=i32, device=dev, shape=(B, S), contiguous=True)
-        check_tensor("out.bonus", bonus, dtypes=i32, device=dev, shape=(B,), contiguous=True)
+        check_vector("out.bonus", bonus, torch.int32, B, dev, contiguous=True)
         if seq_lens is None:
             new_seq_lens = None
         elif new_seq_lens is None:
             raise ValueError("out.new_seq_lens: required when seq_lens is given")
         else:
-            check_tensor("out.new_seq_lens", new_seq_lens, dtypes=i32, device=dev, shape=(B,),
-                         contiguous=True)
+            check_vector("out.new_seq_lens", new_seq_lens, torch.int32, B, dev, contiguous=True)
+        check_no_overlap((("out.accept_len", accept_len), ("out.out_tokens", out_tokens),
+                          ("out.bonus", bonus), ("out.new_seq_lens", new_seq_lens)),
+                         (("logits", logits), ("block_tokens", block_tokens),
+                          ("num_drafts", num_drafts), ("temperature", temperature),
+                          ("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
+                          ("positions", positions), ("draft_probs", draft_probs),
+                          ("seq_lens", seq_lens)))
+    if B == 0:
+        return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
     block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens = _dense(
         block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens)
-    chosen = _resolve("verify_chain", dev.type, backend)
-    _verify_chain_op(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
-                     draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens, chosen)
+    _run("verify_chain", dev.type, backend, logits, block_tokens, num_drafts, temperature, top_k,
+         top_p, seeds, positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
+         new_seq_lens)
     return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)

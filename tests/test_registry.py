@@ -72,3 +72,121 @@ def test_public_call_with_unavailable_backend(monkeypatch):
     tokens = torch.zeros(2, 3, dtype=torch.int32)
     with pytest.raises(dk.BackendUnavailableError):
         dk.verify_chain(logits, tokens, backend="cuda")
+
+
+# ---------------------------------------------------------------------------
+# The schema table is the one contract
+# ---------------------------------------------------------------------------
+
+from dflash_kernels import _schema, ops  # noqa: E402
+
+
+@pytest.mark.parametrize("op", _registry.OPS)
+def test_custom_op_is_generated_from_the_table(op):
+    schema = str(getattr(torch.ops.dflash, op).default._schema)
+    assert schema == f"dflash::{op}({_schema.SCHEMAS[op]}, str backend) -> ()"
+    parsed = _schema.OPS[op]
+    assert parsed.mutated, "every op writes at least one output"
+    for name in parsed.mutated:
+        assert f"!) {name}" in schema or f"!)? {name}" in schema or f"!)[] {name}" in schema
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("op", _registry.OPS)
+def test_backend_functions_take_the_schema_arguments(op, backend):
+    import inspect
+
+    fn, _, reason = _registry._load(op, backend)
+    if fn is None:
+        assert "no implementation" in reason or "could not be imported" in reason
+        pytest.skip(reason)
+    # Keyword-only extras (test and tuning knobs) may follow the schema's.
+    params = [p.name for p in inspect.signature(fn).parameters.values()
+              if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    assert params == list(_schema.OPS[op].args), f"{backend}.{op}: {params}"
+
+
+def test_schema_parser_names_optionals_and_outputs():
+    p = _schema.parse("x", "Tensor a, Tensor? b, float c, Tensor(a!) d, Tensor(b!)? e, Tensor(c!)[] f")
+    assert p.args == ("a", "b", "c", "d", "e", "f")
+    assert p.optional == ((1, "b"),)
+    assert p.mutated == ("d", "e", "f")
+    with pytest.raises(ValueError, match="cannot parse"):
+        _schema.parse("x", "Tensor a b")
+
+
+# ---------------------------------------------------------------------------
+# Capability checks: the registry names the backend that really runs a call
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_cuda_backend(monkeypatch):
+    """Every backend runs on every device; cuda's verify_chain refuses the
+    filters, as the compiled kernel does."""
+    monkeypatch.delenv(_registry.ENV_VAR, raising=False)
+    real_load = _registry._load
+    calls = []
+
+    def load(op, backend):
+        if backend == "cuda" and op == "verify_chain":
+            return (lambda *a: calls.append("cuda"),
+                    frozenset({"top_k", "top_p", "draft_probs"}), "")
+        return real_load(op, backend)
+
+    monkeypatch.setattr(_registry, "_load", load)
+    monkeypatch.setattr(_registry, "_device_reason", lambda b, d, i: "")
+    _registry._resolve.cache_clear()
+    yield calls
+    _registry._resolve.cache_clear()
+
+
+def test_resolve_skips_a_backend_that_cannot_take_an_argument(fake_cuda_backend):
+    assert _registry.resolve("verify_chain", "cuda", given=("temperature",)) == "cuda"
+    assert _registry.resolve("verify_chain", "cuda", given=("temperature", "top_k")) == "triton"
+    assert not _registry.is_available("verify_chain", "cuda", "cuda", ("draft_probs",))
+    assert _registry.unsupported_args("verify_chain", "cuda") == {"top_k", "top_p", "draft_probs"}
+    with pytest.raises(dk.BackendUnavailableError, match="does not take top_p"):
+        _registry.resolve("verify_chain", "cuda", "cuda", given=("temperature", "top_p"))
+
+
+def test_public_call_passes_the_given_optionals(monkeypatch):
+    seen = {}
+
+    def spy_resolve(op, device_type, backend, given):
+        seen[op] = given
+        return "reference"
+
+    monkeypatch.setattr(ops, "_resolve", spy_resolve)
+    B, S, V = 2, 3, 11
+    logits = torch.randn(B, S, V)
+    tokens = torch.zeros(B, S, dtype=torch.int64)
+    T = torch.ones(B)
+    key = torch.arange(B)
+    dk.verify_chain(logits, tokens, temperature=T, seeds=key, positions=key,
+                    top_k=torch.full((B,), 3, dtype=torch.int32))
+    assert seen["verify_chain"] == ("temperature", "top_k", "seeds", "positions")
+    dk.verify_chain(logits, tokens)
+    assert seen["verify_chain"] == ()
+
+
+def test_traced_calls_go_through_the_custom_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    logits = torch.randn(2, 3, 11)
+    tokens = torch.zeros(2, 3, dtype=torch.int64)
+    eager = dk.verify_chain(logits, tokens, backend="reference")
+    with Log() as log:
+        traced = dk.verify_chain(logits, tokens, backend="reference")
+    assert "dflash.verify_chain.default" in log.ops
+    for a, b in zip(eager, traced):
+        if a is not None:
+            assert torch.equal(a, b)

@@ -66,6 +66,15 @@ ATTENTION_CASES = {
     "scale_tensor_dtype": (lambda a: (_fp8_caches(a), a.update(k_scale=torch.ones(1, dtype=F16),
                                                                v_scale=1.0)), "k_scale"),
     "scale_negative": (lambda a: (_fp8_caches(a), a.update(k_scale=-2.0, v_scale=1.0)), "k_scale"),
+    "scale_inf": (lambda a: (_fp8_caches(a), a.update(k_scale=1.0, v_scale=float("inf"))), "v_scale"),
+    "scale_zero_in_fp32": (lambda a: (_fp8_caches(a), a.update(k_scale=1e-50, v_scale=1.0)), "k_scale"),
+    "sm_scale_inf": (lambda a: a.update(sm_scale=float("inf")), "sm_scale"),
+    "sm_scale_nan": (lambda a: a.update(sm_scale=float("nan")), "sm_scale"),
+    "sm_scale_past_fp32": (lambda a: a.update(sm_scale=1e39), "sm_scale"),
+    "sm_scale_huge_int": (lambda a: a.update(sm_scale=2 ** 1100), "sm_scale"),
+    "out_aliases_q": (lambda a: a.update(out=a["q"]), "out, q|q, out"),
+    "lse_aliases_out": (lambda a: a.update(out=torch.empty(2 * 4 * 4 * 64 * 2, dtype=F16)[:2 * 4 * 4 * 64]
+                                           .view(2, 4, 4, 64), return_lse=True), None),
     "out_shape": (lambda a: a.update(out=torch.empty(2, 4, 4, 32, dtype=F16)), "out"),
     "out_dtype": (lambda a: a.update(out=torch.empty(2, 4, 4, 64, dtype=F32)), "out"),
     "out_contiguous": (lambda a: a.update(out=torch.empty(4, 2, 4, 64, dtype=F16).transpose(0, 1)), "out"),
@@ -78,6 +87,10 @@ ATTENTION_CASES = {
 def test_block_attention_rejects(case):
     args = attention_args()
     breaker, needle = ATTENTION_CASES[case]
+    if needle is None:  # a valid layout that looks close to an invalid one
+        breaker(args)
+        dk.block_attention(**args, backend="reference")
+        return
     breaker(args)
     with pytest.raises(ValueError, match=needle):
         dk.block_attention(**args, backend="reference")
@@ -103,7 +116,10 @@ FUSE_CASES = {
     "fc_weight_dtype": (lambda a: a.update(fc_weight=a["fc_weight"].to(BF16)), "fc_weight"),
     "norm_weight_shape": (lambda a: a.update(norm_weight=a["norm_weight"][:10]), "norm_weight"),
     "eps": (lambda a: a.update(eps=0.0), "eps"),
+    "eps_inf": (lambda a: a.update(eps=float("inf")), "eps"),
     "out_shape": (lambda a: a.update(out=torch.empty(3, 32, dtype=F16)), "out"),
+    "out_aliases_features": (lambda a: a.update(out=a["features"].view(-1)[:3 * 64].view(3, 64)),
+                             "features"),
 }
 
 
@@ -167,7 +183,25 @@ KV_COMMON_CASES = {
     "cos_sin_width": (lambda a: a.update(cos_sin_cache=torch.randn(32, 32)), "cos_sin_cache"),
     "cos_sin_dtype": (lambda a: a.update(cos_sin_cache=torch.randn(32, 64, dtype=F16)), "cos_sin_cache"),
     "eps": (lambda a: a.update(eps=-1.0), "eps"),
+    "eps_inf": (lambda a: a.update(eps=float("inf")), "eps"),
+    "k_cache_is_v_cache": (lambda a: a.update(v_cache=a["k_cache"]), "k_cache, v_cache|v_cache, k_cache"),
+    "layers_share_a_cache": (lambda a: a.update(k_cache=[a["k_cache"][0], a["k_cache"][0]]),
+                             r"k_cache\[0\], k_cache\[1\]"),
+    "layer_dim_expanded": (lambda a: a.update(k_cache=a["k_cache"][:1].expand(2, -1, -1, -1, -1)),
+                           "k_cache: the op writes it"),
+    "pages_overlap": (lambda a: a.update(k_cache=a["k_cache"].as_strided(
+        a["k_cache"].shape, (4 * 4 * 2 * 64, 2 * 2 * 64, 2 * 64, 64, 1))), "k_cache: the op writes it"),
+    "cache_holds_positions": (lambda a: a.update(positions=a["k_cache"].view(torch.int64)[0, 0, 0, 0, :5]),
+                              "positions"),
+    "kv_interleaved_is_fine": (lambda a: _interleaved_kv(a), None),
 }
+
+
+def _interleaved_kv(a):
+    """K and V as the two halves of one [L, P, 2, page, Hkv, D] buffer: disjoint, accepted."""
+    kv = torch.zeros(2, 4, 2, 4, 2, 64, dtype=F16)
+    a.update(k_cache=kv[:, :, 0], v_cache=kv[:, :, 1])
+
 
 INJECT_CASES = dict(KV_COMMON_CASES, **{
     "hidden_rank": (lambda a: a.update(hidden=a["hidden"][0]), "hidden"),
@@ -191,6 +225,8 @@ WRITE_CASES = dict(KV_COMMON_CASES, **{
                                          v_cache=torch.zeros(2, 4, 4, 1, 64, dtype=F16)), "k_cache"),
     "cache_head_dim": (lambda a: a.update(k_cache=torch.zeros(2, 4, 4, 2, 128, dtype=F16),
                                           v_cache=torch.zeros(2, 4, 4, 2, 128, dtype=F16)), "k_cache"),
+    "k_inside_v_cache": (lambda a: a.update(k=a["v_cache"].view(-1)[:5 * 2 * 2 * 64].view(5, 2, 2, 64)),
+                         "v_cache, k|k, v_cache"),
 })
 
 
@@ -199,6 +235,9 @@ def test_inject_kv_rejects(case):
     args = inject_args()
     breaker, needle = INJECT_CASES[case]
     breaker(args)
+    if needle is None:  # a valid layout that looks close to an invalid one
+        dk.inject_kv(**args, backend="reference")
+        return
     with pytest.raises(ValueError, match=needle):
         dk.inject_kv(**args, backend="reference")
 
@@ -208,6 +247,9 @@ def test_write_kv_rejects(case):
     args = write_args()
     breaker, needle = WRITE_CASES[case]
     breaker(args)
+    if needle is None:  # a valid layout that looks close to an invalid one
+        dk.write_kv(**args, backend="reference")
+        return
     with pytest.raises(ValueError, match=needle):
         dk.write_kv(**args, backend="reference")
 
@@ -255,7 +297,16 @@ VERIFY_CASES = {
     "out_new_seq_lens": (lambda a: a.update(seq_lens=torch.zeros(3, dtype=I32),
                                             out=(torch.empty(3, dtype=I32), torch.empty(3, 4, dtype=I32),
                                                  torch.empty(3, dtype=I32), None)), "out.new_seq_lens"),
+    "out_bonus_is_accept_len": (lambda a: a.update(out=_aliased_verify_out()), "out.accept_len, out.bonus"),
+    "out_aliases_block_tokens": (lambda a: a.update(out=(torch.empty(3, dtype=I32), a["block_tokens"],
+                                                         torch.empty(3, dtype=I32), None)),
+                                 "block_tokens"),
 }
+
+
+def _aliased_verify_out():
+    x = torch.empty(3, dtype=I32)
+    return (x, torch.empty(3, 4, dtype=I32), x, None)
 
 
 @pytest.mark.parametrize("case", sorted(VERIFY_CASES))
@@ -265,6 +316,49 @@ def test_verify_chain_rejects(case):
     breaker(args)
     with pytest.raises(ValueError, match=needle):
         dk.verify_chain(**args, backend="reference")
+
+
+@pytest.mark.parametrize("op, make, empty", [
+    (dk.verify_chain, lambda: dict(logits=torch.randn(0, 4, 50),
+                                   block_tokens=torch.zeros(0, 4, dtype=I64)), "B = 0"),
+    (dk.fuse_target_features, lambda: dict(features=torch.randn(3, 0, dtype=F16),
+                                           fc_weight=torch.randn(0, 0, dtype=F16),
+                                           norm_weight=torch.randn(0, dtype=F16)), "H = 0"),
+    (dk.inject_kv, lambda: dict(inject_args(), hidden=torch.randn(0, 32, dtype=F16),
+                                positions=torch.zeros(0, dtype=I64),
+                                slot_mapping=torch.zeros(0, dtype=I64)), "N = 0"),
+    (dk.write_kv, lambda: dict(write_args(), k=torch.randn(0, 2, 2, 64, dtype=F16),
+                               v=torch.randn(0, 2, 2, 64, dtype=F16),
+                               positions=torch.zeros(0, dtype=I64),
+                               slot_mapping=torch.zeros(0, dtype=I64)), "N = 0"),
+    (dk.block_attention, lambda: dict(attention_args(), q=torch.randn(0, 4, 4, 64, dtype=F16),
+                                      block_table=torch.zeros(0, 3, dtype=I32),
+                                      context_lens=torch.zeros(0, dtype=I32),
+                                      k_block=torch.randn(0, 4, 2, 64, dtype=F16),
+                                      v_block=torch.randn(0, 4, 2, 64, dtype=F16)), "B = 0"),
+])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_shapes_are_valid(op, make, empty, backend):
+    """Valid edge shapes launch nothing and return empty (or untouched) outputs."""
+    args = make()
+    caches = [args[k].clone() for k in ("k_cache", "v_cache") if k in args]
+    result = op(**args, backend=backend)
+    if op is dk.verify_chain:
+        assert result.accept_len.shape == (0,) and result.out_tokens.shape == (0, 4)
+    elif op is dk.fuse_target_features:
+        assert result.shape == (3, 0)
+    elif op is dk.block_attention:
+        assert result.shape == (0, 4, 4, 64)
+    for before, k in zip(caches, ("k_cache", "v_cache")):
+        assert torch.equal(before, args[k]), empty
+
+
+def test_huge_window_means_no_window():
+    """A window wider than any query-key distance is no window, however large the int."""
+    args = attention_args()
+    plain = dk.block_attention(**args, backend="reference")
+    for w in (10 ** 6, 2 ** 63, 2 ** 100):
+        assert torch.equal(dk.block_attention(**args, window=w, backend="reference"), plain)
 
 
 def test_device_mismatch_is_named():
@@ -295,9 +389,11 @@ def test_validation_reads_no_device_value(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", forbidden)
     monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
     monkeypatch.setattr(torch.Tensor, "__bool__", forbidden)
-    for case in ATTENTION_CASES.values():
+    for breaker, needle in ATTENTION_CASES.values():
+        if needle is None:
+            continue
         args = attention_args()
-        case[0](args)
+        breaker(args)
         with pytest.raises(ValueError):
             dk.block_attention(**args, backend="reference")
 
