@@ -4,9 +4,11 @@ These are CPU host times (``time.perf_counter_ns``), not GPU times: what one
 call costs the Python/C++ host path before (and instead of) any kernel runs.
 Outside CUDA graphs a decode step of a small drafter is bound by this time.
 
-Cases, all timed in one run, interleaved round by round (every round times a
-batch of ``--inner`` calls of each case, the case order rotated each round, so
-that drift from the other processes on the machine hits all cases alike):
+Cases, all timed in one run, interleaved round by round (every round times
+``--inner`` calls of each case one by one and keeps their median; the case
+order rotates each round, so that drift from the other processes on the
+machine hits all cases alike). A case's figures are the median, p10 and p90
+of its rounds:
 
 - ``public``: the public function (validation, normalisation, output
   allocation, backend resolution, the ``torch.ops.dflash.*`` custom-op
@@ -57,7 +59,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+from .report import _num
+
 SCHEMA = "dflash-microbench-overhead/1"
+DESCRIPTION = ("Host time per call of every public op with the device work removed (no-op backend; "
+               "Triton launch path with the launch stubbed; CUDA extension path with the kernel "
+               "skipped), next to one eager torch.add and bare custom ops. CPU host times, not GPU "
+               "times. See docs/benchmark.md, Host overhead.")
 BANNER = ("NOTE: these are CPU host times per call (time.perf_counter_ns medians over interleaved "
           "rounds),\n      the host path with the device work removed. They are not GPU times.")
 
@@ -243,7 +251,6 @@ def _fake_cuda_driver():
 def _triton_unavailable_reason() -> str:
     """Empty when the Triton backend can be JIT-compiled in this process, else why not."""
     try:
-        import triton
         from triton.runtime.jit import JITFunction
     except Exception as exc:
         return f"triton is not importable ({type(exc).__name__}: {exc})"
@@ -259,7 +266,6 @@ def _triton_unavailable_reason() -> str:
     if not kernels:
         return ("the Triton backend was imported under TRITON_INTERPRET=1 (its kernels are "
                 "interpreter objects)")
-    del triton
     return ""
 
 
@@ -355,7 +361,8 @@ def _baseline_ops():
 
 @dataclass
 class Case:
-    group: str                 # public, triton, public+triton, cuda, public+cuda, dispatch, alloc, resolve, baseline
+    # public, triton, public+triton, cuda, public+cuda, dispatch, alloc, resolve, baseline
+    group: str
     op: str
     mode: str
     what: str
@@ -457,18 +464,25 @@ def build_cases() -> List[Case]:
 
 
 def _time_batch(call: Callable, inner: int) -> float:
-    """Microseconds per call of ``inner`` back-to-back calls (gc off, as timeit does)."""
+    """Microseconds of one call: the median of ``inner`` calls timed one by one
+    (gc off, as timeit does). Timing each call, not the batch, keeps a batch
+    that the scheduler preempted once (2 cores shared with other processes)
+    from moving the round's figure; each figure includes one
+    ``perf_counter_ns`` pair and the case's closure call (~0.1-0.2 us)."""
+    times = [0] * inner
+    clock = time.perf_counter_ns
     gc_was = gc.isenabled()
     gc.disable()
     try:
-        t0 = time.perf_counter_ns()
-        for _ in range(inner):
+        for i in range(inner):
+            t0 = clock()
             call()
-        t1 = time.perf_counter_ns()
+            times[i] = clock() - t0
     finally:
         if gc_was:
             gc.enable()
-    return (t1 - t0) / inner / 1e3
+    times.sort()
+    return _quantile(times, 0.5) / 1e3
 
 
 def _quantile(sorted_vals: List[float], q: float) -> float:
@@ -549,10 +563,6 @@ def profile_cases(cases: List[Case], calls: int, top: int = 8,
 # Output.
 # --------------------------------------------------------------------------
 
-def _num(x, fmt):
-    return "-" if x is None else format(x, fmt)
-
-
 def _columns(head, lines, right) -> str:
     widths = [max(len(line[i]) for line in [head] + lines) for i in range(len(head) - 1)]
     out = []
@@ -591,14 +601,11 @@ def _load_note() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m microbench overhead",
-        description="Host time per call of every public op with the device work removed (no-op "
-                    "backend; Triton launch path with the launch stubbed; CUDA extension path with "
-                    "the kernel skipped), next to one eager torch.add and bare custom ops. CPU host "
-                    "times, not GPU times.")
+    p = argparse.ArgumentParser(prog="python -m microbench overhead", description=DESCRIPTION)
     p.add_argument("--rounds", type=int, default=200, help="timed rounds per case (default 200)")
-    p.add_argument("--inner", type=int, default=20, help="calls per case per round (default 20)")
+    p.add_argument("--inner", type=int, default=20,
+                   help="calls per case per round, each timed; the round keeps their median "
+                        "(default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
     p.add_argument("--profile", type=int, default=0, metavar="CALLS",
                    help="also cProfile CALLS calls of each public and triton case and print the "
