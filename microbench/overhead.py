@@ -384,16 +384,18 @@ def _captured_backend_args(fn, args, kwargs, op):
     return got["args"]
 
 
-def _allocated_outputs(op: str, backend_args, kwargs) -> List:
-    """(shape, dtype) of each output the public call allocated: the mutated
-    arguments of the custom op's schema that the caller did not pass."""
+def _allocated_outputs(op: str, backend_args, args, kwargs) -> List:
+    """(shape, dtype) of each output the public call allocated: the tensors
+    the custom op's schema marks as written that the caller did not pass."""
     import torch
 
+    passed = {id(t) for v in list(args) + list(kwargs.values())
+              for t in (v if isinstance(v, (list, tuple)) else [v])}
     schema = getattr(torch.ops.dflash, op).default._schema
     out = []
     for a, val in zip(schema.arguments, backend_args):
         written = a.alias_info is not None and a.alias_info.is_write
-        if written and isinstance(val, torch.Tensor) and a.name not in kwargs:
+        if written and isinstance(val, torch.Tensor) and id(val) not in passed:
             out.append((tuple(val.shape), val.dtype))
     return out
 
@@ -440,7 +442,7 @@ def build_cases() -> List[Case]:
         cases.append(Case("dispatch", op, mode, "torch.ops.dflash OpOverload call, no-op backend",
                           lambda packet=packet, bargs=bargs, b=backend_name: packet(*bargs, b),
                           {op: _noop}))
-        allocs = _allocated_outputs(op, bargs, kwargs)
+        allocs = _allocated_outputs(op, bargs, args, kwargs)
 
         def alloc(allocs=allocs):
             for shape, dtype in allocs:
