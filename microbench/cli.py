@@ -1,4 +1,7 @@
-"""``python -m microbench [attention|inject|verify|all] [options]``: see docs/benchmark.md."""
+"""``python -m microbench [attention|inject|verify|all] [options]``: see docs/benchmark.md.
+
+``python -m microbench overhead [options]`` (host time per call) is microbench/overhead.py.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m microbench",
         description="DFlash kernel microbenchmarks: our backends side by side with the PyTorch "
                     "compositions (and FlashInfer / FlashAttention when importable), against the "
-                    "device's measured copy bandwidth.")
+                    "device's measured copy bandwidth. `python -m microbench overhead --help`: "
+                    "host time per call of each op with the device work removed.")
     p.add_argument("suite", nargs="?", default="all", choices=SUITE_CHOICES,
                    help="which suite to run (default: all)")
     p.add_argument("--preset", type=_name_list,
@@ -98,6 +102,11 @@ def _command(args, suite, preset, overrides_text, op, batch, ctx, impl, device, 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the benchmark; returns 0, 1 (a FAIL row, or one of ours raised) or 2 (bad usage)."""
+    rest = sys.argv[1:] if argv is None else list(argv)
+    if rest[:1] == ["overhead"]:
+        from .overhead import main as overhead_main
+
+        return overhead_main(rest[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
