@@ -136,11 +136,16 @@ def check_float(name, value, *, positive=False):
 
 def _extent(t):
     """``(first byte, one past the last byte)`` that ``t`` can touch, or None when empty."""
-    if t.numel() == 0:
+    numel = t.numel()
+    if numel == 0:
         return None
     lo = t.data_ptr()
     esize = t.element_size()
-    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    if t.is_contiguous():
+        return lo, lo + numel * esize
+    span = 0
+    for n, s in zip(t.shape, t.stride()):
+        span += (n - 1) * s
     return lo, lo + span * esize + esize
 
 
@@ -164,7 +169,7 @@ def _nested(dims) -> bool:
 def _has_internal_overlap(t) -> bool:
     """Two indices of ``t`` with one address (a stride-0 expansion, overlapping
     as_strided pages). Conservative for layouts that are not nested."""
-    return t.numel() > 1 and not _nested([(s, n) for s, n in _dims(t)])
+    return t.numel() > 1 and not t.is_contiguous() and not _nested(_dims(t))
 
 
 def _share_memory(a, b, ea, eb) -> bool:

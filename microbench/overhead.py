@@ -32,11 +32,13 @@ of its rounds:
   ``public+cuda``: the full stack through the extension (the registry hands
   out ``dflash_kernels.cuda.<op>``, whose ``torch.ops.dflash.<op>_cuda``
   points at the probe during the run). SKIP rows where the probes are absent.
-- ``dispatch``, ``alloc``, ``resolve``: pieces of the public layer, timed on
-  their own: the ``torch.ops.dflash.<op>`` OpOverload call with the no-op
-  backend, one ``torch.empty`` per output the public function allocates, and
+- ``alloc``, ``resolve``: pieces of the public layer, timed on their own: one
+  ``torch.empty`` per output the public function allocates, and
   ``_registry.resolve``. The breakdown's ``validation (derived)`` is
-  ``public - dispatch - alloc - resolve``.
+  ``public - alloc - resolve``.
+- ``dispatch``: the ``torch.ops.dflash.<op>`` OpOverload call with the no-op
+  backend: what a traced (torch.compile) or profiled call adds; eager calls
+  skip it (ops._run).
 - ``baseline``: one eager ``torch.add`` of two 1-element tensors (every ratio
   is to it), a no-op ``torch.library.custom_op`` that mutates one tensor, and
   a no-op op made with ``torch.library.Library(...).define`` + ``impl``.
@@ -259,7 +261,7 @@ def _triton_unavailable_reason() -> str:
                 "path (interpreted kernels are not launched)")
     from dflash_kernels import _registry
 
-    fn, reason = _registry._load("verify_chain", "triton")
+    fn, _, reason = _registry._load("verify_chain", "triton")
     if fn is None:
         return reason
     kernels = [v for v in vars(sys.modules[fn.__module__]).values() if isinstance(v, JITFunction)]
@@ -529,7 +531,7 @@ def breakdown(rows: List[Dict]) -> List[Dict]:
         if None in (pub, disp, alloc, res):
             continue
         out.append(dict(op=op, mode=mode, public_us=pub, dispatch_us=disp, alloc_us=alloc,
-                        resolve_us=res, validation_derived_us=pub - disp - alloc - res,
+                        resolve_us=res, validation_derived_us=pub - alloc - res,
                         backend_triton_us=by.get(("triton", op, mode)),
                         full_triton_us=by.get(("public+triton", op, mode)),
                         backend_cuda_us=by.get(("cuda", op, mode)),
@@ -662,7 +664,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{args.rounds} rounds x {args.inner} calls per case, interleaved, {doc['seconds']:.1f} s; "
           "shape " + ",".join(f"{k}={v}" for k, v in DECODE.items()))
     print(table(doc["rows"]))
-    print("\nPublic layer breakdown (median us per call; validation* = public - dispatch - alloc - "
+    print("\nPublic layer breakdown (median us per call; validation* = public - alloc - "
           "resolve):")
     print(breakdown_table(doc["breakdown"]))
     for name, entries in doc["profile"].items():
