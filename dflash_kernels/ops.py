@@ -14,6 +14,7 @@ Every public function takes ``backend=None | "reference" | "triton" | "cuda"``.
 
 from __future__ import annotations
 
+import os
 from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -36,6 +37,7 @@ from ._validation import (
 
 __all__ = [
     "VerifyOutput",
+    "set_nvtx",
     "block_attention",
     "fuse_target_features",
     "inject_kv",
@@ -93,8 +95,26 @@ def _run(op: str, device_type: str, backend: Optional[str], *args) -> None:
     if (torch.compiler.is_compiling() or _profiler._is_profiler_enabled
             or _get_current_dispatch_mode() is not None or torch._C._get_tracing_state() is not None):
         _OVERLOADS[op](*args, chosen)
+    elif _NVTX:
+        torch.cuda.nvtx.range_push(f"dflash::{op} [{chosen}]")
+        try:
+            _registry.get(op, chosen)(*args)
+        finally:
+            torch.cuda.nvtx.range_pop()
     else:
         _registry.get(op, chosen)(*args)
+
+
+_NVTX = (os.environ.get("DFLASH_KERNELS_NVTX") or "0") != "0"
+
+
+def set_nvtx(enabled: bool) -> None:
+    """Wrap every eager op call in an NVTX range ``dflash::<op> [<backend>]``
+    (for Nsight Systems). Off by default, and free when off (one flag test);
+    ``DFLASH_KERNELS_NVTX=1`` turns it on at import. Traced calls appear as
+    the custom op ``dflash::<op>`` instead."""
+    global _NVTX
+    _NVTX = bool(enabled)
 
 
 def _dense(*tensors):

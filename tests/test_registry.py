@@ -190,3 +190,19 @@ def test_traced_calls_go_through_the_custom_op():
     for a, b in zip(eager, traced):
         if a is not None:
             assert torch.equal(a, b)
+
+
+def test_nvtx_ranges_only_when_enabled(monkeypatch):
+    marks = []
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: marks.append(("push", name)))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: marks.append(("pop",)))
+    logits = torch.randn(2, 3, 11)
+    tokens = torch.zeros(2, 3, dtype=torch.int64)
+    try:
+        dk.set_nvtx(True)
+        dk.verify_chain(logits, tokens, backend="reference")
+    finally:
+        dk.set_nvtx(False)
+    assert marks == [("push", "dflash::verify_chain [reference]"), ("pop",)]
+    dk.verify_chain(logits, tokens, backend="reference")
+    assert len(marks) == 2
