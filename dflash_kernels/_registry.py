@@ -24,16 +24,16 @@ _MODULES = {
         "triton": "dflash_kernels.triton_backend.block_attention",
     },
     "fuse_target_features": {
-        "reference": "dflash_kernels.reference.inject",
-        "triton": "dflash_kernels.triton_backend.inject",
+        "reference": "dflash_kernels.reference.fuse_target_features",
+        "triton": "dflash_kernels.triton_backend.fuse_target_features",
     },
     "inject_kv": {
-        "reference": "dflash_kernels.reference.inject",
-        "triton": "dflash_kernels.triton_backend.inject",
+        "reference": "dflash_kernels.reference.inject_kv",
+        "triton": "dflash_kernels.triton_backend.inject_kv",
     },
     "write_kv": {
-        "reference": "dflash_kernels.reference.inject",
-        "triton": "dflash_kernels.triton_backend.inject",
+        "reference": "dflash_kernels.reference.write_kv",
+        "triton": "dflash_kernels.triton_backend.write_kv",
         "cuda": "dflash_kernels.cuda",
     },
     "verify_chain": {
