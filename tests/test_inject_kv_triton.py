@@ -44,9 +44,9 @@ def test_inject_kv_triton_matches_reference(device, L, N, page, D, layout, neox,
     if cache_dtype in FP8_MAX:
         scales = dict(k_scale=0.02, v_scale=torch.tensor([0.015], device=device))
     run_both(dflash_kernels.inject_kv, device, (hidden, kv_weight, knw, positions, slots),
-              (cos_sin,), L=L, P=P, page=page, Hkv=Hkv, D=D, layout=layout,
-              cache_dtype=cache_dtype, slots=slots, act=act, kv_bias=kv_bias,
-              rope_style="neox" if neox else "gptj", rotary_dim=rotary_dim, **scales)
+             (cos_sin,), L=L, P=P, page=page, Hkv=Hkv, D=D, layout=layout,
+             cache_dtype=cache_dtype, slots=slots, act=act, kv_bias=kv_bias,
+             rope_style="neox" if neox else "gptj", rotary_dim=rotary_dim, **scales)
 
 
 @pytest.mark.parametrize("D, cache_dtype", [(128, torch.bfloat16), (256, torch.float8_e4m3fn)])
@@ -57,8 +57,8 @@ def test_inject_kv_triton_bf16(device, D, cache_dtype):
         device, act, L, N, H, Hkv, D, P, page, True, True, None, 64)
     scales = dict(k_scale=0.02, v_scale=0.015) if cache_dtype in FP8_MAX else {}
     run_both(dflash_kernels.inject_kv, device, (hidden, kv_weight, knw, positions, slots),
-              (cos_sin,), L=L, P=P, page=page, Hkv=Hkv, D=D, layout="stacked",
-              cache_dtype=cache_dtype, slots=slots, act=act, kv_bias=kv_bias, **scales)
+             (cos_sin,), L=L, P=P, page=page, Hkv=Hkv, D=D, layout="stacked",
+             cache_dtype=cache_dtype, slots=slots, act=act, kv_bias=kv_bias, **scales)
 
 
 def test_inject_kv_all_rows_skipped_writes_nothing(device):

@@ -29,6 +29,6 @@ def test_write_kv_triton_matches_reference(device, L, N, page, D, layout, neox, 
     cos_sin = make_cos_sin(64, rotary_dim or D, device)
     scales = dict(k_scale=0.05, v_scale=0.04) if cache_dtype in FP8_MAX else {}
     run_both(dflash_kernels.write_kv, device, (k, v, knw, positions, slots), (cos_sin,),
-              L=L, P=P, page=page, Hkv=Hkv, D=D, layout=layout, cache_dtype=cache_dtype,
-              slots=slots, act=act, rope_style="neox" if neox else "gptj", rotary_dim=rotary_dim,
-              **scales)
+             L=L, P=P, page=page, Hkv=Hkv, D=D, layout=layout, cache_dtype=cache_dtype,
+             slots=slots, act=act, rope_style="neox" if neox else "gptj", rotary_dim=rotary_dim,
+             **scales)
