@@ -356,6 +356,8 @@ def run_attention(case, backend, sm_scale=None, window=None, **kw):
 
 
 def attention_lens(page, S, block):
+    """Context lengths 0, 1, around one page and past two pages; each plus S when
+    the block's keys are not passed as k_block / v_block."""
     base = [0, 1, page - 1, page + 1, 2 * page + 3]
     return base if block else [L + S for L in base]
 
