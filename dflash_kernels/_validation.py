@@ -9,8 +9,7 @@ import numbers
 
 import torch
 
-ACT_DTYPES = (torch.float16, torch.bfloat16)
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+from ._dtypes import ACT_DTYPES, FP8_DTYPES
 HEAD_DIMS = (64, 128, 256)
 
 

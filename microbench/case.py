@@ -43,6 +43,7 @@ class Case:
     mutable: Sequence[str] = ()   # inputs an op writes (reset to their first state before each check)
     outputs: Sequence[str] = ()   # output buffers (filled with garbage before each check)
     extra: Dict[str, object] = field(default_factory=dict)
+    mode: str = ""                # a variant of the op (verify_chain: greedy or sampled)
 
 
 def cache_dtype(shape: Shape, act: torch.dtype) -> torch.dtype:

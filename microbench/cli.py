@@ -1,4 +1,4 @@
-"""``python -m microbench [attention|inject|verify|all] [options]``: see docs/benchmark.md.
+"""``python -m microbench [SUITE|all] [options]``, a suite per op: see docs/benchmark.md.
 
 ``python -m microbench overhead [options]`` (host time per call) is microbench/overhead.py.
 """
@@ -17,7 +17,6 @@ from typing import List, Optional
 from . import presets as P
 from .report import Progress, have_matplotlib, plot, table, write_csv, write_json
 
-SUITE_CHOICES = ("attention", "inject", "verify", "all")
 CPU_BANNER = ("NOTE: these are CPU timings (time.perf_counter medians). They say nothing about "
               "GPU kernel speed;\n      the CPU path only checks the ops and the bench end to end.")
 
@@ -40,7 +39,7 @@ def _name_list(text: str) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .suites import BASELINES, OUR_BACKENDS
+    from .suites import BASELINES, OUR_BACKENDS, SUITES
 
     p = argparse.ArgumentParser(
         prog="python -m microbench",
@@ -48,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "compositions (and FlashInfer / FlashAttention when importable), against the "
                     "device's measured copy bandwidth. `python -m microbench overhead --help`: "
                     "host time per call of each op with the device work removed.")
-    p.add_argument("suite", nargs="?", default="all", choices=SUITE_CHOICES,
-                   help="which suite to run (default: all)")
+    p.add_argument("suite", nargs="?", default="all", choices=SUITES + ("all",),
+                   help="which suite (one per op) to run (default: all)")
     p.add_argument("--preset", type=_name_list,
                    help=f"comma-separated shape presets ({', '.join(P.PRESETS)}); default: the four "
                         f"model presets on a GPU, cpu-small on the CPU")
@@ -61,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"implementations to run, of {', '.join(OUR_BACKENDS + BASELINES)} (default: all "
                         f"available; the oracle always runs for the check)")
     p.add_argument("--ops", type=_name_list, help="ops within the suites (default: all)")
+    p.add_argument("--modes", type=_name_list, help="modes of the ops that have them (verify_chain: "
+                                                    "greedy, sampled; default: all)")
     p.add_argument("--dtype", choices=("bf16", "fp16"), help="activation dtype (default: bf16 on a GPU, "
                                                              "fp16 on the CPU)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
@@ -87,12 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _command(args, suite, preset, overrides_text, op, batch, ctx, impl, device, dtype) -> str:
+def _command(args, suite, preset, overrides_text, op, mode, batch, ctx, impl, device,
+             dtype) -> str:
     parts = ["python", "-m", "microbench", suite, "--preset", preset]
     if overrides_text:
         parts += ["--shape", overrides_text]
-    parts += ["--ops", op, "--batch", str(batch), "--ctx", str(ctx), "--backends", impl,
-              "--dtype", dtype]
+    parts += ["--ops", op] + (["--modes", mode] if mode else [])
+    parts += ["--batch", str(batch), "--ctx", str(ctx), "--backends", impl, "--dtype", dtype]
     if device.type == "cpu":
         parts += ["--device", "cpu"]
     if args.interpret:
@@ -153,6 +155,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         bad = [o for o in args.ops if o not in all_ops]
         return usage_error(f"--ops: unknown for {args.suite}: {', '.join(bad)}; expected some of "
                            f"{', '.join(sorted(all_ops))}")
+    all_modes = {m for s in suite_names for m in getattr(S.module(s), "MODES", ())}
+    if args.modes and any(m not in all_modes for m in args.modes):
+        return usage_error(f"--modes: expected some of {', '.join(sorted(all_modes)) or 'none'} "
+                           f"for {args.suite}, got {', '.join(args.modes)}")
     if args.plot:
         msg = have_matplotlib()
         if msg:
@@ -172,10 +178,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         for suite in suite_names:
             mod = S.module(suite)
             ops = [o for o in mod.OPS if not args.ops or o in args.ops]
-            for op in ops:
+            modes = getattr(mod, "MODES", ("",))       # --modes filters only the ops with modes
+            modes = [m for m in modes if not (m and args.modes) or m in args.modes]
+            for op, mode in ((op, mode) for op in ops for mode in modes):
                 for batch in batches:
                     for ctx in (ctxs if mod.SWEEPS_CTX else ctxs[:1]):
-                        plan.append((suite, mod, name, shape, op, batch, ctx))
+                        plan.append((suite, mod, name, shape, op, mode, batch, ctx))
 
     if not gpu:
         print(CPU_BANNER)
@@ -187,19 +195,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows, skipped = [], []
     progress = Progress(len(plan), enabled=not args.quiet)
     started = time.perf_counter()
-    for suite, mod, name, shape, op, batch, ctx in plan:
+    for suite, mod, name, shape, op, mode, batch, ctx in plan:
         if args.budget is not None and time.perf_counter() - started > args.budget:
-            skipped.append(f"{suite}/{op} {shape.name} B={batch} ctx={ctx}")
+            skipped.append(f"{suite}/{op}{mode and f'[{mode}]'} {shape.name} B={batch} ctx={ctx}")
             progress.step("skipped (budget)")
             continue
-        progress.step(f"{suite}/{op} {shape.name} B={batch} ctx={ctx}")
+        progress.step(f"{suite}/{op}{mode and f'[{mode}]'} {shape.name} B={batch} ctx={ctx}")
         case = mod.build_case(op, shape, batch, ctx, dtype, device, interpret=args.interpret,
-                              seed=args.seed)
+                              seed=args.seed, **({"mode": mode} if mode else {}))
         rows += run_case(
             case, device, copy_gbps=bw["gbps"], select=args.backends, rotate_bytes=rotate, reps=reps,
             max_seconds=max_seconds, graph=not args.no_graph, verbose=args.verbose,
-            command_for=lambda impl, s=suite, n=name, o=op, b=batch, c=ctx: _command(
-                args, s, n, args.shape, o, b, c, impl.name, device, dtype))
+            command_for=lambda impl, s=suite, n=name, o=op, m=mode, b=batch, c=ctx: _command(
+                args, s, n, args.shape, o, m, b, c, impl.name, device, dtype))
     progress.close()
 
     print(table(rows))

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 SCHEMA = "dflash-microbench/1"
 
-CSV_KEYS = ("suite", "op", "preset", "dtype", "batch", "ctx", "impl", "kind", "status", "time_ms",
+CSV_KEYS = ("suite", "op", "mode", "preset", "dtype", "batch", "ctx", "impl", "kind", "status", "time_ms",
             "min_ms", "max_ms", "runs", "timing", "copies", "bytes", "gbps", "frac_copy_bw",
             "speedup_vs_torch", "check", "max_abs_err", "error", "shape", "command")
 
@@ -48,6 +48,13 @@ def _num(x, fmt):
     return "-" if x is None else format(x, fmt)
 
 
+def label(r: Dict) -> str:
+    """``op`` for a suite's own op (suites are named after ops), else ``suite/op``
+    (inject_kv/injection), with ``[mode]`` after it when the op has modes."""
+    name = r["op"] if r["op"] == r["suite"] else f"{r['suite']}/{r['op']}"
+    return name + (f"[{r['mode']}]" if r.get("mode") else "")
+
+
 def table(rows: List[Dict]) -> str:
     """Plain-text columns, one line per row."""
     head = ("suite/op", "preset", "B", "ctx", "impl", "status", "time ms", "GB/s", "%copy", "vs torch",
@@ -55,7 +62,7 @@ def table(rows: List[Dict]) -> str:
     lines = [head]
     for r in rows:
         lines.append((
-            f"{r['suite']}/{r['op']}", r["preset"], str(r["batch"]), str(r["ctx"]), r["impl"],
+            label(r), r["preset"], str(r["batch"]), str(r["ctx"]), r["impl"],
             r["status"], _num(r["time_ms"], ".4f"), _num(r["gbps"], ".1f"),
             "-" if r["frac_copy_bw"] is None else f"{100 * r['frac_copy_bw']:.1f}",
             "-" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.2f}x",
@@ -102,7 +109,7 @@ def have_matplotlib() -> Optional[str]:
 
 def plot(path: str, rows: List[Dict], title: str = "") -> None:
     """Time and fraction of the copy bandwidth against context length (or batch), one
-    row of panels per (suite, op, preset), one line per implementation."""
+    row of panels per (op and mode, preset), one line per implementation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,10 +118,10 @@ def plot(path: str, rows: List[Dict], title: str = "") -> None:
     ok = [r for r in rows if r["status"] == "OK" and r["time_ms"]]
     groups: Dict[tuple, List[Dict]] = {}
     for r in ok:
-        groups.setdefault((r["suite"], r["op"], r["preset"]), []).append(r)
+        groups.setdefault((label(r), r["preset"]), []).append(r)
     n = max(len(groups), 1)
     fig, axes = plt.subplots(n, 2, figsize=(11, 3.2 * n), squeeze=False)
-    for ax_row, ((suite, op, preset), rs) in zip(axes, sorted(groups.items())):
+    for ax_row, ((name, preset), rs) in zip(axes, sorted(groups.items())):
         x_key = "ctx" if len({r["ctx"] for r in rs}) > 1 else "batch"
         other = "batch" if x_key == "ctx" else "ctx"
         lines: Dict[tuple, List[Dict]] = {}
@@ -131,7 +138,7 @@ def plot(path: str, rows: List[Dict], title: str = "") -> None:
             ax.set_xscale("log", base=2)
             ax.set_xlabel(x_key)
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{suite}/{op} {preset}", fontsize=9)
+            ax.set_title(f"{name} {preset}", fontsize=9)
             ax.grid(True, alpha=0.3)
         ax_row[0].set_yscale("log")
         ax_row[0].legend(fontsize=6)

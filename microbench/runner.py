@@ -11,7 +11,7 @@ from . import roofline, timing
 from .case import Case, Impl, clone_inputs, fill_garbage, input_bytes, snapshot
 
 ROW_KEYS = (
-    "suite", "op", "preset", "shape", "dtype", "batch", "ctx", "impl", "kind", "status", "error",
+    "suite", "op", "mode", "preset", "shape", "dtype", "batch", "ctx", "impl", "kind", "status", "error",
     "check", "max_abs_err", "time_ms", "min_ms", "max_ms", "runs", "timing", "copies", "bytes",
     "gbps", "frac_copy_bw", "speedup_vs_torch", "extra", "command",
 )
@@ -41,7 +41,7 @@ def run_case(case: Case, device: torch.device, *, copy_gbps: Optional[float],
     """
     impls = [i for i in case.impls if select is None or i.name in select]
     base = {
-        "suite": case.suite, "op": case.op, "preset": case.shape.name, "shape": case.shape.as_dict(),
+        "suite": case.suite, "op": case.op, "mode": case.mode, "preset": case.shape.name, "shape": case.shape.as_dict(),
         "dtype": case.dtype, "batch": case.batch, "ctx": case.ctx, "bytes": case.nbytes,
         "extra": dict(case.extra),
     }

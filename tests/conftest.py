@@ -2,8 +2,9 @@
 
 Without a GPU, Triton kernels run under the interpreter on CPU tensors; the
 interpreter must be switched on before any kernel module is imported, so it is
-set here, at collection time. The interpreter's bf16 arithmetic is patched
-(see _interpreter_bf16.py) so bf16 kernels can be tested on CPU too.
+set here, at collection time. The interpreter's bf16 arithmetic and fp32 to
+fp8 rounding are patched (see _interpreter_patches.py) so bf16 and fp8 kernels
+can be tested on CPU too.
 """
 
 import os
@@ -19,9 +20,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    import _interpreter_bf16  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
+    import _interpreter_patches  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
 
-    _interpreter_bf16.apply()
+    _interpreter_patches.apply()
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

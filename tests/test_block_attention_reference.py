@@ -2,7 +2,7 @@
 
 The truth here walks each request's pages token by token in Python, appends
 the block keys, and runs a dense softmax per query head with an explicit
-visibility mask. The cases builder is shared with test_block_attention_triton.py.
+visibility mask. The case builder is in tests/helpers.py.
 """
 
 import math
@@ -10,89 +10,8 @@ import math
 import pytest
 import torch
 
-import dflash_kernels
 from dflash_kernels.reference import block_attention as ref
-
-NAN = float("nan")
-
-
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def make_case(B=None, S=4, Hq=4, Hkv=1, D=64, page_size=16, ctx_lens=(5,), *,
-              dtype=torch.float16, cache_dtype=None, block=True, layout="nhd",
-              scale_kind="float", device="cpu", spare_pages=2, extra_cols=2):
-    """Random inputs with poisoned unused cache rows/pages and garbage table entries.
-
-    Pages are owned by one request each, in random order. Rows past a
-    request's length in its last page and every spare page hold NaN; table
-    entries past the used pages hold -1, huge ids, the page count, or ids of
-    the NaN spare pages. ``layout``: "nhd", "hnd" (permuted view) or
-    "combined" (k/v slices of one ``[2, P, page, Hkv, D]`` tensor).
-    """
-    ctx_lens = list(ctx_lens)
-    B = len(ctx_lens) if B is None else B
-    assert len(ctx_lens) == B
-    cache_dtype = cache_dtype or dtype
-    n_used = [_cdiv(L, page_size) for L in ctx_lens]
-    P = max(n_used + [1]) + extra_cols
-    num_pages = sum(n_used) + spare_pages
-    perm = torch.randperm(num_pages).tolist()
-    spare = perm[sum(n_used):]
-    garbage = [-1, 2 ** 31 - 1, num_pages, num_pages + 1000] + spare
-    table = torch.empty(B, P, dtype=torch.int32)
-    nxt = 0
-    for b in range(B):
-        for j in range(P):
-            if j < n_used[b]:
-                table[b, j] = perm[nxt]
-                nxt += 1
-            else:
-                table[b, j] = garbage[(b + j) % len(garbage)]
-
-    fp8 = cache_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-    k_scale = 0.25 if fp8 else None
-    v_scale = 0.5 if fp8 else None
-
-    def cache_values(scale):
-        x = torch.randn(num_pages, page_size, Hkv, D)
-        if scale is not None:
-            x = x / scale
-        for b, L in enumerate(ctx_lens):
-            if n_used[b] and L % page_size:
-                x[table[b, n_used[b] - 1], L % page_size:] = NAN
-        for p in spare:
-            x[p] = NAN
-        return x.to(cache_dtype)
-
-    kv = [cache_values(k_scale), cache_values(v_scale)]
-    if layout == "nhd":
-        k_cache, v_cache = [x.to(device) for x in kv]
-    elif layout == "hnd":
-        caches = []
-        for x in kv:
-            base = torch.empty(num_pages, Hkv, page_size, D, dtype=cache_dtype, device=device)
-            base.copy_(x.permute(0, 2, 1, 3))
-            caches.append(base.permute(0, 2, 1, 3))
-        k_cache, v_cache = caches
-    elif layout == "combined":
-        base = torch.stack(kv).to(device)
-        k_cache, v_cache = base[0], base[1]
-    else:
-        raise AssertionError(layout)
-    if fp8 and scale_kind == "tensor":
-        k_scale = torch.tensor([k_scale], dtype=torch.float32, device=device)
-        v_scale = torch.tensor([v_scale], dtype=torch.float32, device=device)
-
-    q = torch.randn(B, S, Hq, D).to(dtype).to(device)
-    kb = vb = None
-    if block:
-        kb = torch.randn(B, S, Hkv, D).to(dtype).to(device)
-        vb = torch.randn(B, S, Hkv, D).to(dtype).to(device)
-    return dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=table.to(device),
-                context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device),
-                k_block=kb, v_block=vb, k_scale=k_scale, v_scale=v_scale)
+from helpers import NAN, attention_lens, make_attention_case, run_attention
 
 
 def dense_truth(case, sm_scale, window):
@@ -140,29 +59,10 @@ def dense_truth(case, sm_scale, window):
     return out, lse
 
 
-def run_public(case, backend, sm_scale=None, window=None, **kw):
-    """The public op with garbage-prefilled ``out`` and ``lse_out``."""
-    q = case["q"]
-    out = torch.full_like(q, NAN)
-    lse = torch.full(q.shape[:3], NAN, dtype=torch.float32, device=q.device)
-    res = dflash_kernels.block_attention(
-        q, case["k_cache"], case["v_cache"], case["block_table"], case["context_lens"],
-        case["k_block"], case["v_block"], sm_scale=sm_scale, window=window,
-        k_scale=case["k_scale"], v_scale=case["v_scale"], out=out, return_lse=True,
-        lse_out=lse, backend=backend, **kw)
-    assert res[0] is out and res[1] is lse
-    return out, lse
-
-
 def assert_matches_truth(case, out, lse, sm_scale, window, atol=3e-3):
     want, want_lse = dense_truth(case, sm_scale, window)
     torch.testing.assert_close(out.cpu().double(), want, atol=atol, rtol=atol)
     torch.testing.assert_close(lse.cpu().double(), want_lse, atol=1e-4, rtol=1e-5)
-
-
-def _lens(page, S, block):
-    base = [0, 1, page - 1, page + 1, 2 * page + 3]
-    return base if block else [L + S for L in base]
 
 
 @pytest.mark.parametrize(
@@ -178,32 +78,35 @@ def _lens(page, S, block):
     ],
 )
 def test_reference_matches_dense_math(page_size, S, Hq, Hkv, D, block, window, layout):
-    case = make_case(S=S, Hq=Hq, Hkv=Hkv, D=D, page_size=page_size,
-                     ctx_lens=_lens(page_size, S, block), block=block, layout=layout)
+    case = make_attention_case(S=S, Hq=Hq, Hkv=Hkv, D=D, page_size=page_size,
+                               ctx_lens=attention_lens(page_size, S, block), block=block,
+                               layout=layout)
     sm_scale = D ** -0.5
-    out, lse = run_public(case, "reference", window=window)
+    out, lse = run_attention(case, "reference", window=window)
     assert_matches_truth(case, out, lse, sm_scale, window or 0)
 
 
 @pytest.mark.parametrize("block", [True, False])
 def test_reference_long_context_custom_scale(block):
-    case = make_case(S=8, Hq=8, Hkv=2, D=64, page_size=16, ctx_lens=[317, 200, 16], block=block)
-    out, lse = run_public(case, "reference", sm_scale=0.3)
+    case = make_attention_case(S=8, Hq=8, Hkv=2, D=64, page_size=16, ctx_lens=[317, 200, 16],
+                               block=block)
+    out, lse = run_attention(case, "reference", sm_scale=0.3)
     assert_matches_truth(case, out, lse, 0.3, 0)
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("scale_kind", ["float", "tensor"])
 def test_reference_fp8_cache(cache_dtype, scale_kind):
-    case = make_case(S=4, Hq=4, Hkv=1, D=64, page_size=16, ctx_lens=[0, 17, 40],
-                     cache_dtype=cache_dtype, scale_kind=scale_kind, layout="hnd")
-    out, lse = run_public(case, "reference", window=9)
+    case = make_attention_case(S=4, Hq=4, Hkv=1, D=64, page_size=16, ctx_lens=[0, 17, 40],
+                               cache_dtype=cache_dtype, scale_kind=scale_kind, layout="hnd")
+    out, lse = run_attention(case, "reference", window=9)
     assert_matches_truth(case, out, lse, 64 ** -0.5, 9)
 
 
 def test_reference_bf16():
-    case = make_case(S=4, Hq=8, Hkv=2, D=64, page_size=16, ctx_lens=[9, 33], dtype=torch.bfloat16)
-    out, lse = run_public(case, "reference")
+    case = make_attention_case(S=4, Hq=8, Hkv=2, D=64, page_size=16, ctx_lens=[9, 33],
+                               dtype=torch.bfloat16)
+    out, lse = run_attention(case, "reference")
     assert out.dtype == torch.bfloat16
     assert_matches_truth(case, out, lse, 0.125, 0, atol=2e-2)
 
@@ -213,7 +116,8 @@ def test_reference_rows_without_visible_keys(window):
     # Outside SPEC (context shorter than S with no block), but still defined:
     # rows with nothing visible give zeros and lse = -inf, never NaN.
     S = 4
-    case = make_case(S=S, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=[0, 2, 6], block=False)
+    case = make_attention_case(S=S, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=[0, 2, 6],
+                               block=False)
     B, _, Hq, D = case["q"].shape
     out = torch.full_like(case["q"], NAN)
     lse = torch.full((B, S, Hq), NAN)
@@ -234,7 +138,7 @@ def test_reference_visible_key_scan():
     # every row can be read off and counted against the window rule.
     S, W, page = 3, 4, 4
     L = 9
-    case = make_case(S=S, Hq=1, Hkv=1, D=64, page_size=page, ctx_lens=[L], block=True)
+    case = make_attention_case(S=S, Hq=1, Hkv=1, D=64, page_size=page, ctx_lens=[L], block=True)
     Tk = L + S
     vals = torch.zeros(Tk, 64, dtype=torch.float16)
     vals[torch.arange(Tk), torch.arange(Tk)] = 1
@@ -242,7 +146,7 @@ def test_reference_visible_key_scan():
     for t in range(L):
         case["v_cache"][bt[0, t // page], t % page, 0] = vals[t]
     case["v_block"][0, :, 0] = vals[L:]
-    out, _ = run_public(case, "reference", window=W)
+    out, _ = run_attention(case, "reference", window=W)
     support = out[0, :, 0, :Tk] > 0
     for i in range(S):
         want = [abs(L + i - j) < W for j in range(Tk)]
@@ -252,7 +156,7 @@ def test_reference_visible_key_scan():
 def test_reference_has_no_data_dependent_ops():
     # On meta tensors there are no values: any .item()/.tolist() or
     # data-dependent shape would raise, so this proves the op never syncs.
-    case = make_case(S=4, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=[3, 20])
+    case = make_attention_case(S=4, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=[3, 20])
     meta = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
     out = torch.empty_like(meta["q"])
     lse = torch.empty(meta["q"].shape[:3], device="meta")

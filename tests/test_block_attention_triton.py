@@ -11,10 +11,8 @@ import pytest
 import torch
 
 from dflash_kernels.triton_backend import block_attention as tri
-from test_block_attention_reference import _lens, make_case, run_public
+from helpers import NAN, attention_lens, make_attention_case, run_attention
 from triton_compile import compile_report
-
-NAN = float("nan")
 
 
 def _scale_tensor(s, device):
@@ -36,7 +34,7 @@ def run_triton(case, sm_scale, window, num_splits=None, with_lse=True):
 
 
 def assert_matches_reference(case, out, lse, sm_scale, window, atol=4e-3):
-    want, want_lse = run_public(case, "reference", sm_scale=sm_scale, window=window or None)
+    want, want_lse = run_attention(case, "reference", sm_scale=sm_scale, window=window or None)
     assert not out.isnan().any(), "unwritten or NaN output"
     torch.testing.assert_close(out.float(), want.float(), atol=atol, rtol=atol)
     if lse is not None:
@@ -60,9 +58,9 @@ def assert_matches_reference(case, out, lse, sm_scale, window, atol=4e-3):
 )
 def test_triton_matches_reference(page_size, S, Hq, Hkv, D, block, window, layout, num_splits,
                                   device):
-    case = make_case(S=S, Hq=Hq, Hkv=Hkv, D=D, page_size=page_size,
-                     ctx_lens=_lens(page_size, S, block), block=block, layout=layout,
-                     device=device)
+    case = make_attention_case(S=S, Hq=Hq, Hkv=Hkv, D=D, page_size=page_size,
+                               ctx_lens=attention_lens(page_size, S, block), block=block,
+                               layout=layout, device=device)
     sm_scale = D ** -0.5
     out, lse = run_triton(case, sm_scale, window, num_splits)
     assert_matches_reference(case, out, lse, sm_scale, window)
@@ -70,8 +68,8 @@ def test_triton_matches_reference(page_size, S, Hq, Hkv, D, block, window, layou
 
 @pytest.mark.parametrize("num_splits", [1, 5])
 def test_triton_long_context(num_splits, device):
-    case = make_case(S=4, Hq=8, Hkv=2, D=64, page_size=16, ctx_lens=[317, 3], block=True,
-                     device=device)
+    case = make_attention_case(S=4, Hq=8, Hkv=2, D=64, page_size=16, ctx_lens=[317, 3], block=True,
+                               device=device)
     out, lse = run_triton(case, 0.2, 0, num_splits)
     assert_matches_reference(case, out, lse, 0.2, 0)
 
@@ -79,16 +77,16 @@ def test_triton_long_context(num_splits, device):
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("scale_kind", ["float", "tensor"])
 def test_triton_fp8_cache(cache_dtype, scale_kind, device):
-    case = make_case(S=4, Hq=4, Hkv=1, D=64, page_size=16, ctx_lens=[0, 17, 40],
-                     cache_dtype=cache_dtype, scale_kind=scale_kind, layout="hnd",
-                     device=device)
+    case = make_attention_case(S=4, Hq=4, Hkv=1, D=64, page_size=16, ctx_lens=[0, 17, 40],
+                               cache_dtype=cache_dtype, scale_kind=scale_kind, layout="hnd",
+                               device=device)
     out, lse = run_triton(case, 0.125, 9 if scale_kind == "float" else 0, num_splits=2)
     assert_matches_reference(case, out, lse, 0.125, 9 if scale_kind == "float" else 0)
 
 
 def test_triton_bf16(device):
-    case = make_case(S=4, Hq=8, Hkv=2, D=64, page_size=16, ctx_lens=[9, 70],
-                     dtype=torch.bfloat16, device=device)
+    case = make_attention_case(S=4, Hq=8, Hkv=2, D=64, page_size=16, ctx_lens=[9, 70],
+                               dtype=torch.bfloat16, device=device)
     out, lse = run_triton(case, 0.125, 0, num_splits=2)
     assert out.dtype == torch.bfloat16
     assert_matches_reference(case, out, lse, 0.125, 0, atol=3e-2)
@@ -99,8 +97,8 @@ def test_triton_rows_without_visible_keys(num_splits, device):
     # Outside SPEC (no block and a context shorter than S), but defined: rows
     # that see nothing give zeros and lse = -inf; with several splits every
     # partial is neutral and the merge must not make NaN.
-    case = make_case(S=4, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=[0, 2, 6], block=False,
-                     device=device)
+    case = make_attention_case(S=4, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=[0, 2, 6],
+                               block=False, device=device)
     out, lse = run_triton(case, 0.125, 1, num_splits)
     assert (out[0] == 0).all() and (lse[0] == -math.inf).all()
     assert (out[1, :2] == 0).all() and (lse[1, :2] == -math.inf).all()
@@ -111,13 +109,14 @@ def test_triton_without_lse_through_public_api(device):
     # Default split count (2 on CPU for contexts over one tile), public entry point.
     import dflash_kernels
 
-    case = make_case(S=3, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=[100, 5], device=device)
+    case = make_attention_case(S=3, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=[100, 5],
+                               device=device)
     out = torch.full_like(case["q"], NAN)
     res = dflash_kernels.block_attention(
         case["q"], case["k_cache"], case["v_cache"], case["block_table"], case["context_lens"],
         case["k_block"], case["v_block"], out=out, backend="triton")
     assert res is out
-    want = run_public(case, "reference")[0]
+    want = run_attention(case, "reference")[0]
     torch.testing.assert_close(out.float(), want.float(), atol=4e-3, rtol=4e-3)
 
 
@@ -186,7 +185,7 @@ def test_each_context_element_is_read_once(num_splits, monkeypatch):
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", spy)
     ctx = [0, 37, 100]
-    case = make_case(S=4, Hq=8, Hkv=2, D=64, page_size=16, ctx_lens=ctx)
+    case = make_attention_case(S=4, Hq=8, Hkv=2, D=64, page_size=16, ctx_lens=ctx)
     out, lse = run_triton(case, 0.125, 0, num_splits)
     assert not out.isnan().any()
     addrs = np.concatenate(loaded)
@@ -206,8 +205,8 @@ def test_head_offsets_past_int32(device):
     # the kernel must form 64-bit products. ~4.3 GB of address space; only the
     # pages copied in below are ever touched.
     Hkv, D, page = 4, 64, 4
-    case = make_case(S=3, Hq=8, Hkv=Hkv, D=D, page_size=page, ctx_lens=(7, 2, 9),
-                     cache_dtype=torch.float8_e4m3fn, device=device)
+    case = make_attention_case(S=3, Hq=8, Hkv=Hkv, D=D, page_size=page, ctx_lens=(7, 2, 9),
+                               cache_dtype=torch.float8_e4m3fn, device=device)
     n = case["k_cache"].shape[0]
     big_pages = 2 ** 30 // (2 * page * D)
     buf = torch.empty((Hkv, 2, big_pages, page, D), dtype=torch.uint8, device=device)
@@ -225,12 +224,13 @@ def test_strided_context_lens_and_huge_window(device):
     # context_lens as a column view (stride 2), through the public op, which
     # hands the kernel a dense copy; window = 2**31 - 1 (a common "no window"
     # sentinel) is the same as no window, in the backend with forced splits too.
-    case = make_case(S=4, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=(5, 17, 0), device=device)
+    case = make_attention_case(S=4, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=(5, 17, 0),
+                               device=device)
     cl = case["context_lens"]
     strided = torch.stack([torch.full_like(cl, 9999), cl], 1)[:, 1]
     sm_scale = 0.125
     for window in (None, 2 ** 31 - 1):
-        out, lse = run_public(dict(case, context_lens=strided), "triton", sm_scale, window)
+        out, lse = run_attention(dict(case, context_lens=strided), "triton", sm_scale, window)
         assert_matches_reference(case, out, lse, sm_scale, 0)
         out, lse = run_triton(case, sm_scale, window or 0, num_splits=2)
         assert_matches_reference(case, out, lse, sm_scale, 0)

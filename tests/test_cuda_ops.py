@@ -25,9 +25,9 @@ import pytest
 import torch
 
 import dflash_kernels
-from test_inject_reference import (FP8_MAX, INT_VIEW, make_caches, make_cos_sin, make_slots,
+from helpers import (FP8_MAX, INT_VIEW, make_caches, make_cos_sin, make_slots,
                                    sentinel_fill, snapshot)
-from test_verify_chain_reference import make_case, run
+from helpers import make_verify_case as make_case, run_verify as run
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"

@@ -14,7 +14,8 @@ from microbench import presets, roofline, timing
 from microbench.case import Impl
 from microbench.cli import build_parser, main
 from microbench.runner import ROW_KEYS, run_case
-from microbench.suites import attention, inject, verify
+from microbench.suites import (SUITES, _common, block_attention, fuse_target_features, module,
+                               verify_chain, write_kv)
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--reps", "2", "--max-seconds", "0.01", "--quiet"]
 CPU = torch.device("cpu")
@@ -26,19 +27,21 @@ CPU = torch.device("cpu")
     "argv, message",
     [
         (["nosuch"], "invalid choice"),
-        (["attention", "--shape", "hq=abc"], "hq expects an integer"),
-        (["attention", "--shape", "heads=4"], "unknown key 'heads'"),
-        (["attention", "--shape", "hq"], "expected key=value"),
-        (["attention", "--shape", "hq=6,hkv=4"], "multiple of hkv"),
-        (["attention", "--shape", "d=96"], "d must be one of"),
-        (["attention", "--shape", "cache=int4"], "cache must be one of"),
-        (["attention", "--shape", "s=1"], "s (block size) must be >= 2"),
-        (["attention", "--preset", "nosuch"], "unknown preset 'nosuch'"),
-        (["attention", "--backends", "cudnn"], "--backends: unknown cudnn"),
-        (["verify", "--ops", "block_attention"], "--ops: unknown for verify"),
-        (["attention", "--batch", "0"], "integers >= 1"),
-        (["attention", "--ctx", "1k"], "comma-separated integers"),
-    ],
+        (["verify_chain", "--ops", "block_attention"], "--ops: unknown for verify_chain"),
+    ] + [(["block_attention"] + args.split(), message) for args, message in [
+        ("--shape hq=abc", "hq expects an integer"),
+        ("--shape heads=4", "unknown key 'heads'"),
+        ("--shape hq", "expected key=value"),
+        ("--shape hq=6,hkv=4", "multiple of hkv"),
+        ("--shape d=96", "d must be one of"),
+        ("--shape cache=int4", "cache must be one of"),
+        ("--shape s=1", "s (block size) must be >= 2"),
+        ("--preset nosuch", "unknown preset 'nosuch'"),
+        ("--backends cudnn", "--backends: unknown cudnn"),
+        ("--modes greedy", "--modes: expected some of none"),
+        ("--batch 0", "integers >= 1"),
+        ("--ctx 1k", "comma-separated integers"),
+    ]],
 )
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     assert main(argv + ["--device", "cpu"]) == 2
@@ -49,7 +52,7 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
 
 def test_plot_without_matplotlib_is_a_clean_error(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr("microbench.cli.have_matplotlib", lambda: "--plot needs matplotlib (test)")
-    assert main(["verify", "--plot", str(tmp_path / "p.png")] + TINY) == 2
+    assert main(["verify_chain", "--plot", str(tmp_path / "p.png")] + TINY) == 2
     assert "--plot needs matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
 
@@ -57,7 +60,8 @@ def test_plot_without_matplotlib_is_a_clean_error(monkeypatch, capsys, tmp_path)
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "p.png"
-    assert main(["verify", "--ops", "greedy", "--batch", "1,2", "--ctx", "4", "--plot", str(path)] + TINY) == 0
+    assert main(["verify_chain", "--modes", "greedy", "--batch", "1,2", "--ctx", "4", "--plot", str(path)]
+                + TINY) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -86,14 +90,14 @@ def test_tiny_cpu_run_succeeds_and_covers_every_op(tiny_run):
     code, doc, _ = tiny_run
     assert code == 0
     rows = doc["rows"]
-    seen = {(r["suite"], r["op"]) for r in rows}
-    want = {(s, op) for s, m in (("attention", attention), ("inject", inject), ("verify", verify))
-            for op in m.OPS}
+    seen = {(r["suite"], r["op"], r["mode"]) for r in rows}
+    want = {(s, op, mode) for s in SUITES for op in module(s).OPS
+            for mode in getattr(module(s), "MODES", ("",))}
     assert seen == want
     assert all(r["status"] == "OK" for r in rows), [(r["op"], r["impl"], r["check"]) for r in rows]
     # The PyTorch composition runs for every op that has one, and is checked against the reference.
-    for suite, op in want - {("verify", "sampled")}:
-        torch_rows = [r for r in rows if (r["suite"], r["op"], r["impl"]) == (suite, op, "torch")]
+    for key in want - {("verify_chain", "verify_chain", "sampled")}:
+        torch_rows = [r for r in rows if (r["suite"], r["op"], r["mode"], r["impl"]) == key + ("torch",)]
         assert len(torch_rows) == 1
         assert torch_rows[0]["check"] == "vs reference"
         assert torch_rows[0]["speedup_vs_torch"] == pytest.approx(1.0)
@@ -128,40 +132,40 @@ def test_csv_has_one_line_per_row(tiny_run):
 def test_row_bytes_follow_the_roofline_formulas(tiny_run):
     _, doc, _ = tiny_run
     t = presets.PRESETS["tiny"]
-    by_op = {(r["suite"], r["op"]): r["bytes"] for r in doc["rows"]}
-    assert by_op[("attention", "block_attention")] == roofline.attention_bytes(
+    by_op = {(r["op"], r["mode"]): r["bytes"] for r in doc["rows"]}
+    assert by_op[("block_attention", "")] == roofline.attention_bytes(
         batch=2, s=t.s, hq=t.hq, hkv=t.hkv, d=t.d, ctx=9, page=t.page, act=2, cache_elt=2)
-    assert by_op[("verify", "greedy")] == roofline.verify_bytes(
+    assert by_op[("verify_chain", "greedy")] == roofline.verify_bytes(
         batch=2, s=t.s, v=t.v, logits_elt=4, token_elt=4, seq_lens=True)
-    n_valid = int(inject.committed(t, 2, 0).sum())
+    n_valid = int(_common.committed(t, 2, 0).sum())
     assert 2 <= n_valid <= 2 * t.s
-    assert by_op[("inject", "write_kv")] == roofline.write_kv_bytes(
+    assert by_op[("write_kv", "")] == roofline.write_kv_bytes(
         n=2 * t.s, n_valid=n_valid, layers=t.layers, hkv=t.hkv, d=t.d, act=2, cache_elt=2,
         rotary_dim=t.d, norm_elt=2)
 
 
 def test_each_row_has_a_command_that_reproduces_it(tiny_run, tmp_path):
     _, doc, _ = tiny_run
-    row = next(r for r in doc["rows"] if r["op"] == "greedy" and r["impl"] == "torch")
+    row = next(r for r in doc["rows"] if r["mode"] == "greedy" and r["impl"] == "torch")
     argv = shlex.split(row["command"])
     assert argv[:3] == ["python", "-m", "microbench"]
     args = build_parser().parse_args(argv[3:])
-    assert (args.suite, args.preset, args.ops, args.batch, args.ctx, args.backends) == (
-        "verify", ["tiny"], ["greedy"], [2], [9], ["torch"])
+    assert (args.suite, args.preset, args.ops, args.modes, args.batch, args.ctx, args.backends) == (
+        "verify_chain", ["tiny"], ["verify_chain"], ["greedy"], [2], [9], ["torch"])
     out = tmp_path / "again.json"
     assert main(argv[3:] + ["--json", str(out), "--reps", "2", "--quiet"]) == 0
     again = json.loads(out.read_text())["rows"]
-    assert [(r["op"], r["impl"], r["batch"], r["ctx"], r["status"]) for r in again] == [
-        ("greedy", "torch", 2, 9, "OK")]
+    assert [(r["op"], r["mode"], r["impl"], r["batch"], r["ctx"], r["status"]) for r in again] == [
+        ("verify_chain", "greedy", "torch", 2, 9, "OK")]
 
 
 def test_cpu_run_prints_the_cpu_banner_and_a_table(capsys):
-    assert main(["verify", "--ops", "greedy", "--batch", "1", "--ctx", "4"] + TINY) == 0
+    assert main(["verify_chain", "--modes", "greedy", "--batch", "1", "--ctx", "4"] + TINY) == 0
     out = capsys.readouterr().out
     assert "CPU timings" in out and "say nothing about" in out
     header = next(line for line in out.splitlines() if line.startswith("suite/op"))
     assert header.split()[:6] == ["suite/op", "preset", "B", "ctx", "impl", "status"]
-    assert "verify/greedy" in out
+    assert "verify_chain[greedy]" in out
 
 
 def test_interpret_runs_the_triton_backend_on_cpu(tmp_path, monkeypatch):
@@ -169,7 +173,7 @@ def test_interpret_runs_the_triton_backend_on_cpu(tmp_path, monkeypatch):
         pytest.skip("the interpreter is chosen when Triton kernels are imported; this process compiles them")
     monkeypatch.setenv("TRITON_INTERPRET", "1")      # restored after the test (main sets it too)
     out = tmp_path / "r.json"
-    code = main(["verify", "--ops", "greedy", "--batch", "1", "--ctx", "4", "--interpret",
+    code = main(["verify_chain", "--modes", "greedy", "--batch", "1", "--ctx", "4", "--interpret",
                  "--json", str(out)] + TINY)
     rows = json.loads(out.read_text())["rows"]
     triton_rows = [r for r in rows if r["impl"] == "triton"]
@@ -182,7 +186,7 @@ def test_interpret_runs_the_triton_backend_on_cpu(tmp_path, monkeypatch):
 
 def test_custom_shape_reaches_rows_and_commands(tmp_path):
     out = tmp_path / "r.json"
-    assert main(["attention", "--shape", "window=5,cache=fp8_e4m3", "--batch", "2", "--ctx", "11",
+    assert main(["block_attention", "--shape", "window=5,cache=fp8_e4m3", "--batch", "2", "--ctx", "11",
                  "--json", str(out)] + TINY) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {r["status"] for r in rows} == {"OK"}
@@ -201,11 +205,11 @@ def _case(suite, op, batch=2, ctx=9):
 @pytest.mark.parametrize(
     "suite, op, corrupt",
     [
-        (attention, "block_attention", lambda out: out * 1.5),
-        (attention, "block_attention", None),        # leaves the output buffer unwritten
-        (inject, "write_kv", lambda caches: tuple(c.clone().fill_(0) for c in caches)),
-        (inject, "fuse_target_features", lambda out: out + 0.1),
-        (verify, "greedy", lambda outs: (outs[0] + 1,) + tuple(outs[1:])),
+        (block_attention, "block_attention", lambda out: out * 1.5),
+        (block_attention, "block_attention", None),        # leaves the output buffer unwritten
+        (write_kv, "write_kv", lambda caches: tuple(c.clone().fill_(0) for c in caches)),
+        (fuse_target_features, "fuse_target_features", lambda out: out + 0.1),
+        (verify_chain, "verify_chain", lambda outs: (outs[0] + 1,) + tuple(outs[1:])),  # greedy
     ],
 )
 def test_a_wrong_backend_is_marked_fail_and_not_timed(suite, op, corrupt):
@@ -228,7 +232,7 @@ def test_a_wrong_backend_is_marked_fail_and_not_timed(suite, op, corrupt):
 
 
 def test_a_raising_backend_is_an_error_row_not_a_crash():
-    case = _case(verify, "greedy", batch=1)
+    case = _case(verify_chain, "verify_chain", batch=1)
 
     def boom(inp):
         raise RuntimeError("kernel exploded")
@@ -246,7 +250,8 @@ def test_main_exits_1_when_a_row_fails(monkeypatch, tmp_path):
     real = microbench.baselines.torch_verify_greedy
     monkeypatch.setattr(microbench.baselines, "torch_verify_greedy", wrong_verify)
     out = tmp_path / "r.json"
-    assert main(["verify", "--ops", "greedy", "--batch", "2", "--ctx", "4", "--json", str(out)] + TINY) == 1
+    assert main(["verify_chain", "--modes", "greedy", "--batch", "2", "--ctx", "4", "--json", str(out)]
+                + TINY) == 1
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["torch"]["status"] == "FAIL" and "ids differ" in rows["torch"]["check"]
     assert rows["reference"]["status"] == "OK"

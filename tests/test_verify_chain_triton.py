@@ -12,40 +12,40 @@ import torch
 import triton
 
 from dflash_kernels.triton_backend import verify_chain as tv
-from test_verify_chain_reference import (assert_fits, assert_same, draft_case, keyed_batch, make_case,
-                                   run, softmax64)
+from helpers import (assert_fits, assert_same_verify, draft_case, keyed_batch, make_verify_case,
+                     run_verify, softmax64)
 from conftest import HAS_CUDA
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 
 def check_against_reference(kw):
-    got = run("triton", kw)
-    want = run("reference", kw)
-    assert_same(got, want)
+    got = run_verify("triton", kw)
+    want = run_verify("reference", kw)
+    assert_same_verify(got, want)
     return got
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B, S, V", [(1, 1, 1000), (4, 25, 1000), (3, 4, 8193), (1, 2, 32001)])
 def test_greedy(B, S, V, dtype, device):
-    kw = make_case(B, S, V, dtype=dtype, sampled="none", special_rows=True, match_frac=0.9,
-                   gen_seed=S, device=device)
+    kw = make_verify_case(B, S, V, dtype=dtype, sampled="none", special_rows=True, match_frac=0.9,
+                          gen_seed=S, device=device)
     check_against_reference(kw)
 
 
 @pytest.mark.parametrize("B, S, V, dtype", [(5, 4, 1000, torch.float32), (2, 3, 8193, torch.float16),
                                             (1, 2, 32001, torch.float32), (9, 11, 300, torch.float32)])
 def test_sampled_mixed(B, S, V, dtype, device):
-    kw = make_case(B, S, V, dtype=dtype, special_rows=True, gen_seed=V, device=device)
+    kw = make_verify_case(B, S, V, dtype=dtype, special_rows=True, gen_seed=V, device=device)
     check_against_reference(kw)
 
 
 @pytest.mark.parametrize("top_k, top_p, V", [(True, False, 1000), (False, True, 1000),
                                              (True, True, 2100)])
 def test_top_k_top_p(top_k, top_p, V, device):
-    kw = make_case(3, 3, V, top_k=top_k, top_p=top_p, special_rows=True, gen_seed=7,
-                   device=device)
+    kw = make_verify_case(3, 3, V, top_k=top_k, top_p=top_p, special_rows=True, gen_seed=7,
+                          device=device)
     check_against_reference(kw)
 
 
@@ -53,8 +53,8 @@ def test_top_k_top_p(top_k, top_p, V, device):
                                                   (3, 5, 8193, torch.float16, False),
                                                   (2, 3, 1000, torch.float32, True)])
 def test_draft_probs(B, S, V, dtype, filt, device):
-    kw = make_case(B, S, V, dtype=dtype, draft_probs=True, top_k=filt, top_p=filt,
-                   match_frac=0.3, special_rows=filt, gen_seed=3, device=device)
+    kw = make_verify_case(B, S, V, dtype=dtype, draft_probs=True, top_k=filt, top_p=filt,
+                          match_frac=0.3, special_rows=filt, gen_seed=3, device=device)
     check_against_reference(kw)
 
 
@@ -64,8 +64,8 @@ def test_forced_vocab_splits(nsplit, device, monkeypatch):
     # (ties across splits, all -inf rows) and the per-split noise offsets are exercised.
     monkeypatch.setattr(tv, "num_splits",
                         lambda rows, V, dev: min(nsplit, triton.cdiv(V, tv.block_size(V))))
-    kw = make_case(4, 3, 2500, draft_probs=True, special_rows=True, match_frac=0.4,
-                   gen_seed=nsplit, device=device)
+    kw = make_verify_case(4, 3, 2500, draft_probs=True, special_rows=True, match_frac=0.4,
+                          gen_seed=nsplit, device=device)
     logits = kw["logits"].clone()
     logits[1, 0] = -3.0
     logits[1, 0, [5, 1030, 2100]] = 4.0            # the same maximum in three splits -> 5
@@ -78,28 +78,28 @@ def test_forced_vocab_splits(nsplit, device, monkeypatch):
 
 
 def test_reproducible_and_batch_independent(device):
-    kw = make_case(5, 4, 700, draft_probs=True, gen_seed=9, device=device)
-    first = run("triton", kw)
-    assert_same(first, run("triton", kw))
+    kw = make_verify_case(5, 4, 700, draft_probs=True, gen_seed=9, device=device)
+    first = run_verify("triton", kw)
+    assert_same_verify(first, run_verify("triton", kw))
     order = [3, 0, 4]
     sub = {k: (v[order] if torch.is_tensor(v) else v) for k, v in kw.items()}
-    res = run("triton", sub)
-    assert_same(res, tuple(None if x is None else x[order] for x in first))
+    res = run_verify("triton", sub)
+    assert_same_verify(res, tuple(None if x is None else x[order] for x in first))
 
 
 def test_fit_triton_sampling(device):
-    # Small: the interpreter runs ~25 ms per request. The larger fits run on the
+    # Small: the interpreter runs ~25 ms per request. The larger fits run_verify on the
     # reference, which the Triton kernels match token for token.
     row = torch.tensor([[1.0, 0.5, -0.3, 2.0, 0.0, -1.5, 0.7, 1.2]])
-    res = run("triton", keyed_batch(row, 600, 0.8, device=device))
+    res = run_verify("triton", keyed_batch(row, 600, 0.8, device=device))
     assert_fits(res.bonus, softmax64(row[0].numpy(), 0.8), "triton plain")
 
 
 def test_triton_draft_probs_fit_case(device):
     # The reference's lossless case (q with zeros where p > 0), a slice of it.
     kw, p = draft_case(80, "soft", top_k=0, device=device)
-    res = run("triton", kw)
-    assert_same(res, run("reference", kw))
+    res = run_verify("triton", kw)
+    assert_same_verify(res, run_verify("reference", kw))
     assert 0 < res.accept_len.float().mean() < 2
 
 
@@ -159,21 +159,22 @@ def test_row_offsets_past_int32(device):
     # buffer is ~5 GB of address space (untouched pages cost nothing).
     B, S, V = 2, 9, 48
     stride = 2 ** 31 // (S - 2) + 64            # < 2**31, while (S - 2) * stride > 2**31
-    kw = make_case(B, S, V, dtype=torch.float16, sampled="all", draft_probs=True,
-                   match_frac=0.9, gen_seed=11, device=device)
+    kw = make_verify_case(B, S, V, dtype=torch.float16, sampled="all", draft_probs=True,
+                          match_frac=0.9, gen_seed=11, device=device)
     kw["num_drafts"] = torch.full((B,), S - 1, dtype=torch.int32, device=device)
     kw = _huge_row_stride(kw, stride)
     assert kw["logits"].stride(1) < 2 ** 31 <= (S - 2) * kw["logits"].stride(1)
-    want = run("reference", kw)
-    assert_same(run("triton", kw), want)
+    want = run_verify("reference", kw)
+    assert_same_verify(run_verify("triton", kw), want)
 
 
 def test_strided_vector_inputs(device):
     # Per-request inputs that are column views (stride != 1) and block_tokens
     # transposed, through the public op (which makes them dense for the kernels).
     B, S, V = 5, 4, 300
-    kw = make_case(B, S, V, top_k=True, top_p=True, draft_probs=True, gen_seed=5, device=device)
-    want = run("reference", kw)
+    kw = make_verify_case(B, S, V, top_k=True, top_p=True, draft_probs=True, gen_seed=5,
+                          device=device)
+    want = run_verify("reference", kw)
     strided = dict(kw)
     for name in ("num_drafts", "temperature", "top_k", "top_p", "seeds", "positions", "seq_lens"):
         x = kw[name]
@@ -182,16 +183,16 @@ def test_strided_vector_inputs(device):
         assert strided[name].stride(0) == 2
     strided["block_tokens"] = kw["block_tokens"].t().contiguous().t()
     assert strided["block_tokens"].stride(1) == B
-    assert_same(run("triton", strided), want)
+    assert_same_verify(run_verify("triton", strided), want)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_tensors_on_a_non_current_gpu():
     # Triton launches on the current device; the op must launch on its tensors' one.
-    kw = make_case(3, 4, 500, draft_probs=True, gen_seed=2, device="cuda:1")
+    kw = make_verify_case(3, 4, 500, draft_probs=True, gen_seed=2, device="cuda:1")
     with torch.cuda.device(0):
-        got = run("triton", kw)
-    assert_same(got, run("reference", kw))
+        got = run_verify("triton", kw)
+    assert_same_verify(got, run_verify("reference", kw))
 
 
 # ---------------------------------------------------------------------------

@@ -29,9 +29,13 @@ from triton.backends.compiler import GPUTarget
 args = json.loads(sys.argv[1])
 kernel = getattr(importlib.import_module(args["module"]), args["kernel"])
 kernel = getattr(kernel, "fn", kernel) if not hasattr(kernel, "src") else kernel
-names = list(args["signature"])
-attrs = {(names.index(n),): [["tt.divisibility", d]] for n, d in args["divisibility"].items()}
-src = ASTSource(fn=kernel, signature=args["signature"], constexprs=args["constexprs"], attrs=attrs)
+signature = {n: tuple(t) if isinstance(t, list) else t for n, t in args["signature"].items()}
+names = list(signature)
+def path(n):  # "t.i": element i of tuple argument t
+    name, _, i = n.partition(".")
+    return (names.index(name),) + ((int(i),) if i else ())
+attrs = {path(n): [["tt.divisibility", d]] for n, d in args["divisibility"].items()}
+src = ASTSource(fn=kernel, signature=signature, constexprs=args["constexprs"], attrs=attrs)
 ck = triton.compile(src, target=GPUTarget("cuda", args["arch"], 32),
                     options={"num_warps": args["num_warps"], "num_stages": args["num_stages"]})
 open(args["cubin"], "wb").write(ck.asm["cubin"])
@@ -64,8 +68,9 @@ def compile_report(module: str, kernel: str, signature: dict, constexprs: dict, 
     """Compile ``module.kernel`` for ``sm_{arch}`` and report its resources.
 
     ``signature`` maps every argument name to a Triton type string
-    (``"*fp16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``); ``constexprs`` maps
-    the constexpr names to values. ``divisibility`` maps argument names to
+    (``"*fp16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``), or a tuple argument
+    to a tuple of them; ``constexprs`` maps the constexpr names to values.
+    ``divisibility`` maps argument names (``"t.i"``: element i of tuple ``t``) to
     the power of two they are divisible by (``{"k_ptr": 16, "stride": 16}``),
     the hints a real launch derives from its arguments: without them Triton
     neither vectorizes nor pipelines, and the report describes other code.

@@ -11,12 +11,13 @@ attended by the last split, after its context tiles. See docs/block_attention.md
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import TL_DTYPES, arch, num_sms, on_device
 
 _LOG2E = 1.4426950408889634
 
@@ -198,13 +199,6 @@ MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 32
 
 
-def _arch(device: torch.device) -> Optional[int]:
-    if device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
-
-
 def max_block_m(D: int) -> int:
     """Largest row tile: keeps the fp32 accumulator (BLOCK_M x D) in registers."""
     return 64 if D == 256 else 128
@@ -259,8 +253,6 @@ def plan(arch: Optional[int], sms: Optional[int], B: int, S: int, Hq: int, Hkv: 
                 BLOCK_S=max(16, triton.next_power_of_2(S)))
 
 
-_TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4nv",
-             torch.float8_e5m2: "fp8e5"}
 _INT_ARGS = ("window", "max_slots", "num_pages", "batch", "sq_b", "sq_s", "sq_h",
              "sk_p", "sk_r", "sk_h", "sv_p", "sv_r", "sv_h", "sbt_b",
              "skb_b", "skb_s", "skb_h", "svb_b", "svb_s", "svb_h", "so_b", "so_s", "so_h")
@@ -273,7 +265,7 @@ def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: in
     main kernel's default launch for ``sm_{arch}`` (for compile checks without a
     GPU; unit last strides)."""
     p = plan(arch, None, 1, S, Hq, Hkv, D, page_size, 1, window, num_splits)
-    act, cache = "*" + _TL_TYPES[dtype], "*" + _TL_TYPES[cache_dtype]
+    act, cache = "*" + TL_DTYPES[dtype], "*" + TL_DTYPES[cache_dtype]
     sig = dict(Q=act, KC=cache, VC=cache, BT="*i32", CL="*i32", KB=act, VB=act, KS="*fp32",
                VS="*fp32", O=act, LSE="*fp32", PO="*fp32", PLSE="*fp32", qk_scale="fp32")
     sig.update({n: "i32" for n in _INT_ARGS})
@@ -311,10 +303,8 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
         # int32 bounds q0 + S - 1 + window would overflow for e.g. 2**31 - 1.)
         window = 0
     g = Hq // Hkv
-    on_gpu = q.device.type == "cuda"
-    arch = _arch(q.device)
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if on_gpu else None
-    cfg = plan(arch, sms, B, S, Hq, Hkv, D, page, block_table.shape[1], window, num_splits)
+    cfg = plan(arch(q.device), num_sms(q.device), B, S, Hq, Hkv, D, page, block_table.shape[1],
+               window, num_splits)
     ns = cfg["NUM_SPLITS"]
     has_block = k_block is not None
     is_fp8 = k_cache.dtype != q.dtype
@@ -328,7 +318,7 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
     kbs = k_block.stride()[:3] if has_block else (0, 0, 0)
     vbs = v_block.stride()[:3] if has_block else (0, 0, 0)
     grid = (B * Hkv * cfg["NUM_M_BLOCKS"], ns)
-    with torch.cuda.device(q.device) if on_gpu else contextlib.nullcontext():
+    with on_device(q):
         _block_attention_kernel[grid](
             q, k_cache, v_cache, block_table, context_lens, kb, vb,
             k_scale if is_fp8 else q, v_scale if is_fp8 else q,

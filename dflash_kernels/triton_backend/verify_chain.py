@@ -25,15 +25,12 @@ docs/verify_chain.md for passes and bytes.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from . import noise as tnoise
-
-_INT32_MAX = 2147483647
+from ._common import num_sms, on_device
 
 
 @triton.jit
@@ -235,11 +232,18 @@ def _verify_rows_kernel(
 
 
 @triton.jit
-def _reduce_token(pval_ptr, pidx_ptr, r, NSPLIT, NSPLIT_P2: tl.constexpr):
+def _row_partials(x_ptr, y_ptr, r, NSPLIT, NSPLIT_P2: tl.constexpr, x_pad, y_pad):
+    """Row r's NSPLIT per-split partials from two arrays, padded to NSPLIT_P2."""
     o = tl.arange(0, NSPLIT_P2)
     msk = o < NSPLIT
-    v = tl.load(pval_ptr + r * NSPLIT + o, mask=msk, other=float("-inf"))
-    i = tl.load(pidx_ptr + r * NSPLIT + o, mask=msk, other=2147483647)
+    x = tl.load(x_ptr + r * NSPLIT + o, mask=msk, other=x_pad)
+    return x, tl.load(y_ptr + r * NSPLIT + o, mask=msk, other=y_pad)
+
+
+@triton.jit
+def _reduce_token(pval_ptr, pidx_ptr, r, NSPLIT, NSPLIT_P2: tl.constexpr):
+    """The row's best token: highest value, lowest index among ties."""
+    v, i = _row_partials(pval_ptr, pidx_ptr, r, NSPLIT, NSPLIT_P2, float("-inf"), 2147483647)
     best = tl.max(v, axis=0)
     return tl.min(tl.where(v == best, i, 2147483647), axis=0)
 
@@ -247,10 +251,7 @@ def _reduce_token(pval_ptr, pidx_ptr, r, NSPLIT, NSPLIT_P2: tl.constexpr):
 @triton.jit
 def _reduce_norm(pm_ptr, pz_ptr, r, NSPLIT, NSPLIT_P2: tl.constexpr):
     """(max, sum-exp relative to max) of a row's kept scaled logits."""
-    o = tl.arange(0, NSPLIT_P2)
-    msk = o < NSPLIT
-    m = tl.load(pm_ptr + r * NSPLIT + o, mask=msk, other=float("-inf"))
-    z = tl.load(pz_ptr + r * NSPLIT + o, mask=msk, other=0.0)
+    m, z = _row_partials(pm_ptr, pz_ptr, r, NSPLIT, NSPLIT_P2, float("-inf"), 0.0)
     mx = tl.max(m, axis=0)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     return mx, tl.sum(z * tl.exp(m - mx_safe), axis=0)
@@ -370,9 +371,9 @@ def search_block(V: int, device: torch.device) -> int:
 def num_splits(rows: int, V: int, device: torch.device) -> int:
     """Vocab splits per row from host-known sizes: enough programs to fill the GPU."""
     n_blocks = triton.cdiv(V, block_size(V))
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        cap = 64
+    sms = num_sms(device)
+    if sms is not None:
+        target, cap = 4 * sms, 64
     else:  # interpreter: programs run one after another; keep a few to test the splits
         target, cap = 4, 4
     want = max(1, min(n_blocks, triton.cdiv(target, rows), cap))
@@ -383,18 +384,11 @@ def num_splits(rows: int, V: int, device: torch.device) -> int:
 def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
                  positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
                  new_seq_lens) -> None:
-    """Writes accept_len / out_tokens / bonus / new_seq_lens (shapes in docs/DESIGN.md)."""
-    dev = logits.device
-    # The kernels index block_tokens and the [B] vectors with unit strides:
-    # ops.verify_chain hands them over dense (ops._dense).
-    # Triton launches on the current device: make it the tensors' one (multi-GPU processes).
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
-                draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens)
+    """Writes accept_len / out_tokens / bonus / new_seq_lens (shapes in docs/DESIGN.md).
 
-
-def _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
-            draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens) -> None:
+    The kernels index block_tokens and the [B] vectors with unit strides:
+    ops.verify_chain hands them over dense (ops._dense).
+    """
     B, S, V = logits.shape
     dev = logits.device
     rows = B * S
@@ -416,20 +410,21 @@ def _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, 
     temp = temperature if has_temp else dummy
     seeds_ = seeds if has_temp else dummy
     pos_ = positions if has_temp else dummy
-    _verify_rows_kernel[(rows, nsplit)](
-        logits, logits.stride(0), logits.stride(1), temp,
-        top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,
-        seeds_, pos_, pval, pidx, pm, pz, thr, S, V, chunk, nsplit,
-        HAS_TEMP=has_temp, HAS_TOPK=has_temp and top_k is not None,
-        HAS_TOPP=has_temp and top_p is not None, NEED_MZ=has_dp, BLOCK=block,
-        SBLOCK=search_block(V, dev), KWAY=KWAY, num_warps=4, enable_fp_fusion=False)
-    dp = draft_probs if has_dp else dummy
-    _verify_finish_kernel[(B,)](
-        logits, logits.stride(0), logits.stride(1), block_tokens, block_tokens.stride(0),
-        num_drafts, temp, seeds_, pos_, dp, dp.stride(0) if has_dp else 0,
-        dp.stride(1) if has_dp else 0, seq_lens if seq_lens is not None else dummy,
-        pval, pidx, pm, pz, thr, accept_len, out_tokens, bonus,
-        new_seq_lens if new_seq_lens is not None else dummy, S, V, nsplit,
-        HAS_TEMP=has_temp, HAS_DP=has_dp, HAS_SEQ=new_seq_lens is not None,
-        NSPLIT_P2=triton.next_power_of_2(nsplit), S_P2=triton.next_power_of_2(S),
-        BLOCK=block, num_warps=4, enable_fp_fusion=False)
+    with on_device(logits):
+        _verify_rows_kernel[(rows, nsplit)](
+            logits, logits.stride(0), logits.stride(1), temp,
+            top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,
+            seeds_, pos_, pval, pidx, pm, pz, thr, S, V, chunk, nsplit,
+            HAS_TEMP=has_temp, HAS_TOPK=has_temp and top_k is not None,
+            HAS_TOPP=has_temp and top_p is not None, NEED_MZ=has_dp, BLOCK=block,
+            SBLOCK=search_block(V, dev), KWAY=KWAY, num_warps=4, enable_fp_fusion=False)
+        dp = draft_probs if has_dp else dummy
+        _verify_finish_kernel[(B,)](
+            logits, logits.stride(0), logits.stride(1), block_tokens, block_tokens.stride(0),
+            num_drafts, temp, seeds_, pos_, dp, dp.stride(0) if has_dp else 0,
+            dp.stride(1) if has_dp else 0, seq_lens if seq_lens is not None else dummy,
+            pval, pidx, pm, pz, thr, accept_len, out_tokens, bonus,
+            new_seq_lens if new_seq_lens is not None else dummy, S, V, nsplit,
+            HAS_TEMP=has_temp, HAS_DP=has_dp, HAS_SEQ=new_seq_lens is not None,
+            NSPLIT_P2=triton.next_power_of_2(nsplit), S_P2=triton.next_power_of_2(S),
+            BLOCK=block, num_warps=4, enable_fp_fusion=False)

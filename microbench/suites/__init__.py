@@ -1,4 +1,6 @@
-"""Benchmark suites: one module per op family, each with ``OPS`` and ``build_case``."""
+"""Benchmark suites: one module per op, named after it, each with ``OPS`` (the op,
+and for inject_kv the whole injection step), ``SWEEPS_CTX``, ``build_case``
+and optionally ``MODES`` (verify_chain: greedy, sampled)."""
 
 from __future__ import annotations
 
@@ -8,14 +10,17 @@ import torch
 
 from ..case import Impl
 
-SUITES = ("attention", "inject", "verify")
+SUITES = ("block_attention", "fuse_target_features", "inject_kv", "write_kv", "verify_chain")
 OUR_BACKENDS = ("cuda", "triton", "reference")
 BASELINES = ("torch", "flashinfer", "flash_attn")
 
 
 def module(suite: str):
-    from . import attention, inject, verify
-    return {"attention": attention, "inject": inject, "verify": verify}[suite]
+    import importlib
+
+    if suite not in SUITES:
+        raise KeyError(suite)
+    return importlib.import_module(f"{__name__}.{suite}")
 
 
 def our_backends(ops: Sequence[str], device: torch.device, interpret: bool) -> List[str]:

@@ -1,4 +1,5 @@
-"""Suite ``inject``: the KV injection of the committed tokens into the draft cache.
+"""What the suites of the KV-injection ops (fuse_target_features, inject_kv,
+write_kv) share: their inputs, implementations, tolerances and byte counts.
 
 Tokens come in the dense ``[B*S]`` layout an engine keeps for CUDA graphs:
 request b commits ``c_b`` tokens (drawn once per case, 1..S) at positions
@@ -7,8 +8,9 @@ next cache rows, in pages drawn at random from the pool. The pool's last page
 is the engine's padding page: the PyTorch baseline sends rejected rows there
 (as SGLang sends padding to slot 0), so it is left out of the check.
 
-Ops: ``injection`` (fuse_target_features then inject_kv: the whole step),
-``fuse_target_features``, ``inject_kv``, ``write_kv``.
+Ops: ``fuse_target_features``, ``inject_kv``, ``write_kv``, and
+``injection`` (fuse_target_features then inject_kv: the whole step, a row of
+the inject_kv suite).
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ from ..case import ACT_DTYPES, FP8_SCALE, Case, Impl, cache_dtype, close
 from ..presets import Shape
 from . import our_backends, pick_oracle
 
-OPS = ("injection", "fuse_target_features", "inject_kv", "write_kv")
-SWEEPS_CTX = False    # the context length only moves the RoPE positions
 EPS = 1e-6
 _OUR_OPS = {"injection": ("fuse_target_features", "inject_kv"),
             "fuse_target_features": ("fuse_target_features",),
@@ -143,7 +143,8 @@ def _torch(op):
     return lambda inp: (fn(inp), _caches(inp))[1]
 
 
-def build_case(op, shape, batch, ctx, dtype, device, *, interpret=False, seed=0):
+def build_case(suite, op, shape, batch, ctx, dtype, device, *, interpret=False, seed=0):
+    """The case of ``op`` (one of _OUR_OPS) in ``suite``."""
     act = ACT_DTYPES[dtype]
     cdt = cache_dtype(shape, act)
     fp8 = cdt != act
@@ -165,7 +166,7 @@ def build_case(op, shape, batch, ctx, dtype, device, *, interpret=False, seed=0)
     mutable = () if op == "fuse_target_features" else ("k_cache", "v_cache")
     outputs = ("hidden_out",) if op in ("injection", "fuse_target_features") else ()
     return Case(
-        suite="inject", op=op, shape=shape, dtype=dtype, batch=batch, ctx=ctx,
+        suite=suite, op=op, shape=shape, dtype=dtype, batch=batch, ctx=ctx,
         make_inputs=lambda: make_inputs(op, shape, batch, ctx, dtype, device, seed),
         impls=impls, oracle=pick_oracle(impls), compare=close(TOLERANCE), nbytes=nbytes,
         mutable=mutable, outputs=outputs, extra={"n_tokens": N, "n_valid": n_valid})

@@ -1,4 +1,5 @@
-"""PyTorch reference of the KV-injection ops (SPEC.md, docs/DESIGN.md).
+"""What the reference KV-injection ops share: fp32 RMSNorm, RoPE, rounding to
+the cache dtype and the paged-cache scatter (SPEC.md, docs/DESIGN.md).
 
 All math is fp32: the GEMMs accumulate in fp32, the fp32 result goes through
 bias, RMSNorm and RoPE without intermediate rounding, and is rounded once, to
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+from .._dtypes import FP8_MAX
+
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
@@ -85,8 +87,8 @@ def scatter_rows(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.
     icache.index_put_((page, row), vals)
 
 
-def _write_layers(k_all, v_all, k_norm_weight, positions, slot_mapping, k_caches, v_caches,
-                  cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale):
+def write_layers(k_all, v_all, k_norm_weight, positions, slot_mapping, k_caches, v_caches,
+                 cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale):
     """k_all, v_all: fp32 ``[N, L, Hkv, D]`` before norm / RoPE."""
     # Skipped rows (padding) may carry any position: never index the table with it.
     positions = torch.where(slot_mapping >= 0, positions, torch.zeros_like(positions))
@@ -97,42 +99,3 @@ def _write_layers(k_all, v_all, k_norm_weight, positions, slot_mapping, k_caches
         k = apply_rope(k, positions, cos_sin_cache, rotary_dim, rope_neox)
         scatter_rows(kc, slot_mapping, to_cache_dtype(k, kc.dtype, k_scale))
         scatter_rows(vc, slot_mapping, to_cache_dtype(v_all[:, layer], vc.dtype, v_scale))
-
-
-def fuse_target_features(features: list, fc_weight, norm_weight, eps: float, out) -> None:
-    """``out [N, H] = rms_norm(sum_i f_i @ W[:, off_i:off_i+w_i].T) * norm_weight``.
-
-    ``features``: list of ``[N, w_i]`` (fp16/bf16) whose widths add up to
-    ``fc_weight.shape[1]``; no concatenation is made.
-    """
-    acc = None
-    off = 0
-    for f in features:
-        w = f.shape[1]
-        part = f.float() @ fc_weight[:, off:off + w].float().T
-        acc = part if acc is None else acc + part
-        off += w
-    out.copy_(rms_norm(acc, norm_weight, eps).to(out.dtype))
-
-
-def inject_kv(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping,
-              k_caches: list, v_caches: list, cos_sin_cache, eps: float, rope_neox: bool,
-              rotary_dim: int, k_scale, v_scale) -> None:
-    """Project ``hidden [N, H]`` by ``kv_weight [L, 2, Hkv*D, H]`` (+ ``kv_bias``),
-    K norm + RoPE, and write into the L paged caches at ``slot_mapping``."""
-    N = hidden.shape[0]
-    L = kv_weight.shape[0]
-    Hkv, D = k_caches[0].shape[2], k_caches[0].shape[3]
-    proj = torch.einsum("nh,ljoh->nljo", hidden.float(), kv_weight.float())   # [N, L, 2, Hkv*D]
-    if kv_bias is not None:
-        proj = proj + kv_bias.float().unsqueeze(0)
-    proj = proj.reshape(N, L, 2, Hkv, D)
-    _write_layers(proj[:, :, 0], proj[:, :, 1], k_norm_weight, positions, slot_mapping,
-                  k_caches, v_caches, cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale)
-
-
-def write_kv(k, v, k_norm_weight, positions, slot_mapping, k_caches: list, v_caches: list,
-             cos_sin_cache, eps: float, rope_neox: bool, rotary_dim: int, k_scale, v_scale) -> None:
-    """:func:`inject_kv` from projected ``k, v [N, L, Hkv, D]``."""
-    _write_layers(k.float(), v.float(), k_norm_weight, positions, slot_mapping, k_caches, v_caches,
-                  cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale)

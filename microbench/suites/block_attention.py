@@ -1,4 +1,4 @@
-"""Suite ``attention``: ``block_attention`` of the drafted block over its paged context.
+"""Suite ``block_attention``: the op over the drafted block over its paged context.
 
 Every request of a case has ``ctx`` context tokens in the paged cache (pages
 drawn at random from the pool) and the S block keys passed as
@@ -113,7 +113,7 @@ def build_case(op, shape, batch, ctx, dtype, device, *, interpret=False, seed=0)
         batch=batch, s=shape.s, hq=shape.hq, hkv=shape.hkv, d=shape.d, ctx=ctx, page=shape.page,
         act=act.itemsize, cache_elt=cdt.itemsize, window=shape.window, fp8_scales=fp8)
     return Case(
-        suite="attention", op=op, shape=shape, dtype=dtype, batch=batch, ctx=ctx,
+        suite="block_attention", op=op, shape=shape, dtype=dtype, batch=batch, ctx=ctx,
         make_inputs=lambda: make_inputs(shape, batch, ctx, dtype, device, seed),
         impls=impls, oracle=pick_oracle(impls), compare=close(TOLERANCE), nbytes=nbytes,
         outputs=("out",))

@@ -1,12 +1,12 @@
-"""Suite ``verify``: ``verify_chain`` over the target's logits of a drafted block.
+"""Suite ``verify_chain``: the op over the target's logits of a drafted block.
 
 The logits are unit-scale noise with one planted winner per row (logit 16,
 far above the noise, so that greedy ties cannot happen); request b's drafts
 copy the planted winners of its first ``a_b`` rows (``a_b`` drawn once per
 case in 0..S-1) and then differ, so the acceptance lengths look like a real
-step's. ``greedy`` is compared with the PyTorch composition; ``sampled``
-(temperature 1, keyed Gumbel noise) has no PyTorch baseline here and is
-checked against the reference only.
+step's. Two modes: ``greedy`` is compared with the PyTorch composition;
+``sampled`` (temperature 1, keyed Gumbel noise) has no PyTorch baseline here
+and is checked against the reference only.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from ..case import LOGITS_DTYPES, Case, Impl, equal
 from ..presets import Shape
 from . import our_backends, pick_oracle
 
-OPS = ("greedy", "sampled")
+OPS = ("verify_chain",)
+MODES = ("greedy", "sampled")
 SWEEPS_CTX = False    # the context length only sets seq_lens and positions
 
 
-def make_inputs(op, shape: Shape, batch: int, ctx: int, device, seed: int = 0):
+def make_inputs(mode, shape: Shape, batch: int, ctx: int, device, seed: int = 0):
     S, V = shape.s, shape.v
     ldt = LOGITS_DTYPES[shape.logits]
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -46,19 +47,19 @@ def make_inputs(op, shape: Shape, batch: int, ctx: int, device, seed: int = 0):
         "accept_len": torch.empty(batch, **i32), "out_tokens": torch.empty(batch, S, **i32),
         "bonus": torch.empty(batch, **i32), "new_seq_lens": torch.empty(batch, **i32),
     }
-    if op == "sampled":
+    if mode == "sampled":
         inp["temperature"] = torch.ones(batch, dtype=torch.float32, device=device)
         inp["seeds"] = torch.randint(0, 2**62, (batch,), generator=cpu_gen).to(device)
         inp["positions"] = torch.full((batch,), ctx - 1, dtype=torch.int64, device=device)
     return inp
 
 
-def _ours(op, backend):
+def _ours(mode, backend):
     import dflash_kernels
 
     def run(inp):
         kw = {}
-        if op == "sampled":
+        if mode == "sampled":
             kw = dict(temperature=inp["temperature"], seeds=inp["seeds"], positions=inp["positions"])
         return tuple(dflash_kernels.verify_chain(
             inp["logits"], inp["block_tokens"], num_drafts=inp["num_drafts"],
@@ -73,18 +74,18 @@ def _torch(inp):
     return accept, out, bonus, inp["seq_lens"] + accept + 1
 
 
-def build_case(op, shape, batch, ctx, dtype, device, *, interpret=False, seed=0):
-    impls = [Impl(b, "ours", _ours(op, b)) for b in our_backends(("verify_chain",), device, interpret)]
-    if op == "greedy":
+def build_case(op, shape, batch, ctx, dtype, device, *, mode="greedy", interpret=False, seed=0):
+    impls = [Impl(b, "ours", _ours(mode, b)) for b in our_backends(OPS, device, interpret)]
+    if mode == "greedy":
         impls.append(Impl("torch", "baseline", _torch))
     nbytes = roofline.verify_bytes(batch=batch, s=shape.s, v=shape.v,
                                    logits_elt=LOGITS_DTYPES[shape.logits].itemsize, token_elt=4,
-                                   sampled=op == "sampled", seq_lens=True)
+                                   sampled=mode == "sampled", seq_lens=True)
     oracle = pick_oracle(impls)
-    if op == "sampled" and (oracle is None or oracle.name != "reference"):
+    if mode == "sampled" and (oracle is None or oracle.name != "reference"):
         oracle = None     # nothing trustworthy to compare with
     return Case(
-        suite="verify", op=op, shape=shape, dtype=dtype, batch=batch, ctx=ctx,
-        make_inputs=lambda: make_inputs(op, shape, batch, ctx, device, seed),
+        suite="verify_chain", op=op, mode=mode, shape=shape, dtype=dtype, batch=batch, ctx=ctx,
+        make_inputs=lambda: make_inputs(mode, shape, batch, ctx, device, seed),
         impls=impls, oracle=oracle, compare=equal, nbytes=nbytes,
         outputs=("accept_len", "out_tokens", "bonus", "new_seq_lens"))

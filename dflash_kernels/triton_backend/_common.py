@@ -1,0 +1,65 @@
+"""Host helpers every Triton op uses: the device's architecture and SM count,
+the device a launch runs on, and Triton's names of the torch dtypes."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
+
+import torch
+
+# Triton's type names of the torch dtypes (kernel signatures of the compile checks).
+TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+             torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
+
+
+@functools.lru_cache(maxsize=None)
+def arch(device: torch.device) -> Optional[int]:
+    """Compute capability as ``10 * major + minor`` (90 for sm_90), None for CPU
+    tensors (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def arch_family(arch: Optional[int]) -> str:
+    """Key of the per-architecture config tables: "interp" (no GPU), "sm90"
+    (Hopper), "sm100" (Blackwell datacenter) or "default"."""
+    if arch is None:
+        return "interp"
+    return {9: "sm90", 10: "sm100"}.get(arch // 10, "default")
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> Optional[int]:
+    """Streaming multiprocessors of a CUDA device, None for CPU tensors: each op
+    picks its own small stand-in there (split counts the tests can exercise)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def on_device(t: torch.Tensor):
+    """Context that makes ``t``'s GPU the current device: Triton launches on the
+    current device, and a multi-GPU process may call with tensors on another."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def compile_spec(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
+                 unaligned=()) -> dict:
+    """A launch's description for the no-GPU compile checks (tests/triton_compile.py):
+    ``signature`` with the constexprs marked (a tuple argument: a tuple of types),
+    and ``divisible_by_16``: the int and pointer arguments Triton's launcher marks
+    16-divisible for aligned shapes (all but fp32 scalars and the names in
+    ``unaligned``; element i of a tuple argument ``t`` is named ``t.i``)."""
+    sig = dict(signature)
+    sig.update({name: "constexpr" for name in constexprs})
+    divisible = []
+    for n, s in sig.items():
+        elems = [(n, s)] if isinstance(s, str) else [(f"{n}.{i}", e) for i, e in enumerate(s)]
+        divisible += [p for p, e in elems if e not in ("constexpr", "fp32") and n not in unaligned]
+    return dict(kernel=getattr(kernel, "__name__", None) or kernel.fn.__name__, signature=sig,
+                constexprs=constexprs, num_warps=num_warps, num_stages=num_stages,
+                divisible_by_16=divisible)
