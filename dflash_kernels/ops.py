@@ -23,8 +23,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _registry, _schema
+from ._dtypes import ACT_DTYPES
 from ._validation import (
-    ACT_DTYPES,
     check_cache_dtype,
     check_float,
     check_head_dim,

@@ -230,28 +230,19 @@ WRITE_CASES = dict(KV_COMMON_CASES, **{
 })
 
 
-@pytest.mark.parametrize("case", sorted(INJECT_CASES))
-def test_inject_kv_rejects(case):
-    args = inject_args()
-    breaker, needle = INJECT_CASES[case]
+@pytest.mark.parametrize("op, make, case", [
+    *[(dk.inject_kv, inject_args, c) for c in sorted(INJECT_CASES)],
+    *[(dk.write_kv, write_args, c) for c in sorted(WRITE_CASES)],
+], ids=lambda v: getattr(v, "__name__", v))
+def test_inject_and_write_kv_reject(op, make, case):
+    args = make()
+    breaker, needle = (INJECT_CASES if op is dk.inject_kv else WRITE_CASES)[case]
     breaker(args)
     if needle is None:  # a valid layout that looks close to an invalid one
-        dk.inject_kv(**args, backend="reference")
+        op(**args, backend="reference")
         return
     with pytest.raises(ValueError, match=needle):
-        dk.inject_kv(**args, backend="reference")
-
-
-@pytest.mark.parametrize("case", sorted(WRITE_CASES))
-def test_write_kv_rejects(case):
-    args = write_args()
-    breaker, needle = WRITE_CASES[case]
-    breaker(args)
-    if needle is None:  # a valid layout that looks close to an invalid one
-        dk.write_kv(**args, backend="reference")
-        return
-    with pytest.raises(ValueError, match=needle):
-        dk.write_kv(**args, backend="reference")
+        op(**args, backend="reference")
 
 
 # ----------------------------------------------------------------- verify
