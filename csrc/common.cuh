@@ -2,8 +2,11 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+
+#include <cuda_runtime_api.h>
 
 #if defined(__CUDACC__)
 #define DFLASH_HD __host__ __device__ __forceinline__
@@ -19,8 +22,6 @@
 namespace dflash {
 
 constexpr int kWarpSize = 32;
-
-DFLASH_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // N elements of T viewed as 16-byte (or 8-byte) words, for vector loads and
 // stores without type-punned pointer casts.
@@ -60,6 +61,9 @@ DFLASH_DEVICE void store_8B(void* ptr, uint32_t a, uint32_t b) {
 #endif
 }
 
+// Launchers for the ops' dispatch templates (verify::dispatch, writekv::dispatch):
+// launch(kernel, grid, threads, dynamic smem bytes, params) -> the launch error.
+// host_emulation.h adds the emulator's.
 #if defined(__CUDACC__) && !defined(DFLASH_HOST_EMULATION)
 // The block's dynamic shared memory (sized at launch).
 template <typename T>
@@ -67,6 +71,25 @@ DFLASH_DEVICE T* dynamic_smem() {
   extern __shared__ __align__(16) unsigned char dflash_dynamic_smem[];
   return reinterpret_cast<T*>(dflash_dynamic_smem);
 }
+
+// Launches on a stream: what the real entry points pass.
+struct StreamLaunch {
+  cudaStream_t stream;
+  template <typename Kernel, typename Params>
+  cudaError_t operator()(Kernel kernel, unsigned grid, unsigned threads, size_t smem,
+                         const Params& p) const {
+    kernel<<<grid, threads, smem, stream>>>(p);
+    return cudaGetLastError();
+  }
+};
 #endif
+
+// Launches nothing: the probe ops' stand-in (host path measurement only).
+struct NoLaunch {
+  template <typename Kernel, typename Params>
+  cudaError_t operator()(Kernel, unsigned, unsigned, size_t, const Params&) const {
+    return cudaSuccess;
+  }
+};
 
 }  // namespace dflash

@@ -1,5 +1,6 @@
 """The compiled extension (no GPU needed): it imports, registers its ops with
-mutation-annotated schemas, the registry lists it, the binary holds SASS for
+mutation-annotated schemas, the registry lists it, the bindings' host path
+(through the CPU probe ops) guards direct calls, the binary holds SASS for
 every target it was built for (sm_90a and sm_100a by default), and no kernel
 uses local memory (spills) or a stack frame."""
 
@@ -45,20 +46,32 @@ def _targets():
 @pytest.mark.parametrize(
     "op, mutated",
     [
-        ("verify_chain_cuda", ["accept_len", "out_tokens", "bonus", "new_seq_lens"]),
-        ("write_kv_cuda", ["k_caches", "v_caches"]),
+        ("verify_chain", ["accept_len", "out_tokens", "bonus", "new_seq_lens"]),
+        ("write_kv", ["k_caches", "v_caches"]),
     ],
 )
 def test_op_registered_with_mutation_schema(op, mutated):
-    schema = getattr(torch.ops.dflash, op).default._schema
+    schema = getattr(torch.ops.dflash, f"{op}_cuda").default._schema
     written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     assert written == mutated
     assert len(schema.returns) == 0
-    # Same arguments as the backend function of docs/DESIGN.md.
-    module = "verify" if op.startswith("verify") else "inject"
-    ref_fn = getattr(importlib.import_module(f"dflash_kernels.reference.{module}"),
-                     op[: -len("_cuda")])
-    assert [a.name for a in schema.arguments] == list(inspect.signature(ref_fn).parameters)
+    # Same arguments as the backend functions of docs/DESIGN.md, the CUDA one included.
+    names = [a.name for a in schema.arguments]
+    cuda_fn = getattr(importlib.import_module(f"dflash_kernels.cuda.{op}"), op)
+    for fn in (_registry.get(op, "reference"), cuda_fn):
+        assert names == list(inspect.signature(fn).parameters), fn
+    # The probe op: the same schema, for measurement.
+    probe = getattr(torch.ops.dflash, f"_probe_{op}_cuda").default._schema
+    assert str(probe).replace(f"_probe_{op}_cuda", f"{op}_cuda") == str(schema)
+
+
+def test_cuda_backend_declares_unsupported_args():
+    """The registry reads UNSUPPORTED_ARGS to send calls that pass them elsewhere."""
+    for op, unsupported in (("verify_chain", {"top_k", "top_p", "draft_probs"}),
+                            ("write_kv", set())):
+        module = importlib.import_module(f"dflash_kernels.cuda.{op}")
+        assert module.UNSUPPORTED_ARGS == unsupported
+        assert unsupported <= set(inspect.signature(getattr(module, op)).parameters)
 
 
 def test_registry_lists_cuda_first_for_cuda_tensors_only():
@@ -125,11 +138,14 @@ def test_no_kernel_spills_or_uses_a_stack():
 
 
 def test_cuda_sources_keep_pytorch_out():
-    """Only bindings.cpp sees ATen/torch: the kernels stay embeddable and fast to build."""
+    """Only csrc/bindings/ sees ATen/torch: the kernels and their host path
+    stay embeddable and fast to build."""
     pattern = re.compile(r'#\s*include\s*[<"](torch|ATen|c10|pybind11|Python)')
-    for path in list(CSRC.glob("*.cu")) + list(CSRC.glob("*.cuh")) + list(CSRC.glob("*.h")):
+    sources = [p for ext in ("cu", "cuh", "h") for p in CSRC.glob(f"*.{ext}")]
+    assert len(sources) >= 8, sources
+    for path in sources + list((CSRC / "testing").iterdir()):
         assert not pattern.search(path.read_text()), path
-    assert pattern.search((CSRC / "bindings.cpp").read_text())
+    assert any(pattern.search(path.read_text()) for path in (CSRC / "bindings").iterdir())
 
 
 # ------------------------------------------------ fp32 rounding of the sampled score
