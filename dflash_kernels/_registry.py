@@ -34,12 +34,12 @@ _MODULES = {
     "write_kv": {
         "reference": "dflash_kernels.reference.inject",
         "triton": "dflash_kernels.triton_backend.inject",
-        "cuda": "dflash_kernels.cuda",
+        "cuda": "dflash_kernels.cuda.write_kv",
     },
     "verify_chain": {
         "reference": "dflash_kernels.reference.verify_chain",
         "triton": "dflash_kernels.triton_backend.verify_chain",
-        "cuda": "dflash_kernels.cuda",
+        "cuda": "dflash_kernels.cuda.verify_chain",
     },
 }
 
