@@ -95,6 +95,99 @@ def test_cpu_tensors_are_not_dispatched_to_cuda_kernels():
                                            *outs, None)
 
 
+# ------------------------------------- the bindings' host path, through the probe ops
+
+def _verify_args(B=3, S=4, V=50, **change):
+    """The 14 arguments of verify_chain_cuda (schema order) on CPU, outputs garbage-filled."""
+    i32, i64 = torch.int32, torch.int64
+    args = dict(logits=torch.randn(B, S, V), block_tokens=torch.zeros(B, S, dtype=i32),
+                num_drafts=torch.full((B,), S - 1, dtype=i32), temperature=torch.full((B,), 0.5),
+                top_k=None, top_p=None, seeds=torch.zeros(B, dtype=i64),
+                positions=torch.zeros(B, dtype=i64), draft_probs=None,
+                seq_lens=torch.zeros(B, dtype=i32), accept_len=torch.full((B,), -7, dtype=i32),
+                out_tokens=torch.full((B, S), -7, dtype=i32), bonus=torch.full((B,), -7, dtype=i32),
+                new_seq_lens=torch.full((B,), -7, dtype=i32))
+    args.update(change)
+    return list(args.values())
+
+
+def _write_kv_args(N=5, L=3, H=2, D=64, P=4, page=4, **change):
+    """The 13 arguments of write_kv_cuda (schema order) on CPU, caches zero-filled."""
+    kc, vc = torch.zeros(L, P, page, H, D).half(), torch.zeros(L, P, page, H, D).half()
+    args = dict(k=torch.randn(N, L, H, D).half(), v=torch.randn(N, L, H, D).half(),
+                k_norm_weight=torch.ones(L, D), positions=torch.arange(N),
+                slot_mapping=torch.arange(N), k_caches=list(kc.unbind(0)),
+                v_caches=list(vc.unbind(0)), cos_sin_cache=torch.randn(9, D), eps=1e-6,
+                rope_neox=True, rotary_dim=D, k_scale=None, v_scale=None)
+    args.update(change)
+    return list(args.values())
+
+
+def test_probe_ops_run_the_host_path_without_launching():
+    """The measurement-only probes accept what the real ops accept and write nothing."""
+    args = _verify_args()
+    assert torch.ops.dflash._probe_verify_chain_cuda(*args) is None
+    assert all((t == -7).all() for t in args[10:])
+    args = _write_kv_args()
+    torch.ops.dflash._probe_write_kv_cuda(*args)
+    assert all(not c.any() for c in args[5] + args[6])
+    # A layer list at no uniform distance: 34 layers go as two pointer-table launches.
+    caches = [torch.zeros(4, 4, 2, 64).half() for _ in range(34)]
+    torch.ops.dflash._probe_write_kv_cuda(*_write_kv_args(L=34, k_norm_weight=None,
+                                                          k_caches=caches, v_caches=caches))
+
+
+_STRIDED_I32 = torch.zeros(3, 2, dtype=torch.int32)[:, 0]  # a column: stride 2
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_drafts=_STRIDED_I32), "num_drafts: expected a contiguous int32"),
+    (dict(top_k=torch.zeros(3, dtype=torch.int32)), "top_k, top_p, draft_probs"),
+    (dict(logits=torch.randn(12, 50)), "logits: expected \\[B, S, V\\]"),
+    (dict(logits=torch.randn(3, 4, 50).half().transpose(0, 2).contiguous().transpose(0, 2)),
+     "logits: expected 1 <= V < 2\\^31 and a unit last stride"),
+    (dict(logits=torch.randn(3, 4, 50).double()), "logits: expected fp32, fp16 or bf16"),
+    (dict(out_tokens=torch.zeros(3, 3, dtype=torch.int32)), "accept_len, out_tokens, bonus"),
+    (dict(seeds=None), "seeds, positions"),
+    (dict(new_seq_lens=None), "seq_lens, new_seq_lens: pass both"),
+    (dict(block_tokens=torch.zeros(3, 4, dtype=torch.int16)), "block_tokens"),
+])
+def test_verify_chain_guards_stop_direct_calls(change, message):
+    """Direct callers of torch.ops.dflash.verify_chain_cuda get a guard, never an
+    out-of-bounds access (the same host path as the CUDA op, on CPU tensors)."""
+    with pytest.raises(RuntimeError, match="verify_chain_cuda: " + message):
+        torch.ops.dflash._probe_verify_chain_cuda(*_verify_args(**change))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(k=torch.randn(5, 3, 2, 64)), "k: expected fp16 or bf16"),
+    (dict(k=torch.randn(5, 3, 2, 96).half()), "k: head dim must be 64, 128 or 256"),
+    (dict(v=torch.randn(5, 3, 2, 64).bfloat16()), "v: expected the shape and dtype of k"),
+    (dict(positions=torch.arange(5, dtype=torch.int32)), "positions, slot_mapping: expected contiguous int64"),
+    (dict(slot_mapping=torch.arange(10)[::2]), "positions, slot_mapping: expected contiguous int64"),
+    (dict(k_caches=[torch.zeros(4, 4, 2, 64).half()] * 2), "k_caches, v_caches: expected L per-layer caches"),
+    (dict(k_caches=[torch.zeros(4, 4, 2, 64).half(), torch.zeros(5, 4, 2, 64).half(),
+                    torch.zeros(4, 4, 2, 64).half()]),
+     "k_caches, v_caches: every layer needs the shape"),
+    (dict(v_caches=[torch.zeros(4, 8, 2, 64).half()] * 3),
+     "v_caches: expected the shape and dtype of k_caches"),
+    (dict(k_caches=[torch.zeros(4, 4, 2, 64).to(torch.float8_e4m3fn)] * 3,
+          v_caches=[torch.zeros(4, 4, 2, 64).to(torch.float8_e4m3fn)] * 3),
+     "k_scale, v_scale: required"),
+    (dict(k_caches=[torch.zeros(4, 4, 2, 64).to(torch.float8_e4m3fn)] * 3,
+          v_caches=[torch.zeros(4, 4, 2, 64).to(torch.float8_e4m3fn)] * 3,
+          k_scale=torch.ones(1), v_scale=torch.ones(1).double()), "k_scale, v_scale: expected fp32"),
+    (dict(rotary_dim=63), "rotary_dim: expected an even number"),
+    (dict(cos_sin_cache=torch.randn(9, 32)), "cos_sin_cache: expected fp32"),
+    (dict(k_norm_weight=torch.ones(3, 32)), "k_norm_weight: expected"),
+])
+def test_write_kv_guards_stop_direct_calls(change, message):
+    """Direct callers of torch.ops.dflash.write_kv_cuda get a guard, never an
+    out-of-bounds access (the same host path as the CUDA op, on CPU tensors)."""
+    with pytest.raises(RuntimeError, match="write_kv_cuda: " + message):
+        torch.ops.dflash._probe_write_kv_cuda(*_write_kv_args(**change))
+
+
 def test_binary_holds_sass_for_every_target():
     targets = _targets()
     assert targets, "the extension does not record its SASS targets"
