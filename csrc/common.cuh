@@ -2,11 +2,8 @@
 #pragma once
 
 #include <cmath>
-#include <cstddef>
 #include <cstdint>
 #include <cstring>
-
-#include <cuda_runtime_api.h>
 
 #if defined(__CUDACC__)
 #define DFLASH_HD __host__ __device__ __forceinline__
@@ -61,9 +58,6 @@ DFLASH_DEVICE void store_8B(void* ptr, uint32_t a, uint32_t b) {
 #endif
 }
 
-// Launchers for the ops' dispatch templates (verify::dispatch, writekv::dispatch):
-// launch(kernel, grid, threads, dynamic smem bytes, params) -> the launch error.
-// host_emulation.h adds the emulator's.
 #if defined(__CUDACC__) && !defined(DFLASH_HOST_EMULATION)
 // The block's dynamic shared memory (sized at launch).
 template <typename T>
@@ -71,25 +65,6 @@ DFLASH_DEVICE T* dynamic_smem() {
   extern __shared__ __align__(16) unsigned char dflash_dynamic_smem[];
   return reinterpret_cast<T*>(dflash_dynamic_smem);
 }
-
-// Launches on a stream: what the real entry points pass.
-struct StreamLaunch {
-  cudaStream_t stream;
-  template <typename Kernel, typename Params>
-  cudaError_t operator()(Kernel kernel, unsigned grid, unsigned threads, size_t smem,
-                         const Params& p) const {
-    kernel<<<grid, threads, smem, stream>>>(p);
-    return cudaGetLastError();
-  }
-};
 #endif
-
-// Launches nothing: the probe ops' stand-in (host path measurement only).
-struct NoLaunch {
-  template <typename Kernel, typename Params>
-  cudaError_t operator()(Kernel, unsigned, unsigned, size_t, const Params&) const {
-    return cudaSuccess;
-  }
-};
 
 }  // namespace dflash

@@ -12,10 +12,7 @@
 #include <climits>
 #include <cstdint>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include "common.cuh"
+#include "device.cuh"
 #include "philox.cuh"
 #include "verify_chain.h"
 
@@ -24,15 +21,6 @@ namespace verify {
 
 constexpr int kThreads = 256;
 constexpr int kFinishThreads = 128;
-
-template <typename T>
-DFLASH_DEVICE float to_float(T x);
-template <>
-DFLASH_DEVICE float to_float<float>(float x) { return x; }
-template <>
-DFLASH_DEVICE float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-DFLASH_DEVICE float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Candidate (score, id) beats the incumbent: higher score, or equal score and lower id.
 DFLASH_DEVICE bool beats(float s, int32_t i, float best_s, int32_t best_i) {

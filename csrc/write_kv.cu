@@ -1,15 +1,6 @@
-// Entry points of the write_kv kernel (plain pointers; no PyTorch headers):
-// the dispatch of write_kv.cuh with a stream launcher, or with none (probe).
+// Entry point of the write_kv kernel (plain pointers; no PyTorch headers).
 #include "write_kv.cuh"
 
 namespace dflash {
-
-cudaError_t launch_write_kv(const WriteKVParams& p, cudaStream_t stream) {
-  return writekv::dispatch(p, StreamLaunch{stream});
-}
-
-cudaError_t probe_launch_write_kv(const WriteKVParams& p) {
-  return writekv::dispatch(p, NoLaunch{});
-}
-
+DFLASH_ENTRY_POINTS(WriteKVParams, writekv::dispatch, launch_write_kv, probe_launch_write_kv)
 }  // namespace dflash

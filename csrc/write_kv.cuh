@@ -12,11 +12,9 @@
 #include <cstdint>
 #include <type_traits>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
-#include "common.cuh"
+#include "device.cuh"
 #include "write_kv.h"
 
 namespace dflash {
@@ -26,20 +24,6 @@ constexpr int kThreads = 256;
 constexpr int kElems = 8;  // elements per lane
 
 enum class CacheKind : int { kSame = 0, kE4M3 = 1, kE5M2 = 2 };
-
-template <typename T>
-DFLASH_DEVICE float to_float(T x);
-template <>
-DFLASH_DEVICE float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-DFLASH_DEVICE float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-DFLASH_DEVICE T from_float(float x);
-template <>
-DFLASH_DEVICE __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-DFLASH_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 DFLASH_DEVICE float load_weight(const void* w, DType dtype, int64_t offset) {
   switch (dtype) {

@@ -168,12 +168,15 @@ const char* write_kv_launches(const WriteKVArgs<Caches>& a, Launch&& launch) {
 
   WriteKVParams p{};
   p.act_dtype = k.dtype;
-  p.k_stride_n = k.stride[0];
-  p.k_stride_l = k.stride[1];
-  p.k_stride_h = k.stride[2];
-  p.v_stride_n = v.stride[0];
-  p.v_stride_l = v.stride[1];
-  p.v_stride_h = v.stride[2];
+  auto strides3 = [](const TensorDesc& t, int64_t& s0, int64_t& s1, int64_t& s2) {
+    s0 = t.stride[0];
+    s1 = t.stride[1];
+    s2 = t.stride[2];
+  };
+  strides3(k, p.k_stride_n, p.k_stride_l, p.k_stride_h);
+  strides3(v, p.v_stride_n, p.v_stride_l, p.v_stride_h);
+  strides3(kc0, p.k_stride_page, p.k_stride_row, p.k_stride_head);
+  strides3(vc0, p.v_stride_page, p.v_stride_row, p.v_stride_head);
   p.norm_dtype = nw.defined ? nw.dtype : DType::kFloat32;
   p.norm_stride_l = nw.stride[0];
   p.norm_stride_d = nw.stride[1];
@@ -187,12 +190,6 @@ const char* write_kv_launches(const WriteKVArgs<Caches>& a, Launch&& launch) {
   p.k_layer_stride = k_layer_stride;
   p.v_layer_stride = v_layer_stride;
   p.cache_dtype = kc0.dtype;
-  p.k_stride_page = kc0.stride[0];
-  p.k_stride_row = kc0.stride[1];
-  p.k_stride_head = kc0.stride[2];
-  p.v_stride_page = vc0.stride[0];
-  p.v_stride_row = vc0.stride[1];
-  p.v_stride_head = vc0.stride[2];
   p.num_pages = kc0.size[0];
   p.page_size = kc0.size[1];
   p.k_scale = fp8 ? static_cast<const float*>(a.k_scale.data) : nullptr;
