@@ -53,8 +53,10 @@ struct TensorDesc {
     for (int32_t d = 0; d < ndim && d < kMaxDims; ++d) n *= size[d];
     return n;
   }
-  // Row-major dense (strides of size-1 dimensions do not matter), as torch's is_contiguous.
+  // Row-major dense (strides of size-1 dimensions, and of empty tensors, do not
+  // matter), as torch's is_contiguous.
   bool contiguous() const {
+    if (ndim <= kMaxDims && numel() == 0) return true;
     int64_t expected = 1;
     for (int32_t d = (ndim < kMaxDims ? ndim : kMaxDims) - 1; d >= 0; --d) {
       if (size[d] != 1 && stride[d] != expected) return false;
