@@ -426,3 +426,14 @@ def test_backends_receive_dense_small_inputs(monkeypatch):
     for op, tensors in seen.items():
         for t in tensors:
             assert t.is_contiguous(), (op, t.shape, t.stride())
+
+
+def test_default_num_drafts_is_shared_and_never_written():
+    """The default num_drafts is one cached read-only tensor per (B, S, device)."""
+    from dflash_kernels import ops
+
+    a = ops._all_drafts(3, 5, torch.device("cpu"))
+    assert a is ops._all_drafts(3, 5, torch.device("cpu"))
+    assert a.tolist() == [4, 4, 4]
+    dk.verify_chain(torch.randn(3, 5, 20), torch.zeros(3, 5, dtype=I64), backend="reference")
+    assert a.tolist() == [4, 4, 4]
