@@ -1,4 +1,5 @@
-"""``python -m microbench [attention|inject|verify|all] [options]``: see docs/benchmark.md."""
+"""``python -m microbench [attention|inject|verify|all] [options]``, or ``python -m microbench sass
+[options]`` (the compile report, microbench/sass.py): see docs/benchmark.md."""
 
 from __future__ import annotations
 
@@ -98,6 +99,10 @@ def _command(args, suite, preset, overrides_text, op, batch, ctx, impl, device, 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the benchmark; returns 0, 1 (a FAIL row, or one of ours raised) or 2 (bad usage)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sass"]:
+        from .sass import main as sass_main   # the compile report: no GPU, no timings
+        return sass_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ import torch
 
 from dflash_kernels.triton_backend import block_attention as tri
 from test_block_attention_reference import _lens, make_case, run_public
-from triton_compile import compile_report
+from microbench.compile import compile_report
 
 NAN = float("nan")
 
