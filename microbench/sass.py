@@ -31,7 +31,7 @@ from .compile import TritonJob, compile_many, cuobjdump, resource_usage, sass_te
 # ---------------------------------------------------------------------------
 # Arch limits (CUDA C Programming Guide, "Technical Specifications per Compute
 # Capability": the same for 9.0 and 10.0). Shared memory per SM is 228 KB of
-# which one block may use 227 KB; the driver reserves 1 KB per resident block.
+# which one block may use 227 KB; the system reserves 1 KB per resident CTA.
 # ---------------------------------------------------------------------------
 
 LIMITS = {
@@ -48,20 +48,22 @@ def occupancy(arch: int, registers: int, smem: int, threads: int) -> dict:
     """Resident CTAs per SM from registers, shared memory and warps, and which one limits it.
 
     Registers are allocated per warp in units of ``reg_alloc_unit`` (regs/thread
-    rounded up to a multiple of 8, times 32); shared memory per block is rounded
-    up to 128 bytes after adding the 1 KB the driver reserves per block.
+    rounded up to a multiple of 8, times 32). ``smem`` is the CTA's whole shared
+    memory including the 1 KB system reserve (``cuobjdump``'s static SHARED of
+    an sm_90 / sm_100 cubin already counts it: a kernel with no shared memory
+    reports 1024), rounded up to 128 bytes; at most 227 KB + the reserve per CTA.
     """
     lim = LIMITS[arch]
     warps = -(-threads // 32)
     per_warp = -(-max(registers, 1) * 32 // lim["reg_alloc_unit"]) * lim["reg_alloc_unit"]
     by_regs = (lim["regs_per_sm"] // per_warp) // warps
     by_warps = lim["max_warps"] // warps
-    if smem > lim["smem_per_block"]:
+    smem = max(smem, lim["smem_reserved_per_block"])
+    if smem > lim["smem_per_block"] + lim["smem_reserved_per_block"]:
         by_smem = 0
     else:
         unit = lim["smem_alloc_unit"]
-        per_block = -(-(smem + lim["smem_reserved_per_block"]) // unit) * unit
-        by_smem = lim["smem_per_sm"] // per_block
+        by_smem = lim["smem_per_sm"] // (-(-smem // unit) * unit)
     limits = dict(registers=by_regs, shared=by_smem, warps=by_warps, ctas=lim["max_ctas"])
     ctas = min(limits.values())
     return dict(ctas_per_sm=ctas, limited_by=min(limits, key=limits.get),
@@ -538,7 +540,7 @@ def triton_kernels(archs: Sequence[int], out_dir: Optional[Path], select: Sequen
             shutil.copy(res["cubin"], dst / f"{name}.cubin")
             (dst / f"{name}.sass").write_text(text)
             (dst / f"{name}.ptx").write_text(res["ptx"])
-        # Dynamic shared memory of the launch plus any static shared in the cubin.
+        # Dynamic shared memory of the launch plus the cubin's static (which holds the 1 KB reserve).
         smem = res["shared"] + res["shared_static"]
         row = finish_row(name, arch, res["function"], res, smem, job.num_warps * 32, instrs,
                          source=f"{job.module}.{job.kernel}")

@@ -78,7 +78,8 @@ def test_occupancy_model():
     one = sass.occupancy(90, 134, 65 * 1024, 256)
     assert one["ctas_per_sm"] == 1 and one["limited_by"] == "registers"
     assert sass.occupancy(90, 32, 120 * 1024, 128)["limited_by"] == "shared"
-    assert sass.occupancy(100, 32, 228 * 1024, 128)["ctas_per_sm"] == 0     # over 227 KB per block
+    assert sass.occupancy(100, 32, 228 * 1024, 128)["ctas_per_sm"] == 1     # 227 KB + the 1 KB reserve
+    assert sass.occupancy(100, 32, 228 * 1024 + 128, 128)["ctas_per_sm"] == 0
 
 
 def test_cli(tmp_path, capsys):
