@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import re
 import shutil
@@ -321,8 +322,13 @@ def _inject_job(op: str, arch: int, cache_dtype) -> TritonJob:
     import torch
 
     mod = _resolve([f"{_TB}.{op}", f"{_TB}.inject"], "compile_spec")
-    spec = importlib.import_module(mod).compile_spec(
-        "inject" if op == "inject_kv" else "fuse", arch, torch.bfloat16, cache_dtype, D=128)
+    fn = importlib.import_module(mod).compile_spec
+    # inject.py's compile_spec(kernel, arch, dtype, cache_dtype, D) serves both ops; a per-op
+    # module's (after the split of inject.py) may drop the ``kernel`` argument.
+    if next(iter(inspect.signature(fn).parameters)) == "kernel":
+        spec = fn("inject" if op == "inject_kv" else "fuse", arch, torch.bfloat16, cache_dtype, D=128)
+    else:
+        spec = fn(arch, torch.bfloat16, cache_dtype, D=128)
     kmod = _resolve([f"{_TB}.{op}", f"{_TB}.inject"], spec["kernel"])
     return TritonJob(kmod, spec["kernel"], spec["signature"], spec["constexprs"], spec["num_warps"],
                      spec["num_stages"], {n: 16 for n in spec["divisible_by_16"]})
