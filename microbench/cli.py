@@ -1,6 +1,7 @@
 """``python -m microbench [SUITE|all] [options]``, a suite per op: see docs/benchmark.md.
 
-``python -m microbench overhead [options]`` (host time per call) is microbench/overhead.py.
+``python -m microbench overhead [options]`` (host time per call) is microbench/overhead.py;
+``python -m microbench sass [options]`` (the compile report) is microbench/sass.py.
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .overhead import main as overhead_main
 
         return overhead_main(rest[1:])
+    if rest[:1] == ["sass"]:
+        from .sass import main as sass_main   # the compile report: no GPU, no timings
+
+        return sass_main(rest[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -543,7 +543,7 @@ def assert_compiles_to_tensor_cores(module, spec, arch):
     arguments at run time (without it the report describes unvectorized,
     unpipelined code that never runs); assert tensor-core MMAs, a pipelined K
     loop, no spills and shared memory within 227 KB. Returns the report."""
-    from triton_compile import compile_report
+    from microbench.compile import compile_report
 
     rep = compile_report(module, spec["kernel"], spec["signature"], spec["constexprs"], arch,
                          num_warps=spec["num_warps"], num_stages=spec["num_stages"],

@@ -12,7 +12,7 @@ import torch
 
 from dflash_kernels.triton_backend import block_attention as tri
 from helpers import NAN, attention_lens, make_attention_case, run_attention
-from triton_compile import compile_report
+from microbench.compile import compile_report
 
 
 def _scale_tensor(s, device):
