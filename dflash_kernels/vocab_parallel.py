@@ -39,7 +39,7 @@ from torch import Tensor
 from .reference import verify_chain as ref
 
 __all__ = ["RADIX_BITS", "Comm", "collectives", "filter_rows", "token_keys", "unpack_ids",
-           "verify_chain_tp", "f32_key", "key_f32"]
+           "verify_chain_tp", "f32_key", "key_f32", "payload_bytes", "check_tp_args"]
 
 NEG_INF = float("-inf")
 # Bits per radix pass: 8 -> 4 passes per threshold, 256 bins a row (fewer collectives,
@@ -138,7 +138,8 @@ def radix_select(keys: Tensor, weight: Tensor, target: Callable[[Tensor], Tensor
 
     keys: int64 ``[R, n]`` (:func:`f32_key`); weight: int32 / int64 ``[R, n]``
     (>= 0; 0 for ids that must not count). ``target(total)`` maps the row's
-    total weight (known after the first pass) to an int64 target ``[R]``.
+    total weight (known after the first pass) to an int64 target ``[R]``
+    (clamped to >= 1, so the key found is always some element's).
     ``32 / bits`` passes, each one SUM of ``[R, 2**bits]`` weights.
 
     Returns ``(found [R] bool, key [R] int64, mass_ge [R] int64, total [R] int64)``:
@@ -163,7 +164,7 @@ def radix_select(keys: Tensor, weight: Tensor, target: Callable[[Tensor], Tensor
         suffix = hist.flip(-1).cumsum(-1, dtype=torch.int64).flip(-1)   # weight in bucket >= j
         if tgt is None:
             total = suffix[:, 0]
-            tgt = target(total)
+            tgt = target(total).clamp_min(1)
         ok = above.unsqueeze(1) + suffix >= tgt.unsqueeze(1)  # non-increasing in j: a prefix
         n_ok = ok.sum(-1)
         if found is None:
@@ -272,6 +273,12 @@ def collectives(B: int, S: int, *, temperature: bool, top_k: bool, top_p: bool,
         out.append(("SUM", torch.int64, (R,)))
     out.append(("MAX", torch.int64, (R + 3 * B * (S - 1),) if dp else (R,)))
     return out
+
+
+def payload_bytes(plan) -> int:
+    """Bytes of the buffers a :func:`collectives` plan all-reduces (per rank, per call)."""
+    return sum(torch.empty((), dtype=d).element_size() * int(torch.Size(shape).numel())
+               for _, d, shape in plan)
 
 
 def verify_chain_tp(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
