@@ -252,12 +252,13 @@ def token_keys(x: Tensor, rows: Optional[Rows], sampled: Optional[Tensor],
 # --------------------------------------------------------------------------
 
 def collectives(B: int, S: int, *, temperature: bool, top_k: bool, top_p: bool,
-                draft_probs: bool, radix_bits: int = RADIX_BITS) -> List[Tuple[str, torch.dtype, tuple]]:
+                draft_probs: bool, radix_bits: Optional[int] = None) -> List[Tuple[str, torch.dtype, tuple]]:
     """The all_reduces one ``verify_chain`` call makes, in order: ``(op, dtype, shape)``.
 
     Host-known: depends only on which optional arguments are given and B, S.
     """
     R = B * S
+    radix_bits = radix_bits or RADIX_BITS
     dp = draft_probs and temperature and S > 1
     out = []
     if not temperature:
@@ -284,7 +285,7 @@ def payload_bytes(plan) -> int:
 def verify_chain_tp(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
                     positions, draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens,
                     *, group, vocab_start: int, vocab_size: int,
-                    radix_bits: int = RADIX_BITS) -> None:
+                    radix_bits: Optional[int] = None) -> None:
     """verify_chain on a vocab shard: same arguments as the reference backend
     (``logits [B, S, Vl]``, ``draft_probs [B, S-1, Vl]`` shards of global ids
     ``vocab_start ..``), outputs bit for bit those of the single-device op on
@@ -294,6 +295,7 @@ def verify_chain_tp(logits, block_tokens, num_drafts, temperature, top_k, top_p,
     communication, for a single shard covering the vocab).
     """
     comm = Comm(group)
+    radix_bits = radix_bits or RADIX_BITS
     B, S, Vl = logits.shape
     dev = logits.device
     R = B * S
