@@ -93,6 +93,10 @@ def build_cases(world):
             _border_ties(kw, borders, V)
             cases.append((V, borders, kw))
         cases.append((V, borders, _stress(V, borders, world + li)))
+    V, borders = LAYOUTS[world][0]
+    cases.append((V, borders, make_case(3, 1, V, top_k=True, top_p=True, gen_seed=world)))   # S = 1
+    cases.append((V, borders, make_case(1, 5, V, draft_probs=True, sampled="all",
+                                        match_frac=0.9, gen_seed=world)))                 # B = 1
     return cases
 
 
@@ -104,15 +108,15 @@ def _context():
     return mp.get_context(os.environ.get("DFLASH_TP_TEST_START", "fork"))
 
 
-def spawn(world, cases, tmp_path):
+def spawn(world, cases, tmp_path, target=tp_worker.worker, timeout_s=SPAWN_TIMEOUT_S):
     case_file = str(tmp_path / "cases.pt")
     torch.save(cases, case_file)
-    procs = [_context().Process(target=tp_worker.worker, args=(r, world, str(tmp_path / "store"), case_file,
+    procs = [_context().Process(target=target, args=(r, world, str(tmp_path / "store"), case_file,
                                                 str(tmp_path)), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     try:
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -125,7 +129,7 @@ def spawn(world, cases, tmp_path):
             if p.is_alive():
                 p.kill()
                 p.join(5)
-    assert not alive, f"world {world}: ranks still running after {SPAWN_TIMEOUT_S} s (killed)"
+    assert not alive, f"world {world}: ranks still running after {timeout_s} s (killed)"
     codes = [p.exitcode for p in procs]
     assert codes == [0] * world, f"world {world}: exit codes {codes}"
     return [torch.load(str(tmp_path / f"{r}.pt")) for r in range(world)]
@@ -151,6 +155,15 @@ def test_ranks_equal_single_device(world, tmp_path):
             assert log == plan, (ci, rank, log, plan)
     # The cases did exercise acceptance and rejection.
     assert any(int(per_rank[0][ci][0][0].sum()) > 0 for ci in range(len(cases)))
+
+
+def test_hung_rank_is_killed(tmp_path):
+    # The harness itself: a rank that never returns fails the test at its deadline and is gone.
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match="still running"):
+        spawn(2, [], tmp_path, target=tp_worker.hang, timeout_s=2)
+    assert time.monotonic() - t0 < 30
+    assert not [p for p in mp.active_children() if p.is_alive()]
 
 
 # ---------------------------------------------------------------------------

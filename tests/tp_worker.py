@@ -2,6 +2,7 @@
 forkserver preloads only torch and dflash_kernels (one import for every rank of every test)."""
 
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -60,3 +61,8 @@ def worker(rank, world, init_file, case_file, out_dir):
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def hang(rank, world, init_file, case_file, out_dir):
+    """A rank that never finishes (tests the harness's deadline)."""
+    time.sleep(3600)
