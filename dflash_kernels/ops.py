@@ -481,6 +481,7 @@ def verify_chain(
     top_p: Optional[Tensor] = None, seeds: Optional[Tensor] = None,
     positions: Optional[Tensor] = None, draft_probs: Optional[Tensor] = None,
     seq_lens: Optional[Tensor] = None, out=None, backend: Optional[str] = None,
+    tp_group=None, vocab_start: int = 0, vocab_size: Optional[int] = None,
 ) -> VerifyOutput:
     """Accept the longest agreeing prefix of each drafted block, plus a bonus token.
 
@@ -499,6 +500,10 @@ def verify_chain(
         seq_lens: int32 ``[B]``; gives ``new_seq_lens = seq_lens + accept_len + 1``.
         out: optional ``VerifyOutput`` (or 4-tuple) of output buffers;
             ``new_seq_lens`` may be None when ``seq_lens`` is None.
+        tp_group, vocab_start, vocab_size: vocab-parallel verification
+            (docs/tensor_parallel.md): ``logits`` / ``draft_probs`` are this
+            rank's shard of global ids ``vocab_start ..``; ``vocab_size`` the
+            true vocab (required). Every rank gets the single-device result.
 
     Returns:
         :class:`VerifyOutput`. The noise scheme is in docs/DESIGN.md.
@@ -518,6 +523,11 @@ def verify_chain(
     V = logits.shape[2]
     if V < 1:
         raise ValueError("logits: expected a vocabulary of at least one token")
+    if tp_group is not None:
+        from .vocab_parallel import check_tp_args
+        check_tp_args(vocab_start, vocab_size, V, backend)
+    elif vocab_start != 0 or vocab_size is not None:
+        raise ValueError("vocab_start, vocab_size: only used with tp_group")
     if num_drafts is None:
         num_drafts = _all_drafts(B, S, dev)
     else:
@@ -575,6 +585,14 @@ def verify_chain(
         return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
     block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens = _dense(
         block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens)
+    if tp_group is not None:
+        # Collectives cannot run inside the custom op: the shard protocol calls them itself.
+        from .vocab_parallel import verify_chain_tp
+        verify_chain_tp(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
+                        positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
+                        new_seq_lens, group=tp_group, vocab_start=vocab_start,
+                        vocab_size=vocab_size)
+        return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
     _run("verify_chain", dev.type, backend, logits, block_tokens, num_drafts, temperature, top_k,
          top_p, seeds, positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
          new_seq_lens)

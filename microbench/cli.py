@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of time and fraction of copy bandwidth")
     p.add_argument("--show-commands", action="store_true", help="print a command that reproduces each row")
+    p.add_argument("--tp", type=int, metavar="N", help="verify: vocab-parallel verify_chain on N local "
+                                                      "ranks vs the logits all-gather (microbench/tp.py)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing implementations")
     return p
@@ -124,6 +126,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {msg}", file=sys.stderr)
         return 2
+
+    if args.tp is not None:
+        if args.suite != "verify":
+            return usage_error("--tp: only with the verify suite")
+        from .tp import main as tp_main
+        return tp_main(args)
 
     if args.interpret:
         # Before any kernel module is imported: the interpreter is chosen at import time.

@@ -7,8 +7,14 @@ comes from a cumulative product.
 Details fixed here (beyond DESIGN.md):
 - a request is sampled iff ``temperature[b] > 0`` (NaN temperature: greedy);
   ``inv_t = 1 / T`` is one fp32 division, ``scaled = logit * inv_t``;
-- top-p's cumulative sum runs over the probabilities sorted in decreasing
-  order; if rounding keeps it below ``top_p``, every top-k token is kept;
+- a token's probability mass is integer fixed point (:func:`token_mass`,
+  ``round(exp(s - m) * 2**40)``), so the softmax normaliser ``Z`` and every
+  top-p cumulative mass are exact integer sums, independent of summation
+  order: the vocab-parallel path (:mod:`dflash_kernels.vocab_parallel`)
+  reduces the same integers across ranks and gets the same bits;
+- top-p keeps ``scaled >= tau``, ``tau`` the largest scaled logit whose kept
+  mass (over the top-k set) reaches ``T = clamp(ceil(top_p * Z), 1, Z)``
+  (fp64 product): the sorted definition of DESIGN.md with exact masses;
 - ``num_drafts`` is clamped to ``[0, S-1]``; a draft id outside ``[0, V)``
   never matches (point mass) and has ``p(x) = q(x) = 0`` (rejected) under the
   ``draft_probs`` rule.
@@ -22,15 +28,22 @@ from torch import Tensor
 from .. import noise
 
 NEG_INF = float("-inf")
+# Fraction bits of the fixed-point token mass: exp(s - m) <= 1 becomes an integer <= 2**40,
+# so a row of up to 2**22 tokens sums below 2**62 in int64, exactly.
+MASS_BITS = 40
+MAX_VOCAB = 1 << 22
 # Rows per chunk of Philox noise, so that the int64 temporaries stay small.
 _NOISE_ELEMS = 1 << 22
 
 
-def gumbel_rows(seeds: Tensor, pos: Tensor, V: int) -> Tensor:
-    """fp32 ``[N, V]`` stream-0 Gumbel noise of N rows keyed by (seeds[n], pos[n], vocab id)."""
+def gumbel_rows(seeds: Tensor, pos: Tensor, V: int, start: int = 0) -> Tensor:
+    """fp32 ``[N, V]`` stream-0 Gumbel noise of N rows keyed by (seeds[n], pos[n], vocab id).
+
+    Column c is vocab id ``start + c`` (a vocab shard's global ids).
+    """
     N = seeds.shape[0]
     out = torch.empty((N, V), dtype=torch.float32, device=seeds.device)
-    ids = torch.arange(V, dtype=torch.int64, device=seeds.device)
+    ids = torch.arange(start, start + V, dtype=torch.int64, device=seeds.device)
     step = max(1, _NOISE_ELEMS // max(V, 1))
     for lo in range(0, N, step):
         hi = min(N, lo + step)
@@ -51,25 +64,64 @@ def kept_set(scaled: Tensor, sampled: Tensor, top_k, top_p) -> Tensor:
         keep &= ~active.view(B, 1, 1) | (scaled >= kth)
     if top_p is not None:
         active = sampled & (top_p < 1)
-        p = softmax_kept(scaled, keep)
-        desc = p.sort(dim=-1, descending=True).values
-        reach = desc.cumsum(-1) >= top_p.view(B, 1, 1)
-        # m-th most probable: the first index reaching top_p; none reached -> the last.
+        masked = torch.where(keep, scaled, NEG_INF)
+        w = token_mass(masked, row_max(masked))
+        target = top_p_target(top_p.view(B, 1), w.sum(-1))
+        desc, order = masked.sort(dim=-1, descending=True)
+        reach = w.gather(-1, order).cumsum(-1) >= target.unsqueeze(-1)
+        # The first index reaching the target; none (no finite kept logit) -> the last (-inf).
         first = torch.where(reach.any(-1), reach.to(torch.int8).argmax(-1),
                             torch.full_like(reach[..., 0], V - 1, dtype=torch.int64))
         tau = desc.gather(-1, first.unsqueeze(-1))
-        keep &= ~active.view(B, 1, 1) | (p >= tau)
+        keep &= ~active.view(B, 1, 1) | (scaled >= tau)
     return keep
 
 
-def softmax_kept(scaled: Tensor, keep: Tensor) -> Tensor:
-    """fp32 softmax of ``scaled`` over ``keep`` (zero elsewhere, all zero without a finite logit)."""
-    masked = torch.where(keep, scaled, NEG_INF)
+def row_max(masked: Tensor) -> Tensor:
+    """``[..., 1]`` max of each row, 0 for a row without a finite value."""
     m = masked.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def token_mass(masked: Tensor, m: Tensor) -> Tensor:
+    """int64 fixed-point mass ``round(exp(masked - m) * 2**MASS_BITS)`` (0 for -inf).
+
+    ``exp(.) <= 1`` times a power of two is exact in fp32, so the integer is a
+    deterministic function of the element: sums of it are exact in any order.
+    """
+    return torch.round(torch.exp(masked - m) * float(2 ** MASS_BITS)).to(torch.int64)
+
+
+def top_p_target(top_p: Tensor, Z: Tensor) -> Tensor:
+    """int64 mass top-p must reach: ``clamp(ceil(top_p * Z), 1, Z)`` (fp64 product; 1 when Z = 0).
+
+    ``top_p >= 1`` or NaN (filter off) gives Z; ``top_p <= 0`` gives 1 (the
+    most probable token and its ties).
+    """
+    tp = torch.where(top_p < 1, top_p, torch.ones_like(top_p)).to(torch.float64)
+    t = torch.ceil(tp * Z.to(torch.float64)).clamp_min(1.0).to(torch.int64)
+    return torch.where(Z > 0, torch.minimum(t, Z), torch.ones_like(Z))
+
+
+def probs(masked: Tensor, m: Tensor, Z: Tensor) -> Tensor:
+    """fp32 ``exp(masked - m) / z`` with ``z = fp32(Z) * 2**-MASS_BITS`` (0 where Z = 0).
+
+    ``Z`` is the row's exact integer mass (``[..., 1]``): every device and every
+    vocab shard divides by the same fp32 ``z``.
+    """
+    z = Z.to(torch.float32) * float(2.0 ** -MASS_BITS)
     e = torch.exp(masked - m)
-    z = e.sum(-1, keepdim=True)
-    return torch.where(z > 0, e / z, torch.zeros_like(e))
+    return torch.where(Z > 0, e / torch.where(Z > 0, z, 1.0), torch.zeros_like(e))
+
+
+def softmax_kept(scaled: Tensor, keep: Tensor) -> Tensor:
+    """fp32 softmax of ``scaled`` over ``keep`` (zero elsewhere, all zero without a finite logit).
+
+    The normaliser is the exact fixed-point sum of :func:`token_mass`.
+    """
+    masked = torch.where(keep, scaled, NEG_INF)
+    m = row_max(masked)
+    return probs(masked, m, token_mass(masked, m).sum(-1, keepdim=True))
 
 
 def target_tokens(logits: Tensor, temperature, top_k, top_p, seeds, positions):
@@ -104,15 +156,9 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
     B, S, V = logits.shape
     dev = logits.device
     t, scaled, keep, g = target_tokens(logits, temperature, top_k, top_p, seeds, positions)
-    bt = block_tokens.to(torch.int64)
-    nd = num_drafts.to(torch.int64).clamp(0, S - 1)
-    cols = torch.arange(1, S, device=dev, dtype=torch.int64)
-    drafts = bt[:, 1:]                                        # [B, S-1]
-    # Row j-1 decides draft j.
-    accept = drafts == t[:, :-1]
-    use_dp = None
+    drafts = block_tokens[:, 1:].to(torch.int64)             # [B, S-1]
+    dp = None
     if draft_probs is not None and S > 1:
-        use_dp = temperature > 0
         p = softmax_kept(scaled[:, :-1], keep[:, :-1])       # [B, S-1, V]
         q = draft_probs.float()
         in_vocab = (drafts >= 0) & (drafts < V)
@@ -120,14 +166,41 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
         zero = torch.zeros((), device=dev)
         px = torch.where(in_vocab, p.gather(-1, xi).squeeze(-1), zero)
         qx = torch.where(in_vocab, q.gather(-1, xi).squeeze(-1), zero)
-        u = noise.uniform(seeds.view(B, 1), positions.view(B, 1) + cols.view(1, -1), 0,
-                          noise.STREAM_ACCEPT)
-        accept = torch.where(use_dp.view(B, 1), u * qx < px, accept)
         # Residual max(p - q, 0) at every row; only the first rejected one is used.
         r = (p - q).clamp_min(0)
         r_pos = r > 0                                         # NaN compares False
         r_score = torch.where(r_pos, torch.log(torch.where(r_pos, r, 1.0)) + g[:, :-1], NEG_INF)
         residual_tok = torch.where(r_pos.any(-1), r_score.argmax(-1), t[:, :-1])
+        dp = (px, qx, residual_tok)
+    finish(V, block_tokens, num_drafts, temperature, seeds, positions, seq_lens, t, dp,
+           accept_len, out_tokens, bonus, new_seq_lens)
+
+
+def finish(V, block_tokens, num_drafts, temperature, seeds, positions, seq_lens, t, dp,
+           accept_len, out_tokens, bonus, new_seq_lens) -> None:
+    """Acceptance, bonus and outputs from the per-row results.
+
+    ``t`` int64 ``[B, S]``: the target token of every row. ``dp``: None, or
+    ``(px, qx, residual_tok)`` ``[B, S-1]`` of the ``draft_probs`` rule
+    (p(x), q(x) of each draft and the residual's Gumbel-max, ``t`` where the
+    residual is all zero). Shared with the vocab-parallel path, whose per-row
+    results are the same bits.
+    """
+    B, S = block_tokens.shape
+    dev = block_tokens.device
+    bt = block_tokens.to(torch.int64)
+    nd = num_drafts.to(torch.int64).clamp(0, S - 1)
+    cols = torch.arange(1, S, device=dev, dtype=torch.int64)
+    drafts = bt[:, 1:]                                        # [B, S-1]
+    # Row j-1 decides draft j.
+    accept = drafts == t[:, :-1]
+    use_dp = None
+    if dp is not None:
+        px, qx, residual_tok = dp
+        use_dp = temperature > 0
+        u = noise.uniform(seeds.view(B, 1), positions.view(B, 1) + cols.view(1, -1), 0,
+                          noise.STREAM_ACCEPT)
+        accept = torch.where(use_dp.view(B, 1), u * qx < px, accept)
     run = (accept & (cols.view(1, -1) <= nd.view(B, 1))).to(torch.int64)
     a = run.cumprod(-1).sum(-1) if S > 1 else torch.zeros(B, dtype=torch.int64, device=dev)
     bon = t.gather(1, a.view(B, 1)).squeeze(1)

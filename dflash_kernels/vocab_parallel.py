@@ -1,0 +1,348 @@
+"""Vocab-parallel verification: each rank holds a vocab shard of the logits.
+
+The protocol (docs/tensor_parallel.md): every rank computes per-row partial
+results over its shard with the reference's math, exchanges only those with
+``torch.distributed.all_reduce`` (a fixed list of collectives for given
+arguments, see :func:`collectives`), and finishes with the reference's
+acceptance code, so every rank writes the same outputs, bit for bit those of
+the single-device op on the concatenated (unpadded) logits:
+
+- argmax / Gumbel-max: the noise is keyed by the GLOBAL vocab id, so the
+  row's winner is the max over shards of ``(score, -global id)``, packed in
+  one int64 (order-preserving fp32 key in the high word, ``2**32-1 - id`` in
+  the low word) and reduced with MAX: lowest id on exact ties, as argmax.
+- top-k / top-p thresholds: an MSB-first radix search over the 32-bit
+  order-preserving key of the scaled logits, ``32 / radix_bits`` passes, each
+  a per-row histogram (counts for top-k, fixed-point masses for top-p)
+  summed across ranks; it finds exactly the k-th largest value and the
+  largest value whose kept mass reaches ``top_p * Z``.
+- masses are the reference's integer fixed point
+  (:func:`~dflash_kernels.reference.verify_chain.token_mass`), so ``Z`` and
+  every mass are exact integer sums whatever the shard layout.
+- ``p(x)``, ``q(x)`` of a draft come from the rank owning ``x`` (other ranks
+  send a sentinel; MAX picks the owner's bits).
+
+No host sync, no data-dependent shapes: the collectives are in-place
+all_reduces of per-row buffers, capturable in CUDA graphs with NCCL.
+A tree row is a chain row (per-row seed and position): :func:`filter_rows`,
+:func:`token_keys` and :func:`unpack_ids` are what ``verify_tree`` reuses.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .reference import verify_chain as ref
+
+__all__ = ["RADIX_BITS", "Comm", "collectives", "filter_rows", "token_keys", "unpack_ids",
+           "verify_chain_tp", "f32_key", "key_f32", "payload_bytes", "check_tp_args"]
+
+NEG_INF = float("-inf")
+# Bits per radix pass: 8 -> 4 passes per threshold, 256 bins a row (fewer collectives,
+# each one latency-bound at these sizes); 4 -> 8 passes of 16 bins.
+RADIX_BITS = 8
+_INT64_MIN = -(2 ** 63)
+_LOW32 = 0xFFFFFFFF
+
+# When a list, every collective appends (op, dtype, shape): tests and the microbench count them.
+collective_log: Optional[list] = None
+
+
+class Comm:
+    """In-place all_reduces over a process group; ``group="local"`` reduces
+    nothing (one shard holding the whole vocab, for single-process checks)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def _reduce(self, t: Tensor, op) -> Tensor:
+        if collective_log is not None:
+            collective_log.append((str(op).split(".")[-1], t.dtype, tuple(t.shape)))
+        if self.group != "local":
+            dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+    def max_(self, t: Tensor) -> Tensor:
+        return self._reduce(t, dist.ReduceOp.MAX)
+
+    def sum_(self, t: Tensor) -> Tensor:
+        return self._reduce(t, dist.ReduceOp.SUM)
+
+
+def check_tp_args(vocab_start, vocab_size, V_local: int, backend) -> None:
+    """Host-side checks of the vocab-parallel arguments (ValueError naming the argument)."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise ValueError(f"vocab_size: required (an int, the true vocab) with tp_group, got {vocab_size!r}")
+    if not 1 <= vocab_size <= ref.MAX_VOCAB:
+        raise ValueError(f"vocab_size: expected 1 .. {ref.MAX_VOCAB} (exact int64 masses), got {vocab_size}")
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise ValueError(f"vocab_start: expected an int >= 0, got {vocab_start!r}")
+    if vocab_start + V_local >= 2 ** 31:
+        raise ValueError(f"vocab_start: shard [{vocab_start}, {vocab_start + V_local}) "
+                         "past 2**31 ids")
+    if vocab_start > vocab_size:
+        raise ValueError(f"vocab_start: {vocab_start} past vocab_size {vocab_size} "
+                         "(shards are contiguous and cover [0, vocab_size))")
+    if backend not in (None, "reference"):
+        raise ValueError(f"backend: the vocab-parallel path runs the reference math on each "
+                         f"shard; expected None or 'reference', got {backend!r}")
+
+
+# --------------------------------------------------------------------------
+# Keys
+# --------------------------------------------------------------------------
+
+def f32_key(x: Tensor) -> Tensor:
+    """int64 order-preserving key of fp32 values (not NaN), in the int32 range.
+
+    ``-0.0`` is canonicalised to ``+0.0`` first (``x + 0``), so values that
+    compare equal get equal keys.
+    """
+    b = (x.float() + 0.0).contiguous().view(torch.int32)
+    return (b ^ ((b >> 31) & 0x7FFFFFFF)).to(torch.int64)
+
+
+def key_f32(k: Tensor) -> Tensor:
+    """Inverse of :func:`f32_key` (k in the int32 range)."""
+    b = k.to(torch.int32)
+    return (b ^ ((b >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+
+def _pack(value: Tensor, gid: Tensor) -> Tensor:
+    """int64 ``(key(value), -gid)`` that MAX orders by value, then lowest id."""
+    return (f32_key(value) << 32) | (_LOW32 - gid)
+
+
+def unpack_ids(packed: Tensor) -> Tuple[Tensor, Tensor]:
+    """(fp32 value, int64 global id) of reduced :func:`token_keys`."""
+    return key_f32(packed >> 32), _LOW32 - (packed & _LOW32)
+
+
+def _local_best(score: Tensor, vocab_start: int) -> Tensor:
+    # max(dim) returns the first maximum: lowest local (so global) id on ties.
+    v, i = score.max(-1)
+    return _pack(v, i + vocab_start)
+
+
+# --------------------------------------------------------------------------
+# Radix threshold search
+# --------------------------------------------------------------------------
+
+def radix_select(keys: Tensor, weight: Tensor, target: Callable[[Tensor], Tensor], comm: Comm,
+                 bits: int = RADIX_BITS):
+    """Largest key ``v`` with ``sum(weight[keys >= v]) >= target``, per row, across ranks.
+
+    keys: int64 ``[R, n]`` (:func:`f32_key`); weight: int32 / int64 ``[R, n]``
+    (>= 0; 0 for ids that must not count). ``target(total)`` maps the row's
+    total weight (known after the first pass) to an int64 target ``[R]``
+    (clamped to >= 1, so the key found is always some element's).
+    ``32 / bits`` passes, each one SUM of ``[R, 2**bits]`` weights.
+
+    Returns ``(found [R] bool, key [R] int64, mass_ge [R] int64, total [R] int64)``:
+    ``mass_ge = sum(weight[keys >= key])``; ``found`` False where even the total
+    misses the target (then key / mass_ge are meaningless).
+    """
+    if 32 % bits:
+        raise ValueError(f"radix_bits: expected a divisor of 32, got {bits}")
+    R = keys.shape[0]
+    nb = 1 << bits
+    uk = keys + 2 ** 31                                   # unsigned order, [0, 2**32)
+    prefix = torch.zeros(R, dtype=torch.int64, device=keys.device)
+    above = torch.zeros_like(prefix)                      # weight strictly above the prefix range
+    zero = torch.zeros((), dtype=weight.dtype, device=keys.device)
+    found = tgt = total = last = None
+    for shift in range(32 - bits, -1, -bits):
+        hi = shift + bits
+        match = (uk >> hi) == (prefix >> hi).unsqueeze(1)
+        hist = torch.zeros((R, nb), dtype=weight.dtype, device=keys.device)
+        hist.scatter_add_(1, (uk >> shift) & (nb - 1), torch.where(match, weight, zero))
+        comm.sum_(hist)
+        suffix = hist.flip(-1).cumsum(-1, dtype=torch.int64).flip(-1)   # weight in bucket >= j
+        if tgt is None:
+            total = suffix[:, 0]
+            tgt = target(total).clamp_min(1)
+        ok = above.unsqueeze(1) + suffix >= tgt.unsqueeze(1)  # non-increasing in j: a prefix
+        n_ok = ok.sum(-1)
+        if found is None:
+            found = n_ok > 0
+        bk = (n_ok - 1).clamp_min(0)
+        nxt = torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], 1)
+        above = above + nxt.gather(1, bk.unsqueeze(1)).squeeze(1)
+        last = hist.gather(1, bk.unsqueeze(1)).squeeze(1).to(torch.int64)
+        prefix = prefix | (bk << shift)
+    return found, prefix - 2 ** 31, above + last, total
+
+
+# --------------------------------------------------------------------------
+# Per-row shard results
+# --------------------------------------------------------------------------
+
+class Rows(NamedTuple):
+    """A shard's rows after filtering (``[R, Vl]`` unless noted)."""
+    scaled: Tensor            # fp32 logits * (1/T); NaN and padded ids -inf
+    keep: Tensor              # bool: the top-k / top-p kept set
+    g: Tensor                 # fp32 Gumbel noise of the global ids
+    m: Optional[Tensor]       # fp32 [R, 1] global max of the kept set (0 without finite)
+    Z: Optional[Tensor]       # int64 [R, 1] exact mass of the kept set
+
+
+def filter_rows(scaled: Tensor, valid: Tensor, vocab_start: int, vocab_size: int,
+                sampled: Tensor, top_k: Optional[Tensor], top_p: Optional[Tensor],
+                seeds: Tensor, pos: Tensor, comm: Comm, *, need_mass: bool,
+                bits: int = RADIX_BITS) -> Rows:
+    """Top-k / top-p kept sets and Gumbel noise of R sampled-or-not rows of a shard.
+
+    scaled: fp32 ``[R, Vl]`` (NaN and padded ids already -inf); valid: bool
+    ``[Vl]`` (id < vocab_size); sampled ``[R]`` bool, top_k int ``[R]``,
+    top_p fp32 ``[R]``, seeds / pos int64 ``[R]`` (pos: the position of the
+    token being decided). ``need_mass``: also return the max and exact mass
+    of the kept set (for p(x) / residuals). Collectives, in order: one MAX of
+    ``[R]`` fp32 (the max, when top_p or need_mass), top-k's count passes,
+    top-p's mass passes, one SUM of ``[R]`` int64 (Z, when need_mass without
+    top_p).
+    """
+    R, Vl = scaled.shape
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    m = Z = None
+    if top_p is not None or need_mass:
+        # The kept set always holds the row max (top-k and top-p keep it): no filter needed.
+        mx = comm.max_(scaled.amax(-1).contiguous())
+        m = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)).unsqueeze(1)
+    if top_k is not None:
+        k = top_k.to(torch.int64)
+        active = sampled & (k > 0) & (k < vocab_size)
+        keys = f32_key(scaled)
+        cnt = valid.to(torch.int32).unsqueeze(0).expand(R, Vl)
+        _, kk, _, _ = radix_select(keys, cnt, lambda total: k.clamp(1, vocab_size), comm, bits)
+        kth = torch.where(active, key_f32(kk), NEG_INF).unsqueeze(1)
+        keep &= scaled >= kth
+    if top_p is not None:
+        active = sampled & (top_p < 1)
+        masked = torch.where(keep, scaled, NEG_INF)
+        w = ref.token_mass(masked, m)
+        found, tk, ge, total = radix_select(f32_key(masked), w,
+                                            lambda total: ref.top_p_target(top_p, total), comm, bits)
+        on = active & found
+        tau = torch.where(on, key_f32(tk), NEG_INF).unsqueeze(1)
+        keep &= scaled >= tau
+        Z = torch.where(on, ge, total).unsqueeze(1)
+    elif need_mass:
+        masked = torch.where(keep, scaled, NEG_INF)
+        Z = comm.sum_(ref.token_mass(masked, m).sum(-1)).unsqueeze(1)
+    g = ref.gumbel_rows(seeds, pos, Vl, start=vocab_start)
+    return Rows(scaled, keep, g, m, Z)
+
+
+def token_keys(x: Tensor, rows: Optional[Rows], sampled: Optional[Tensor],
+               vocab_start: int) -> Tensor:
+    """Local int64 ``[R]`` packed winners: argmax of ``x`` (greedy rows) or the
+    Gumbel-max over the kept set (sampled rows); MAX-reduce, then :func:`unpack_ids`."""
+    if rows is None:
+        return _local_best(x, vocab_start)
+    score = torch.where(rows.keep, rows.scaled + rows.g, NEG_INF)
+    return _local_best(torch.where(sampled.unsqueeze(1), score, x), vocab_start)
+
+
+# --------------------------------------------------------------------------
+# verify_chain
+# --------------------------------------------------------------------------
+
+def collectives(B: int, S: int, *, temperature: bool, top_k: bool, top_p: bool,
+                draft_probs: bool, radix_bits: Optional[int] = None) -> List[Tuple[str, torch.dtype, tuple]]:
+    """The all_reduces one ``verify_chain`` call makes, in order: ``(op, dtype, shape)``.
+
+    Host-known: depends only on which optional arguments are given and B, S.
+    """
+    R = B * S
+    radix_bits = radix_bits or RADIX_BITS
+    dp = draft_probs and temperature and S > 1
+    out = []
+    if not temperature:
+        return [("MAX", torch.int64, (R,))]
+    passes = 32 // radix_bits
+    if top_p or dp:
+        out.append(("MAX", torch.float32, (R,)))
+    if top_k:
+        out += [("SUM", torch.int32, (R, 1 << radix_bits))] * passes
+    if top_p:
+        out += [("SUM", torch.int64, (R, 1 << radix_bits))] * passes
+    elif dp:
+        out.append(("SUM", torch.int64, (R,)))
+    out.append(("MAX", torch.int64, (R + 3 * B * (S - 1),) if dp else (R,)))
+    return out
+
+
+def payload_bytes(plan) -> int:
+    """Bytes of the buffers a :func:`collectives` plan all-reduces (per rank, per call)."""
+    return sum(torch.empty((), dtype=d).element_size() * int(torch.Size(shape).numel())
+               for _, d, shape in plan)
+
+
+def verify_chain_tp(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
+                    positions, draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens,
+                    *, group, vocab_start: int, vocab_size: int,
+                    radix_bits: Optional[int] = None) -> None:
+    """verify_chain on a vocab shard: same arguments as the reference backend
+    (``logits [B, S, Vl]``, ``draft_probs [B, S-1, Vl]`` shards of global ids
+    ``vocab_start ..``), outputs bit for bit those of the single-device op on
+    the concatenated logits ``[..., :vocab_size]``, on every rank.
+
+    ``group``: a ``torch.distributed`` process group (or ``"local"``: no
+    communication, for a single shard covering the vocab).
+    """
+    comm = Comm(group)
+    radix_bits = radix_bits or RADIX_BITS
+    B, S, Vl = logits.shape
+    dev = logits.device
+    R = B * S
+    gid = torch.arange(vocab_start, vocab_start + Vl, device=dev, dtype=torch.int64)
+    valid = gid < vocab_size
+    x = logits.float().reshape(R, Vl)
+    x = x.masked_fill(torch.isnan(x) | ~valid, NEG_INF)
+    dp = None
+    if temperature is None:
+        t = unpack_ids(comm.max_(_local_best(x, vocab_start)))[1].view(B, S)
+    else:
+        sampled_b = temperature > 0
+        inv_t = torch.where(sampled_b, 1.0 / temperature, torch.ones_like(temperature))
+        rep = lambda v: None if v is None else v.view(B, 1).expand(B, S).reshape(R)
+        sampled = rep(sampled_b)
+        scaled = x * rep(inv_t).unsqueeze(1)
+        pos = (positions.view(B, 1) + torch.arange(S, device=dev).view(1, S) + 1).reshape(R)
+        need = draft_probs is not None and S > 1
+        rows = filter_rows(scaled, valid, vocab_start, vocab_size, sampled, rep(top_k),
+                           rep(top_p), rep(seeds), pos, comm, need_mass=need, bits=radix_bits)
+        keys = token_keys(x, rows, sampled, vocab_start)
+        if not need:
+            t = unpack_ids(comm.max_(keys))[1].view(B, S)
+        else:
+            n = B * (S - 1)
+            first = lambda v: v.view(B, S, *v.shape[1:])[:, :-1].reshape(n, *v.shape[1:])
+            masked = torch.where(first(rows.keep), first(scaled), NEG_INF)
+            p = ref.probs(masked, first(rows.m), first(rows.Z))            # [n, Vl]
+            q = draft_probs.float().reshape(n, Vl)
+            drafts = block_tokens[:, 1:].to(torch.int64).reshape(n)
+            own = (drafts >= vocab_start) & (drafts < vocab_start + Vl) & (drafts < vocab_size)
+            xi = (drafts - vocab_start).clamp(0, Vl - 1).unsqueeze(1)
+            sentinel = torch.full((), _INT64_MIN, dtype=torch.int64, device=dev)
+            pxk = torch.where(own, f32_key(p.gather(1, xi).squeeze(1)), sentinel)
+            qxk = torch.where(own, f32_key(q.gather(1, xi).squeeze(1)), sentinel)
+            r = (p - q).clamp_min(0)
+            r_pos = (r > 0) & valid                       # NaN compares False
+            r_score = torch.where(r_pos, torch.log(torch.where(r_pos, r, 1.0)) + first(rows.g),
+                                  NEG_INF)
+            # One MAX for tokens, residual winners and the owners' p(x), q(x).
+            red = comm.max_(torch.cat([keys, _local_best(r_score, vocab_start), pxk, qxk]))
+            t = unpack_ids(red[:R])[1].view(B, S)
+            r_val, r_id = unpack_ids(red[R:R + n])
+            residual_tok = torch.where(r_val > NEG_INF, r_id, t[:, :-1].reshape(n))
+            dec = lambda k: torch.where(k == _INT64_MIN, torch.zeros((), device=dev),
+                                        key_f32(torch.where(k == _INT64_MIN, 0, k)))
+            px, qx = dec(red[R + n:R + 2 * n]), dec(red[R + 2 * n:])
+            dp = (px.view(B, S - 1), qx.view(B, S - 1), residual_tok.view(B, S - 1))
+    ref.finish(vocab_size, block_tokens, num_drafts, temperature, seeds, positions, seq_lens,
+               t, dp, accept_len, out_tokens, bonus, new_seq_lens)
