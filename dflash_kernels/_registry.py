@@ -15,7 +15,8 @@ import os
 
 BACKENDS = ("cuda", "triton", "reference")
 
-OPS = ("block_attention", "fuse_target_features", "inject_kv", "write_kv", "verify_chain")
+OPS = ("block_attention", "fuse_target_features", "inject_kv", "write_kv", "verify_chain",
+       "tree_mask", "verify_tree", "copy_kv")
 
 # op -> backend -> module holding a function named like the op.
 _MODULES = {
@@ -41,6 +42,10 @@ _MODULES = {
         "triton": "dflash_kernels.triton_backend.verify_chain",
         "cuda": "dflash_kernels.cuda",
     },
+    # Trees (tree_ops.py): one module per op and backend.
+    **{op: {"reference": f"dflash_kernels.reference.{op}",
+            "triton": f"dflash_kernels.triton_backend.{op}"}
+       for op in ("tree_mask", "verify_tree", "copy_kv")},
 }
 
 ENV_VAR = "DFLASH_KERNELS_BACKEND"

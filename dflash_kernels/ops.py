@@ -67,16 +67,16 @@ def _block_attention_op(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_lens: Tensor,
     k_block: Optional[Tensor], v_block: Optional[Tensor], sm_scale: float, window: int,
     k_scale: Optional[Tensor], v_scale: Optional[Tensor], out: Tensor, lse: Optional[Tensor],
-    backend: str,
+    causal: bool, mask_bits: Optional[Tensor], backend: str,
 ) -> None:
     _registry.get("block_attention", backend)(
         q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
-        sm_scale, window, k_scale, v_scale, out, lse)
+        sm_scale, window, k_scale, v_scale, out, lse, causal, mask_bits)
 
 
 @_block_attention_op.register_fake
 def _(q, k_cache, v_cache, block_table, context_lens, k_block, v_block, sm_scale, window,
-      k_scale, v_scale, out, lse, backend):
+      k_scale, v_scale, out, lse, causal, mask_bits, backend):
     return None
 
 
@@ -158,9 +158,9 @@ def block_attention(
     k_block: Optional[Tensor] = None, v_block: Optional[Tensor] = None, *,
     sm_scale: Optional[float] = None, window: Optional[int] = None,
     k_scale=None, v_scale=None, out: Optional[Tensor] = None, return_lse: bool = False,
-    lse_out: Optional[Tensor] = None, backend: Optional[str] = None,
+    lse_out: Optional[Tensor] = None, block_mask=None, backend: Optional[str] = None,
 ):
-    """Bidirectional attention of a drafted block over its paged context.
+    """Attention of a block of S query rows over its paged context and its own keys.
 
     Args:
         q: ``[B, S, Hq, D]`` fp16/bf16, q_norm and RoPE applied. D in 64, 128, 256.
@@ -175,6 +175,11 @@ def block_attention(
             are already the last S cached tokens.
         sm_scale: softmax scale, default ``D ** -0.5``.
         window: keys at distance ``>= window`` from a query are masked.
+        block_mask: which of the block's own keys (``k_block``, or the last S
+            cached keys) block row i sees: None / ``"full"`` all (the drafter),
+            ``"causal"`` keys ``j <= i`` (a chain), or int32 ``[B, S, ceil(S/32)]``
+            packed bits, bit ``j % 32`` of word ``j // 32`` of row (b, i) (a
+            tree, see :func:`tree_mask`). Context keys are unaffected.
         out: optional ``[B, S, Hq, D]`` output buffer in q's dtype.
         return_lse: also return fp32 ``[B, S, Hq]`` natural-log LSE of the
             scaled logits (``-inf`` for rows with no visible key); ``lse_out``
@@ -213,6 +218,7 @@ def block_attention(
     window = 0 if window is None else check_int("window", window, minimum=1)
     k_scale = normalize_scale("k_scale", k_scale, k_cache, dev)
     v_scale = normalize_scale("v_scale", v_scale, v_cache, dev)
+    causal, mask_bits = _block_mask(block_mask, B, S, dev)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
@@ -226,11 +232,26 @@ def block_attention(
                                shape=(B, S, Hq), contiguous=True)
     elif lse_out is not None:
         raise ValueError("lse_out: only valid with return_lse=True")
-    block_table, context_lens = _dense(block_table, context_lens)
+    block_table, context_lens, mask_bits = _dense(block_table, context_lens, mask_bits)
     chosen = _resolve("block_attention", dev.type, backend)
     _block_attention_op(q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
-                        sm_scale, window, k_scale, v_scale, out, lse, chosen)
+                        sm_scale, window, k_scale, v_scale, out, lse, causal, mask_bits, chosen)
     return (out, lse) if return_lse else out
+
+
+def _block_mask(block_mask, B, S, dev):
+    """``(causal, mask_bits)`` of the backend interface: full (False, None),
+    causal (True, None), bits (False, int32 [B, S, ceil(S/32)])."""
+    if block_mask is None or (isinstance(block_mask, str) and block_mask == "full"):
+        return False, None
+    if isinstance(block_mask, str) and block_mask == "causal":
+        return True, None
+    if isinstance(block_mask, torch.Tensor):
+        check_tensor("block_mask", block_mask, dtypes=(torch.int32,), device=dev,
+                     shape=(B, S, (S + 31) // 32))
+        return False, block_mask
+    raise ValueError(f"block_mask: expected None, \"full\", \"causal\" or an int32 "
+                     f"[{B}, {S}, {(S + 31) // 32}] tensor of packed bits, got {block_mask!r}")
 
 
 # --------------------------------------------------------------------------

@@ -293,6 +293,7 @@ def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: in
 
 def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
                     sm_scale: float, window: int, k_scale, v_scale, out, lse,
+                    causal: bool = False, mask_bits=None,
                     *, num_splits: Optional[int] = None) -> None:
     """Writes ``out`` ``[B, S, Hq, D]`` and ``lse`` fp32 ``[B, S, Hq]`` (or None).
 
@@ -300,6 +301,8 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
     checks it). ``num_splits`` (tests, tuning) forces the context split count;
     by default it comes from host-known sizes only.
     """
+    if causal or mask_bits is not None:
+        raise NotImplementedError("block_mask in the Triton kernel: not yet")
     B, S, Hq, D = q.shape
     num_pages, page, Hkv, _ = k_cache.shape
     if B == 0 or S == 0 or Hq == 0:
