@@ -51,6 +51,7 @@ def expected(src, dst, cache):
     (torch.float8_e4m3fn, "combined", False, 2, 9),
     (torch.float8_e5m2, "nhd", True, 3, 5),
     (torch.float32, "hnd", False, 8, 1),
+    (torch.float16, "nhd", True, 8, 45),           # more pairs than one tile: staged
 ])
 def test_against_loops(backend, dtype, layout, as_list, page, M):
     gen = torch.Generator().manual_seed(M)

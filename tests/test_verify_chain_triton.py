@@ -109,7 +109,8 @@ KERNEL_SIGS = {
         topp_ptr="*fp32", seed_ptr="*i64", pos_ptr="*i64", pval_ptr="*fp32", pidx_ptr="*i32",
         pm_ptr="*fp32", pz_ptr="*fp32", thr_ptr="*fp32", S="i32", V="i32", CHUNK="i32",
         NSPLIT="i32", HAS_TEMP="constexpr", HAS_TOPK="constexpr", HAS_TOPP="constexpr",
-        NEED_MZ="constexpr", BLOCK="constexpr", SBLOCK="constexpr", KWAY="constexpr"),
+        NEED_MZ="constexpr", BLOCK="constexpr", SBLOCK="constexpr", KWAY="constexpr",
+        HAS_TREE="constexpr", par_ptr="*i32", stride_pb="i32"),
     "_verify_finish_kernel": dict(
         logits_ptr="*bf16", stride_lb="i64", stride_ls="i64", bt_ptr="*i64", stride_tb="i64",
         nd_ptr="*i32", temp_ptr="*fp32", seed_ptr="*i64", pos_ptr="*i64", dp_ptr="*fp32",
@@ -121,7 +122,8 @@ KERNEL_SIGS = {
 }
 KERNEL_CONSTS = {
     "_verify_rows_kernel": dict(HAS_TEMP=True, HAS_TOPK=True, HAS_TOPP=True, NEED_MZ=True,
-                                BLOCK=tv.BLOCK_V, SBLOCK=tv.SEARCH_BLOCK_V, KWAY=tv.KWAY),
+                                BLOCK=tv.BLOCK_V, SBLOCK=tv.SEARCH_BLOCK_V, KWAY=tv.KWAY,
+                                HAS_TREE=False),
     "_verify_finish_kernel": dict(HAS_TEMP=True, HAS_DP=True, HAS_SEQ=True, NSPLIT_P2=64,
                                   S_P2=32, BLOCK=tv.BLOCK_V),
 }

@@ -366,12 +366,10 @@ def assert_fits(tokens, p, label=""):
     assert res.pvalue > P_MIN, f"{label}: p-value {res.pvalue:.2e}, counts {counts}, expected {p * n}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fit_sampled_tree(backend):
-    # Root with children of tokens 0, 1, 2 (slots 1, 2, 3); slot 1 has children 0..3 (4..7).
-    # The first emitted token follows p(row 0) whatever the tree; given the walk took slot 1,
-    # the second follows p(row 1).
-    V, R = 6, 6000 if backend == "reference" else 1500
+def fit_case(R):
+    """R requests of one tree with fixed rows: root children carry tokens 0, 1, 2 (slots
+    1, 2, 3); slot 1 has children with tokens 0..3 (slots 4..7)."""
+    V = 6
     rows = torch.tensor([[0.5, 1.0, -0.5, 0.2, 0.0, 0.8], [1.2, -0.3, 0.4, 0.9, -1.0, 0.1]])
     logits = torch.zeros(R, 8, V)
     logits[:, 0], logits[:, 1] = rows[0], rows[1]
@@ -381,14 +379,33 @@ def test_fit_sampled_tree(backend):
     kw = dict(logits=logits, parents=par, tree_tokens=tok, temperature=torch.full((R,), 0.9),
               seeds=torch.arange(R, dtype=torch.int64) * 7919 + 3,
               positions=torch.randint(0, 2 ** 40, (R,), generator=g))
-    res = run(backend, kw)
-    assert_fits(res.out_tokens[:, 0].tolist(), softmax64(rows[0].numpy(), 0.9), "first token")
+    return kw, rows
+
+
+def test_fit_sampled_tree():
+    # The first emitted token follows p(row 0) whatever the tree; given the walk took
+    # slot 1, the second follows p(row 1).
+    R = 6000
+    kw, rows = fit_case(R)
+    res = run("reference", kw)
+    p0, p1 = softmax64(rows[0].numpy(), 0.9), softmax64(rows[1].numpy(), 0.9)
+    assert_fits(res.out_tokens[:, 0].tolist(), p0, "first token")
     took1 = res.accepted_nodes[:, 0] == 1
-    assert_fits(res.out_tokens[took1, 1].tolist(), softmax64(rows[1].numpy(), 0.9), "second token")
+    assert_fits(res.out_tokens[took1, 1].tolist(), p1, "second token")
     # Acceptance probability of the first move: p0(0) + p0(1) + p0(2).
-    p0 = softmax64(rows[0].numpy(), 0.9)
     moved = (res.accept_len > 0).float().mean().item()
-    assert abs(moved - p0[:3].sum()) < 4 * np.sqrt(p0[:3].sum() * (1 - p0[:3].sum()) / R)
+    q = p0[:3].sum()
+    assert abs(moved - q) < 4 * np.sqrt(q * (1 - q) / R)
+
+
+def test_fit_case_triton_is_reference():
+    # The noise is bit-identical across backends: the Triton walk gives the same tokens
+    # (so the fit above holds for it), on a slice small enough for the interpreter.
+    kw, _ = fit_case(16)
+    got, want = run("triton", kw), run("reference", kw)
+    for x, y in zip(got[:4], want[:4]):
+        assert torch.equal(x, y)
+    assert 0 < got.accept_len.sum() < 32
 
 
 # ---------------------------------------------------------------------------
