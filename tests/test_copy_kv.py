@@ -110,3 +110,16 @@ def test_validation_errors():
                        ((s, s, [], []), "k_cache")]:
         with pytest.raises(ValueError, match=name):
             dk.copy_kv(*args, backend="reference")
+
+
+@pytest.mark.parametrize("staged, arch", [(True, 90), (False, 100)])
+def test_kernel_compiles_without_spills(staged, arch):
+    from dflash_kernels.triton_backend import copy_kv as tck
+    from triton_compile import compile_report
+
+    spec = tck.compile_spec(staged)
+    rep = compile_report("dflash_kernels.triton_backend.copy_kv", "_copy_kv_kernel",
+                         spec["signature"], spec["constexprs"], arch, spec["num_warps"],
+                         spec["num_stages"])
+    assert rep["spills"] == 0 and rep["registers"] <= 128, rep
+    assert "bar.sync" in rep["ptx"] or "barrier.sync" in rep["ptx"]   # reads before writes

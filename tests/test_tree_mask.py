@@ -100,3 +100,14 @@ def test_default_out_and_validation():
     with pytest.raises(ValueError, match="out.mask"):
         dk.tree_mask(torch.tensor([[-1, 0]], dtype=torch.int32),
                      out=(torch.empty(1, 2, 2, dtype=torch.int32), torch.empty(1, 2, dtype=torch.int32)))
+
+
+def test_kernel_compiles_without_spills():
+    from dflash_kernels.triton_backend import tree_mask as ttm
+    from triton_compile import compile_report
+
+    spec = ttm.compile_spec(256)
+    rep = compile_report("dflash_kernels.triton_backend.tree_mask", "_tree_mask_kernel",
+                         spec["signature"], spec["constexprs"], 90, spec["num_warps"],
+                         spec["num_stages"])
+    assert rep["spills"] == 0 and rep["registers"] <= 128, rep

@@ -435,3 +435,58 @@ def test_validation_errors():
         with pytest.raises(ValueError, match=name):
             dk.verify_tree(args.pop("logits"), args.pop("tree_tokens"), args.pop("parents"),
                            backend="reference", **args)
+
+
+@pytest.mark.parametrize("arch", [90, 100])
+@pytest.mark.parametrize("kernel", ["_verify_rows_kernel", "_verify_tree_walk_kernel"])
+def test_tree_kernels_compile_without_spills(kernel, arch):
+    from dflash_kernels.triton_backend import verify_tree as tvt
+    from triton_compile import compile_report
+
+    spec = tvt.compile_spec(kernel, N=256)
+    module = "verify_chain" if kernel == "_verify_rows_kernel" else "verify_tree"
+    rep = compile_report(f"dflash_kernels.triton_backend.{module}", kernel, spec["signature"],
+                         spec["constexprs"], arch, spec["num_warps"], spec["num_stages"])
+    assert rep["spills"] == 0, rep["spills"]
+    assert rep["registers"] <= 128, rep["registers"]
+
+
+def _tree_step(x, backend):
+    """The target's verify pass over a tree: mask, masked attention, verify, keep the path."""
+    mask, depth = dk.tree_mask(x["parents"], backend=backend)
+    o = dk.block_attention(x["q"], x["kc"][0], x["vc"][0], x["bt"], x["ctx"], block_mask=mask,
+                           backend=backend)
+    res = dk.verify_tree(x["logits"], x["tokens"], x["parents"], temperature=x["temp"],
+                         seeds=x["seeds"], positions=x["pos"], seq_lens=x["seq"], backend=backend)
+    # Accepted nodes' K/V (written at ctx - N + node) move to the slots right after the anchor.
+    B, N = x["tokens"].shape
+    node = res.accepted_nodes.long()
+    base = (x["ctx"].long() - N).view(B, 1)
+    src = torch.where(node >= 0, base + node, 0).view(-1)
+    dst = torch.where(node >= 0, base + 1 + torch.arange(N).view(1, N), -1).view(-1)
+    dk.copy_kv(src, dst, x["kc"], x["vc"], backend=backend)
+    return mask, depth, o, res.accept_len, res.accepted_nodes, res.out_tokens, res.bonus
+
+
+def _step_inputs():
+    g = torch.Generator().manual_seed(2)
+    B, N, V, Hq, Hkv, D, page, L = 2, 6, 30, 2, 1, 64, 4, 2
+    r = lambda *s, dt=torch.float16: torch.randn(*s, generator=g).to(dt)  # noqa: E731
+    return dict(parents=torch.tensor([[-1, 0, 0, 1, 3, -1], [-1, 0, 1, 1, 2, 0]], dtype=torch.int32),
+                q=r(B, N, Hq, D), kc=r(L, 8, page, Hkv, D), vc=r(L, 8, page, Hkv, D),
+                bt=torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=torch.int32),
+                ctx=torch.tensor([9, 14], dtype=torch.int32), logits=r(B, N, V, dt=torch.float32),
+                tokens=torch.randint(0, V, (B, N), generator=g),
+                temp=torch.tensor([0.0, 0.7]), seeds=torch.tensor([3, 4]),
+                pos=torch.tensor([8, 13]), seq=torch.tensor([9, 14], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tree_step_compiles_fullgraph(backend):
+    eager_in, compiled_in = _step_inputs(), _step_inputs()
+    want = _tree_step(eager_in, backend)
+    torch._dynamo.reset()
+    got = torch.compile(_tree_step, fullgraph=True, backend="aot_eager")(compiled_in, backend)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w)
+    torch.testing.assert_close(compiled_in["kc"], eager_in["kc"])

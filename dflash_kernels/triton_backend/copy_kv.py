@@ -28,8 +28,8 @@ import triton.language as tl
 from .inject import _layer_addressing
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-ROWS = 32
-COLS = 128
+ROWS = 16
+COLS = 64
 
 
 @triton.jit
@@ -133,3 +133,17 @@ def copy_kv(src_slots, dst_slots, k_caches: list, v_caches: list) -> None:
             vc.stride(2),
             D=D, C=C, ROWS=ROWS, COLS=cols, STAGED=staged, UNIFORM_K=kuni, UNIFORM_V=vuni,
             num_warps=4)
+
+
+def compile_spec(staged: bool, Hkv: int = 8, D: int = 128, elt_bits: int = 16) -> dict:
+    """Signature and constexprs of the launch (stacked K cache, listed V cache) for
+    compile checks without a GPU."""
+    t = f"*i{elt_bits}" if elt_bits > 8 else "*u8"
+    C = Hkv * D
+    const = dict(D=D, C=C, ROWS=ROWS, COLS=min(COLS, triton.next_power_of_2(C)), STAGED=staged,
+                 UNIFORM_K=True, UNIFORM_V=False)
+    sig = dict(src_ptr="*i64", dst_ptr="*i64", stage_ptr=t, M="i32", n_slots="i32",
+               page_size="i32", kc_ptr=t, kc_table="*i64", k_layer="i64", k_page="i32",
+               k_row="i32", k_head="i32", vc_ptr=t, vc_table="*i64", v_layer="i64",
+               v_page="i32", v_row="i32", v_head="i32", **{n: "constexpr" for n in const})
+    return dict(signature=sig, constexprs=const, num_warps=4, num_stages=2)

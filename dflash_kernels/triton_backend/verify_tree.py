@@ -91,3 +91,29 @@ def verify_tree(logits, tree_tokens, parents, num_nodes, temperature, top_k, top
             HAS_NN=num_nodes is not None, HAS_SEQ=new_seq_lens is not None,
             NSPLIT_P2=triton.next_power_of_2(rp["nsplit"]), N_P2=max(2, triton.next_power_of_2(N)),
             num_warps=1)
+
+
+def compile_spec(kernel: str, N: int = 64) -> dict:
+    """Signature and constexprs of launch 1 (the row pass with the tree's depth walk, sampled
+    with top-k and top-p, bf16 logits) or launch 2 (the walk) for N slots, for compile checks
+    without a GPU (tests/triton_compile.py)."""
+    if kernel == "_verify_rows_kernel":
+        sig = dict(logits_ptr="*bf16", stride_lb="i64", stride_ls="i64", temp_ptr="*fp32",
+                   topk_ptr="*i32", topp_ptr="*fp32", seed_ptr="*i64", pos_ptr="*i64",
+                   pval_ptr="*fp32", pidx_ptr="*i32", pm_ptr="*fp32", pz_ptr="*fp32",
+                   thr_ptr="*fp32", S="i32", V="i32", CHUNK="i32", NSPLIT="i32",
+                   par_ptr="*i32", stride_pb="i32")
+        const = dict(HAS_TEMP=True, HAS_TOPK=True, HAS_TOPP=True, NEED_MZ=False,
+                     BLOCK=vc.BLOCK_V, SBLOCK=vc.SEARCH_BLOCK_V, KWAY=vc.KWAY, HAS_TREE=True)
+        warps = 4
+    elif kernel == "_verify_tree_walk_kernel":
+        sig = dict(tok_ptr="*i64", par_ptr="*i32", nn_ptr="*i32", seq_ptr="*i32",
+                   pval_ptr="*fp32", pidx_ptr="*i32", acc_ptr="*i32", nodes_ptr="*i32",
+                   out_ptr="*i32", bonus_ptr="*i32", nsl_ptr="*i32", N="i32", V="i32",
+                   NSPLIT="i32")
+        const = dict(HAS_NN=True, HAS_SEQ=True, NSPLIT_P2=64, N_P2=triton.next_power_of_2(N))
+        warps = 1
+    else:
+        raise ValueError(f"kernel: unknown {kernel!r}")
+    sig.update({n: "constexpr" for n in const})
+    return dict(signature=sig, constexprs=const, num_warps=warps, num_stages=2)
