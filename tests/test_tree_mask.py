@@ -7,23 +7,9 @@ import pytest
 import torch
 
 import dflash_kernels as dk
+from tree_cases import random_parents
 
 BACKENDS = ["reference", "triton"]
-
-
-def random_parents(N, kind, rng):
-    used = N if kind != "short" else int(rng.integers(1, N + 1))
-    par = [-1] * N
-    for i in range(1, used):
-        if kind == "chain":
-            par[i] = i - 1
-        elif kind == "star":
-            par[i] = 0
-        elif kind == "deep":
-            par[i] = int(rng.integers(max(0, i - 2), i))
-        else:
-            par[i] = int(rng.integers(0, i))
-    return par
 
 
 def truth(par):

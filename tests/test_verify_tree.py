@@ -16,6 +16,7 @@ import torch
 from scipy import stats
 
 import dflash_kernels as dk
+from tree_cases import random_parents
 from dflash_kernels import noise
 
 NEG_INF = float("-inf")
@@ -27,22 +28,6 @@ KINDS = ("chain", "star", "deep", "bushy", "short")
 # ---------------------------------------------------------------------------
 # Trees and inputs
 # ---------------------------------------------------------------------------
-
-def random_parents(N, kind, rng):
-    """Python list of N parents in SPEC encoding (unused slots -1 at the end)."""
-    used = N if kind != "short" else int(rng.integers(1, N + 1))
-    par = [-1] * N
-    for i in range(1, used):
-        if kind == "chain":
-            par[i] = i - 1
-        elif kind == "star":
-            par[i] = 0
-        elif kind == "deep":
-            par[i] = int(rng.integers(max(0, i - 2), i))
-        else:  # bushy / short: any earlier node
-            par[i] = int(rng.integers(0, i))
-    return par
-
 
 def depths(par):
     d = [0] * len(par)

@@ -38,6 +38,22 @@ def _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale):
 
 
 @triton.jit
+def _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
+               sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE: tl.constexpr):
+    """K and V tiles ``[len(tok), D]`` of cached tokens ``tok`` (0 where not ``tok_ok``)."""
+    # Page ids only for tokens in range, clamped: garbage entries past the
+    # used pages are never followed.
+    page = tl.load(BT + b * sbt_b + (tok // PAGE) * sbt_p, mask=tok_ok, other=0)
+    page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+    row = (tok % PAGE).to(tl.int64)
+    k = tl.load(KC + (page * sk_p + row * sk_r + h * sk_h)[:, None] + d64[None, :] * sk_d,
+                mask=tok_ok[:, None], other=0.0)
+    v = tl.load(VC + (page * sv_p + row * sv_r + h * sv_h)[:, None] + d64[None, :] * sv_d,
+                mask=tok_ok[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
 def _block_attention_kernel(
     Q, KC, VC, BT, CL, KB, VB, KS, VS, O, LSE, PO, PLSE, MB,
     qk_scale, window, max_slots, num_pages, batch,
@@ -113,15 +129,8 @@ def _block_attention_kernel(
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
         tok_ok = tok < end
-        # Page ids only for tokens in range, clamped: garbage entries past the
-        # used pages are never followed.
-        page = tl.load(BT + b * sbt_b + (tok // PAGE) * sbt_p, mask=tok_ok, other=0)
-        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-        row = (tok % PAGE).to(tl.int64)
-        k = tl.load(KC + (page * sk_p + row * sk_r + h * sk_h)[:, None] + d64[None, :] * sk_d,
-                    mask=tok_ok[:, None], other=0.0)
-        v = tl.load(VC + (page * sv_p + row * sv_r + h * sv_h)[:, None] + d64[None, :] * sv_d,
-                    mask=tok_ok[:, None], other=0.0)
+        k, v = _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
+                          sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE)
         if IS_FP8:
             k = k.to(q.dtype)
             v = (v.to(tl.float32) * v_scale).to(q.dtype)
@@ -145,14 +154,9 @@ def _block_attention_kernel(
                 # Block key j is cached token q0 + j (none below 0: a context shorter than S).
                 tok = q0 + j
                 j_ok = j_ok & (tok >= 0)
-                tok = tl.maximum(tok, 0)
-                page = tl.load(BT + b * sbt_b + (tok // PAGE) * sbt_p, mask=j_ok, other=0)
-                page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-                row = (tok % PAGE).to(tl.int64)
-                kb = tl.load(KC + (page * sk_p + row * sk_r + h * sk_h)[:, None] + d64[None, :] * sk_d,
-                             mask=j_ok[:, None], other=0.0)
-                vb = tl.load(VC + (page * sv_p + row * sv_r + h * sv_h)[:, None] + d64[None, :] * sv_d,
-                             mask=j_ok[:, None], other=0.0)
+                kb, vb = _gather_kv(KC, VC, BT, b, h, tl.maximum(tok, 0), j_ok, d64, num_pages,
+                                    sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
+                                    PAGE)
                 if IS_FP8:
                     kb = kb.to(q.dtype)
                     vb = (vb.to(tl.float32) * v_scale).to(q.dtype)

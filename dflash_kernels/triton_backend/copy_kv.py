@@ -25,20 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .inject import _layer_addressing
+from .inject import _layer_addressing, _layer_base
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 ROWS = 16
 COLS = 64
-
-
-@triton.jit
-def _layer(c_ptr, c_table, layer, stride_layer, UNIFORM: tl.constexpr):
-    if UNIFORM:
-        base = c_ptr + layer.to(tl.int64) * stride_layer
-    else:
-        base = tl.load(c_table + layer).to(tl.pointer_type(c_ptr.dtype.element_ty))
-    return base
 
 
 @triton.jit
@@ -61,8 +52,8 @@ def _copy_kv_kernel(
     col_ok = col < C
     k_col = ((col // D) * k_head + col % D).to(tl.int64)
     v_col = ((col // D) * v_head + col % D).to(tl.int64)
-    kb = _layer(kc_ptr, kc_table, layer, k_layer, UNIFORM_K)
-    vb = _layer(vc_ptr, vc_table, layer, v_layer, UNIFORM_V)
+    kb = _layer_base(kc_ptr, kc_table, layer, k_layer, UNIFORM_K)
+    vb = _layer_base(vc_ptr, vc_table, layer, v_layer, UNIFORM_V)
     r = tl.arange(0, ROWS)
     if STAGED:
         stage_k = stage_ptr + layer.to(tl.int64) * 2 * M * C
