@@ -22,7 +22,7 @@ SCHEMAS: Dict[str, str] = {
     "block_attention": (
         "Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor context_lens, "
         "Tensor? k_block, Tensor? v_block, float sm_scale, int window, Tensor? k_scale, "
-        "Tensor? v_scale, Tensor(a!) out, Tensor(b!)? lse"),
+        "Tensor? v_scale, Tensor(a!) out, Tensor(b!)? lse, bool causal, Tensor? mask_bits"),
     "fuse_target_features": (
         "Tensor[] features, Tensor fc_weight, Tensor norm_weight, float eps, Tensor(a!) out"),
     "inject_kv": (
@@ -39,6 +39,13 @@ SCHEMAS: Dict[str, str] = {
         "Tensor? top_k, Tensor? top_p, Tensor? seeds, Tensor? positions, Tensor? draft_probs, "
         "Tensor? seq_lens, Tensor(a!) accept_len, Tensor(b!) out_tokens, Tensor(c!) bonus, "
         "Tensor(d!)? new_seq_lens"),
+    "tree_mask": "Tensor parents, Tensor(a!) mask, Tensor(b!) depth",
+    "verify_tree": (
+        "Tensor logits, Tensor tree_tokens, Tensor parents, Tensor? num_nodes, "
+        "Tensor? temperature, Tensor? top_k, Tensor? top_p, Tensor? seeds, Tensor? positions, "
+        "Tensor? seq_lens, Tensor(a!) accept_len, Tensor(b!) accepted_nodes, "
+        "Tensor(c!) out_tokens, Tensor(d!) bonus, Tensor(e!)? new_seq_lens"),
+    "copy_kv": "Tensor src_slots, Tensor dst_slots, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches",
 }
 
 _ARG = re.compile(r"^\s*(?P<type>[A-Za-z]+)(?P<alias>\([a-z]!\))?(?P<list>\[\])?(?P<opt>\?)?\s+(?P<name>\w+)\s*$")

@@ -37,7 +37,11 @@ from ._validation import (
 )
 
 __all__ = [
+    "TreeVerifyOutput",
     "VerifyOutput",
+    "copy_kv",
+    "tree_mask",
+    "verify_tree",
     "set_nvtx",
     "block_attention",
     "fuse_target_features",
@@ -137,9 +141,9 @@ def block_attention(
     k_block: Optional[Tensor] = None, v_block: Optional[Tensor] = None, *,
     sm_scale: Optional[float] = None, window: Optional[int] = None,
     k_scale=None, v_scale=None, out: Optional[Tensor] = None, return_lse: bool = False,
-    lse_out: Optional[Tensor] = None, backend: Optional[str] = None,
+    lse_out: Optional[Tensor] = None, block_mask=None, backend: Optional[str] = None,
 ):
-    """Bidirectional attention of a drafted block over its paged context.
+    """Attention of a block of S query rows over its paged context and its own keys.
 
     Args:
         q: ``[B, S, Hq, D]`` fp16/bf16, q_norm and RoPE applied. D in 64, 128, 256.
@@ -154,6 +158,11 @@ def block_attention(
             are already the last S cached tokens.
         sm_scale: softmax scale, default ``D ** -0.5``.
         window: keys at distance ``>= window`` from a query are masked.
+        block_mask: which of the block's own keys (``k_block``, or the last S
+            cached keys) block row i sees: None / ``"full"`` all (the drafter),
+            ``"causal"`` keys ``j <= i`` (a chain), or int32 ``[B, S, ceil(S/32)]``
+            packed bits, bit ``j % 32`` of word ``j // 32`` of row (b, i) (a
+            tree, see :func:`tree_mask`). Context keys are unaffected.
         out: optional ``[B, S, Hq, D]`` output buffer in q's dtype.
         return_lse: also return fp32 ``[B, S, Hq]`` natural-log LSE of the
             scaled logits (``-inf`` for rows with no visible key); ``lse_out``
@@ -196,6 +205,7 @@ def block_attention(
         window = 0
     k_scale = normalize_scale("k_scale", k_scale, k_cache, dev)
     v_scale = normalize_scale("v_scale", v_scale, v_cache, dev)
+    causal, mask_bits = _block_mask(block_mask, B, S, dev)
     given_out = out is not None or lse_out is not None
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -215,13 +225,28 @@ def block_attention(
                          (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
                           ("block_table", block_table), ("context_lens", context_lens),
                           ("k_block", k_block), ("v_block", v_block), ("k_scale", k_scale),
-                          ("v_scale", v_scale)))
+                          ("v_scale", v_scale), ("block_mask", mask_bits)))
     if out.numel() == 0:
         return (out, lse) if return_lse else out
-    block_table, context_lens = _dense(block_table, context_lens)
+    block_table, context_lens, mask_bits = _dense(block_table, context_lens, mask_bits)
     _run("block_attention", dev.type, backend, q, k_cache, v_cache, block_table, context_lens,
-         k_block, v_block, sm_scale, window, k_scale, v_scale, out, lse)
+         k_block, v_block, sm_scale, window, k_scale, v_scale, out, lse, causal, mask_bits)
     return (out, lse) if return_lse else out
+
+
+def _block_mask(block_mask, B, S, dev):
+    """``(causal, mask_bits)`` of the backend interface: full (False, None),
+    causal (True, None), bits (False, int32 [B, S, ceil(S/32)])."""
+    if block_mask is None or (isinstance(block_mask, str) and block_mask == "full"):
+        return False, None
+    if isinstance(block_mask, str) and block_mask == "causal":
+        return True, None
+    if isinstance(block_mask, torch.Tensor):
+        check_tensor("block_mask", block_mask, dtypes=(torch.int32,), device=dev,
+                     shape=(B, S, (S + 31) // 32))
+        return False, block_mask
+    raise ValueError(f"block_mask: expected None, \"full\", \"causal\" or an int32 "
+                     f"[{B}, {S}, {(S + 31) // 32}] tensor of packed bits, got {block_mask!r}")
 
 
 # --------------------------------------------------------------------------
@@ -597,3 +622,226 @@ def verify_chain(
          top_p, seeds, positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
          new_seq_lens)
     return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
+
+
+# --------------------------------------------------------------------------
+# Trees (SPEC.md "Trees"; docs/tree.md). A draft tree of N node slots (N
+# host-known, the same for the batch): slot 0 is the root (the anchor);
+# ``parents[b, 0] = -1``; a used slot ``i > 0`` has ``0 <= parents[b, i] < i``;
+# the first slot with parent -1 ends the used slots (or ``num_nodes[b]``).
+# tree_mask
+# --------------------------------------------------------------------------
+
+def _check_parents(parents):
+    check_tensor("parents", parents, ndim=2, dtypes=(torch.int32,))
+    if parents.shape[1] < 1:
+        raise ValueError("parents: expected at least one node slot (the root)")
+    return parents.shape
+
+
+def _check_tree_mask_out(out, B, N, dev):
+    W = (N + 31) // 32
+    if out is None:
+        return (torch.empty((B, N, W), dtype=torch.int32, device=dev),
+                torch.empty((B, N), dtype=torch.int32, device=dev))
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise ValueError("out: expected a (mask, depth) pair")
+    mask, depth = out
+    check_tensor("out.mask", mask, dtypes=(torch.int32,), device=dev, shape=(B, N, W), contiguous=True)
+    check_tensor("out.depth", depth, dtypes=(torch.int32,), device=dev, shape=(B, N), contiguous=True)
+    return mask, depth
+
+
+def tree_mask(parents: Tensor, *, out=None, backend: Optional[str] = None):
+    """Ancestor-or-self bits and depths of draft trees, on the device.
+
+    Args:
+        parents: int32 ``[B, N]`` (encoding in the module docstring); N up to
+            any size (``ceil(N/32)`` words per row).
+        out: optional ``(mask, depth)`` buffers of the shapes below.
+
+    Returns:
+        ``(mask, depth)``: ``mask`` int32 ``[B, N, ceil(N/32)]``, bit ``j % 32``
+        of word ``j // 32`` of row (b, i) set iff slot j is slot i or one of
+        its ancestors (the ``block_mask`` layout of :func:`block_attention`);
+        an unused slot sees only itself. ``depth`` int32 ``[B, N]``, 0 for the
+        root and for unused slots.
+    """
+    B, N = _check_parents(parents)
+    dev = parents.device
+    mask, depth = _check_tree_mask_out(out, B, N, dev)
+    (parents,) = _dense(parents)
+    _run("tree_mask", dev.type, backend, parents, mask, depth)
+    return mask, depth
+
+
+# --------------------------------------------------------------------------
+# verify_tree
+# --------------------------------------------------------------------------
+
+class TreeVerifyOutput(NamedTuple):
+    """Result of :func:`verify_tree`.
+
+    accept_len: int32 ``[B]`` accepted nodes (moves of the walk, root excluded).
+    accepted_nodes: int32 ``[B, N]`` their slot indices in walk order, then -1.
+    out_tokens: int32 ``[B, N]`` their tokens, then the bonus, then -1.
+    bonus: int32 ``[B]`` the target's token at the node where the walk stopped.
+    new_seq_lens: int32 ``[B]`` ``seq_lens + accept_len + 1``, or None.
+    """
+    accept_len: Tensor
+    accepted_nodes: Tensor
+    out_tokens: Tensor
+    bonus: Tensor
+    new_seq_lens: Optional[Tensor]
+
+
+def _check_tree_logits(logits, B, N, dev):
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, device=dev, last_contiguous=True)
+    if logits.dim() == 2:
+        if logits.shape[0] != B * N:
+            raise ValueError(f"logits: expected {B * N} = B*N rows, got shape {list(logits.shape)}")
+        logits = logits.view(B, N, logits.shape[1])
+    elif logits.dim() != 3 or tuple(logits.shape[:2]) != (B, N):
+        raise ValueError(f"logits: expected shape [{B}, {N}, V] or [{B * N}, V], got {list(logits.shape)}")
+    if logits.shape[2] < 1:
+        raise ValueError("logits: expected a vocabulary of at least one token")
+    return logits
+
+
+def _check_sampling(B, dev, temperature, top_k, top_p, seeds, positions):
+    """The sampler arguments, as verify_chain takes them (docs/DESIGN.md)."""
+    if temperature is None:
+        for name, val in (("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
+                          ("positions", positions)):
+            if val is not None:
+                raise ValueError(f"{name}: only used with temperature; pass temperature (<= 0 for greedy rows)")
+        return
+    check_tensor("temperature", temperature, dtypes=(torch.float32,), device=dev, shape=(B,))
+    if seeds is None or positions is None:
+        raise ValueError("seeds, positions: required with temperature, so that every request "
+                         "draws its own noise (keyed by seed and position)")
+    check_tensor("seeds", seeds, dtypes=(torch.int64,), device=dev, shape=(B,))
+    check_tensor("positions", positions, dtypes=(torch.int64,), device=dev, shape=(B,))
+    if top_k is not None:
+        check_tensor("top_k", top_k, dtypes=(torch.int32,), device=dev, shape=(B,))
+    if top_p is not None:
+        check_tensor("top_p", top_p, dtypes=(torch.float32,), device=dev, shape=(B,))
+
+
+def _check_verify_tree_out(out, B, N, dev, seq_lens):
+    if out is None:
+        e = lambda *shape: torch.empty(shape, dtype=torch.int32, device=dev)  # noqa: E731
+        return e(B), e(B, N), e(B, N), e(B), (None if seq_lens is None else e(B))
+    if not isinstance(out, (tuple, list)) or len(out) != 5:
+        raise ValueError("out: expected a TreeVerifyOutput or a 5-tuple "
+                         "(accept_len, accepted_nodes, out_tokens, bonus, new_seq_lens)")
+    accept_len, accepted_nodes, out_tokens, bonus, new_seq_lens = out
+    for name, t, shape in (("accept_len", accept_len, (B,)), ("accepted_nodes", accepted_nodes, (B, N)),
+                           ("out_tokens", out_tokens, (B, N)), ("bonus", bonus, (B,))):
+        check_tensor(f"out.{name}", t, dtypes=(torch.int32,), device=dev, shape=shape, contiguous=True)
+    if seq_lens is None:
+        new_seq_lens = None
+    elif new_seq_lens is None:
+        raise ValueError("out.new_seq_lens: required when seq_lens is given")
+    else:
+        check_tensor("out.new_seq_lens", new_seq_lens, dtypes=(torch.int32,), device=dev, shape=(B,),
+                     contiguous=True)
+    return accept_len, accepted_nodes, out_tokens, bonus, new_seq_lens
+
+
+def verify_tree(
+    logits: Tensor, tree_tokens: Tensor, parents: Tensor, *, num_nodes: Optional[Tensor] = None,
+    temperature: Optional[Tensor] = None, top_k: Optional[Tensor] = None,
+    top_p: Optional[Tensor] = None, seeds: Optional[Tensor] = None,
+    positions: Optional[Tensor] = None, seq_lens: Optional[Tensor] = None, out=None,
+    backend: Optional[str] = None,
+) -> TreeVerifyOutput:
+    """Sample-then-match acceptance of a draft tree, plus a bonus token.
+
+    The target token ``t_i`` of node i is verify_chain's (greedy argmax, or
+    the keyed Gumbel-max sample restricted by top-k / top-p) with the noise
+    keyed by ``(seeds[b], positions[b] + depth(i) + 1, vocab id)``. The walk
+    starts at node 0 and moves to the lowest used child whose token equals
+    the current node's ``t`` until none does; the bonus is ``t`` of the last
+    node. So the emitted tokens equal plain decoding with the same sampler.
+
+    Args:
+        logits: ``[B, N, V]`` or ``[B*N, V]`` fp32/bf16/fp16; row (b, i) is the
+            target's distribution after node i (target run with :func:`tree_mask`).
+        tree_tokens: int32/int64 ``[B, N]`` the token of each node (slot 0 the anchor).
+        parents: int32 ``[B, N]`` (module docstring).
+        num_nodes: int32 ``[B]`` used slots (1..N); wins over ``parents``.
+        temperature, top_k, top_p, seeds, positions: as :func:`verify_chain`
+            (``positions[b]``: the anchor's absolute position).
+        seq_lens: int32 ``[B]``; gives ``new_seq_lens = seq_lens + accept_len + 1``.
+        out: optional :class:`TreeVerifyOutput` (or 5-tuple) of buffers.
+
+    Returns:
+        :class:`TreeVerifyOutput`; every token id in ``[0, V)``, NaN logits count as -inf.
+    """
+    check_tensor("tree_tokens", tree_tokens, ndim=2, dtypes=INDEX_DTYPES)
+    dev = tree_tokens.device
+    B, N = tree_tokens.shape
+    if N < 1:
+        raise ValueError("tree_tokens: expected at least one node slot (the root)")
+    check_tensor("parents", parents, dtypes=(torch.int32,), device=dev, shape=(B, N))
+    logits = _check_tree_logits(logits, B, N, dev)
+    if num_nodes is not None:
+        check_tensor("num_nodes", num_nodes, dtypes=(torch.int32,), device=dev, shape=(B,))
+    _check_sampling(B, dev, temperature, top_k, top_p, seeds, positions)
+    if seq_lens is not None:
+        check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), device=dev, shape=(B,))
+    outs = _check_verify_tree_out(out, B, N, dev, seq_lens)
+    tree_tokens, parents, num_nodes, temperature, top_k, top_p, seeds, positions, seq_lens = _dense(
+        tree_tokens, parents, num_nodes, temperature, top_k, top_p, seeds, positions, seq_lens)
+    _run("verify_tree", dev.type, backend, logits, tree_tokens, parents, num_nodes, temperature,
+         top_k, top_p, seeds, positions, seq_lens, *outs)
+    return TreeVerifyOutput(*outs)
+
+
+# --------------------------------------------------------------------------
+# copy_kv
+# --------------------------------------------------------------------------
+
+def _check_copy_kv(src_slots, dst_slots, k_cache, v_cache):
+    check_tensor("src_slots", src_slots, ndim=1, dtypes=(torch.int64,))
+    dev = src_slots.device
+    check_tensor("dst_slots", dst_slots, dtypes=(torch.int64,), device=dev,
+                 shape=tuple(src_slots.shape))
+    if isinstance(k_cache, torch.Tensor):
+        check_tensor("k_cache", k_cache, ndim=5, device=dev)
+        L = k_cache.shape[0]
+    elif isinstance(k_cache, (list, tuple)) and len(k_cache) > 0:
+        L = len(k_cache)
+    else:
+        raise ValueError("k_cache: expected a [L, num_pages, page_size, Hkv, D] tensor or a "
+                         "non-empty list of L caches")
+    k_caches = _layer_caches("k_cache", k_cache, L, dev)
+    v_caches = _layer_caches("v_cache", v_cache, L, dev)
+    if tuple(v_caches[0].shape) != tuple(k_caches[0].shape):
+        raise ValueError(f"v_cache: expected the per-layer shape of k_cache {list(k_caches[0].shape)}, "
+                         f"got {list(v_caches[0].shape)}")
+    if v_caches[0].dtype != k_caches[0].dtype:
+        raise ValueError(f"v_cache: expected the dtype of k_cache ({k_caches[0].dtype}), "
+                         f"got {v_caches[0].dtype}")
+    return k_caches, v_caches
+
+
+def copy_kv(src_slots: Tensor, dst_slots: Tensor, k_cache, v_cache, *,
+            backend: Optional[str] = None) -> None:
+    """Move cache rows: every layer's K and V at ``src_slots[i]`` go to ``dst_slots[i]``.
+
+    Args:
+        src_slots, dst_slots: int64 ``[M]`` cache slots (slot s = page
+            ``s // page_size``, row ``s % page_size``); ``dst < 0`` skips the pair.
+        k_cache, v_cache: ``[L, num_pages, page_size, Hkv, D]`` or a list of L
+            ``[num_pages, page_size, Hkv, D]`` caches (any dtype, fp8 included,
+            copied bit for bit; any strides, the same for every layer).
+
+    Every read happens before any write (a source may be another pair's
+    destination); destinations must be distinct; nothing else changes.
+    """
+    k_caches, v_caches = _check_copy_kv(src_slots, dst_slots, k_cache, v_cache)
+    dev = src_slots.device
+    src_slots, dst_slots = _dense(src_slots, dst_slots)
+    _run("copy_kv", dev.type, backend, src_slots, dst_slots, k_caches, v_caches)

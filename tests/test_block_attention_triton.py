@@ -1,6 +1,6 @@
 """The Triton block_attention against the reference (interpreter on CPU, native on GPU).
 
-Inputs come from test_block_attention_reference.make_case: NaN in unused cache rows
+Inputs come from helpers.make_attention_case: NaN in unused cache rows
 and spare pages, garbage block-table entries past the used pages, and
 outputs pre-filled with NaN so that any element left unwritten shows.
 """

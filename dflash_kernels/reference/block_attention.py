@@ -31,7 +31,8 @@ def _gather_pages(cache, block_table, tok, valid, scale):
 
 
 def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
-                    sm_scale: float, window: int, k_scale, v_scale, out, lse) -> None:
+                    sm_scale: float, window: int, k_scale, v_scale, out, lse,
+                    causal: bool = False, mask_bits=None) -> None:
     """Writes ``out`` ``[B, S, Hq, D]`` (q's dtype) and ``lse`` fp32 ``[B, S, Hq]`` (or None).
 
     q: ``[B, S, Hq, D]``; k_cache/v_cache: ``[num_pages, page_size, Hkv, D]``
@@ -39,6 +40,10 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
     block_table int32 ``[B, P]``; context_lens int32 ``[B]``; k_block/v_block
     ``[B, S, Hkv, D]`` or None (block already the last S cached tokens).
     ``window`` 0 means none, else a key is visible iff ``|pq - pk| < window``.
+    Block mask over the block's own keys (``k_block``, or the last S cached
+    keys): full when ``causal`` is False and ``mask_bits`` None, ``j <= i``
+    when ``causal``, else bit ``j % 32`` of ``mask_bits[b, i, j // 32]``
+    (int32 ``[B, S, ceil(S/32)]``).
     Rows with no visible key give zeros and ``lse = -inf``.
     """
     B, S, Hq, D = q.shape
@@ -65,6 +70,17 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
     vis = valid[:, None, :].expand(B, S, kpos.shape[1])                  # [B, S, Tk]
     if window > 0:
         vis = vis & ((qpos[:, :, None] - kpos[:, None, :]).abs() < window)
+    if causal or mask_bits is not None:
+        # Block key j sits at position q0 + j (q0 = qpos[:, 0]) in both block modes;
+        # context keys (j < 0) are unaffected.
+        jk = (kpos - qpos[:, :1])[:, None, :].expand(B, S, kpos.shape[1])   # [B, S, Tk]
+        jc = jk.clamp(0, S - 1)
+        if causal:
+            allow = jc <= srow[:, :, None]
+        else:
+            words = mask_bits.long().gather(2, jc // 32)
+            allow = ((words >> (jc % 32)) & 1) == 1
+        vis = vis & ((jk < 0) | allow)
 
     qf = q.float().reshape(B, S, Hkv, g, D)
     scores = torch.einsum("bshgd,bthd->bhgst", qf, k) * sm_scale          # [B, Hkv, g, S, Tk]

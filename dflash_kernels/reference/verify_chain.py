@@ -124,11 +124,13 @@ def softmax_kept(scaled: Tensor, keep: Tensor) -> Tensor:
     return probs(masked, m, token_mass(masked, m).sum(-1, keepdim=True))
 
 
-def target_tokens(logits: Tensor, temperature, top_k, top_p, seeds, positions):
+def target_tokens(logits: Tensor, temperature, top_k, top_p, seeds, positions, row_pos=None):
     """Per row (b, j): ``(t, scaled, keep, gumbel)``; ``t`` int64 ``[B, S]``.
 
-    ``scaled``, ``keep`` and ``gumbel`` are None when no request samples
-    (``temperature`` None).
+    The noise of row (b, j) is keyed by position ``positions[b] + j + 1``, or
+    by ``row_pos[b, j]`` (int64 ``[B, S]``) when given (a tree row j sits at
+    ``positions[b] + depth(j) + 1``). ``scaled``, ``keep`` and ``gumbel`` are
+    None when no request samples (``temperature`` None).
     """
     B, S, V = logits.shape
     x = logits.float()
@@ -141,8 +143,10 @@ def target_tokens(logits: Tensor, temperature, top_k, top_p, seeds, positions):
     inv_t = torch.where(sampled, 1.0 / temperature, torch.ones_like(temperature))
     scaled = x * inv_t.view(B, 1, 1)
     keep = kept_set(scaled, sampled, top_k, top_p)
-    rows = torch.arange(S, device=logits.device, dtype=torch.int64)
-    pos = (positions.view(B, 1) + rows.view(1, S) + 1).reshape(-1)
+    if row_pos is None:
+        rows = torch.arange(S, device=logits.device, dtype=torch.int64)
+        row_pos = positions.view(B, 1) + rows.view(1, S) + 1
+    pos = row_pos.reshape(-1)
     g = gumbel_rows(seeds.view(B, 1).expand(B, S).reshape(-1), pos, V).view(B, S, V)
     score = torch.where(keep, scaled + g, NEG_INF)
     t = torch.where(sampled.view(B, 1), score.argmax(-1), t)

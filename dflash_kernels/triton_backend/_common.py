@@ -41,10 +41,12 @@ def num_sms(device: torch.device) -> Optional[int]:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def on_device(t: torch.Tensor):
-    """Context that makes ``t``'s GPU the current device: Triton launches on the
-    current device, and a multi-GPU process may call with tensors on another."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+def on_device(t):
+    """Context that makes the GPU of ``t`` (a tensor or a device) the current
+    device: Triton launches on the current device, and a multi-GPU process may
+    call with tensors on another."""
+    dev = t if isinstance(t, torch.device) else t.device
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
 
 
 def compile_spec(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int,

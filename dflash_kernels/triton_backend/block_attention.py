@@ -39,8 +39,24 @@ def _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale):
 
 
 @triton.jit
+def _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
+               sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE: tl.constexpr):
+    """K and V tiles ``[len(tok), D]`` of cached tokens ``tok`` (0 where not ``tok_ok``)."""
+    # Page ids only for tokens in range, clamped: garbage entries past the
+    # used pages are never followed.
+    page = tl.load(BT + b * sbt_b + (tok // PAGE) * sbt_p, mask=tok_ok, other=0)
+    page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+    row = (tok % PAGE).to(tl.int64)
+    k = tl.load(KC + (page * sk_p + row * sk_r + h * sk_h)[:, None] + d64[None, :] * sk_d,
+                mask=tok_ok[:, None], other=0.0)
+    v = tl.load(VC + (page * sv_p + row * sv_r + h * sv_h)[:, None] + d64[None, :] * sv_d,
+                mask=tok_ok[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
 def _block_attention_kernel(
-    Q, KC, VC, BT, CL, KB, VB, KS, VS, O, LSE, PO, PLSE,
+    Q, KC, VC, BT, CL, KB, VB, KS, VS, O, LSE, PO, PLSE, MB,
     qk_scale, window, max_slots, num_pages, batch,
     sq_b, sq_s, sq_h,
     sk_p, sk_r, sk_h, sk_d,
@@ -53,8 +69,13 @@ def _block_attention_kernel(
     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_M_BLOCKS: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_FP8: tl.constexpr,
-    HAS_LSE: tl.constexpr,
+    HAS_LSE: tl.constexpr, MASK_MODE: tl.constexpr = 0, MASK_W: tl.constexpr = 1,
 ):
+    # MASK_MODE: which block keys block row i sees: 0 all, 1 j <= i, 2 bit j of MB[b, i]
+    # (int32 [B, S, MASK_W] packed words). Without k_block and with a mask, the block's
+    # keys (the last S cached tokens) leave the context loop and are attended as the
+    # block tile, so the mask is a few bit tests in one tile and never in the loop.
+    CACHED_BLOCK: tl.constexpr = (not HAS_BLOCK) and (MASK_MODE != 0)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     mb = pid % NUM_M_BLOCKS
@@ -83,11 +104,14 @@ def _block_attention_kernel(
     qpos = q0 + s_idx
 
     # Context keys this block can see: all of them, or the window around it.
+    ctx_end = ctx
+    if CACHED_BLOCK:
+        ctx_end = tl.maximum(q0, 0)
     lo = ctx * 0
-    hi = ctx
+    hi = ctx_end
     if HAS_WINDOW:
         lo = tl.maximum(q0 - window + 1, 0)
-        hi = tl.minimum(ctx, q0 + S - 1 + window)
+        hi = tl.minimum(ctx_end, q0 + S - 1 + window)
     n_tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
     per_split = tl.cdiv(n_tiles, NUM_SPLITS)
     start = lo + split * per_split * BLOCK_N
@@ -106,15 +130,8 @@ def _block_attention_kernel(
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
         tok_ok = tok < end
-        # Page ids only for tokens in range, clamped: garbage entries past the
-        # used pages are never followed.
-        page = tl.load(BT + b * sbt_b + (tok // PAGE) * sbt_p, mask=tok_ok, other=0)
-        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-        row = (tok % PAGE).to(tl.int64)
-        k = tl.load(KC + (page * sk_p + row * sk_r + h * sk_h)[:, None] + d64[None, :] * sk_d,
-                    mask=tok_ok[:, None], other=0.0)
-        v = tl.load(VC + (page * sv_p + row * sv_r + h * sv_h)[:, None] + d64[None, :] * sv_d,
-                    mask=tok_ok[:, None], other=0.0)
+        k, v = _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
+                          sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE)
         if IS_FP8:
             k = k.to(q.dtype)
             v = (v.to(tl.float32) * v_scale).to(q.dtype)
@@ -124,19 +141,38 @@ def _block_attention_kernel(
             visible = visible & (dist < window) & (dist > -window)
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k, v, visible, ctx_scale)
 
-    if HAS_BLOCK:
+    if HAS_BLOCK or CACHED_BLOCK:
         if split == NUM_SPLITS - 1:
             j = tl.arange(0, BLOCK_S)
             j_ok = j < S
-            kb = tl.load(KB + (b * skb_b + j * skb_s + h * skb_h)[:, None] + d[None, :],
-                         mask=j_ok[:, None], other=0.0)
-            vb = tl.load(VB + (b * svb_b + j * svb_s + h * svb_h)[:, None] + d[None, :],
-                         mask=j_ok[:, None], other=0.0)
+            if HAS_BLOCK:
+                kb = tl.load(KB + (b * skb_b + j * skb_s + h * skb_h)[:, None] + d[None, :],
+                             mask=j_ok[:, None], other=0.0)
+                vb = tl.load(VB + (b * svb_b + j * svb_s + h * svb_h)[:, None] + d[None, :],
+                             mask=j_ok[:, None], other=0.0)
+                b_scale = qk_scale
+            else:
+                # Block key j is cached token q0 + j (none below 0: a context shorter than S).
+                tok = q0 + j
+                j_ok = j_ok & (tok >= 0)
+                kb, vb = _gather_kv(KC, VC, BT, b, h, tl.maximum(tok, 0), j_ok, d64, num_pages,
+                                    sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
+                                    PAGE)
+                if IS_FP8:
+                    kb = kb.to(q.dtype)
+                    vb = (vb.to(tl.float32) * v_scale).to(q.dtype)
+                b_scale = ctx_scale
             visible = j_ok[None, :]
             if HAS_WINDOW:
                 dist = s_idx[:, None] - j[None, :]
                 visible = visible & (dist < window) & (dist > -window)
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kb, vb, visible, qk_scale)
+            if MASK_MODE == 1:
+                visible = visible & (j[None, :] <= s_idx[:, None])
+            if MASK_MODE == 2:
+                word = tl.load(MB + (b * S + s_idx)[:, None] * MASK_W + (j // 32)[None, :],
+                               mask=row_ok[:, None] & j_ok[None, :], other=0)
+                visible = visible & (((word >> (j % 32)[None, :]) & 1) != 0)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kb, vb, visible, b_scale)
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -260,20 +296,22 @@ _INT_ARGS = ("window", "max_slots", "num_pages", "batch", "sq_b", "sq_s", "sq_h"
 
 def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: int, *,
                  page_size: int = 16, has_block: bool = True, window: int = 0,
-                 return_lse: bool = True, num_splits: int = 1) -> dict:
+                 return_lse: bool = True, num_splits: int = 1, block_mask: str = "full") -> dict:
     """Signature, constexprs, num_warps, num_stages and divisibility hints of the
     main kernel's default launch for ``sm_{arch}`` (for compile checks without a
-    GPU; unit last strides)."""
+    GPU; unit last strides). ``block_mask``: "full", "causal" or "bits"."""
     p = plan(arch, None, 1, S, Hq, Hkv, D, page_size, 1, window, num_splits)
     act, cache = "*" + TL_DTYPES[dtype], "*" + TL_DTYPES[cache_dtype]
     sig = dict(Q=act, KC=cache, VC=cache, BT="*i32", CL="*i32", KB=act, VB=act, KS="*fp32",
-               VS="*fp32", O=act, LSE="*fp32", PO="*fp32", PLSE="*fp32", qk_scale="fp32")
+               VS="*fp32", O=act, LSE="*fp32", PO="*fp32", PLSE="*fp32", MB="*i32",
+               qk_scale="fp32")
     sig.update({n: "i32" for n in _INT_ARGS})
     const = dict(sk_d=1, sv_d=1, sbt_p=1, S=S, GROUP=Hq // Hkv, HKV=Hkv, D=D, PAGE=page_size,
                  BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_S=p["BLOCK_S"],
                  NUM_M_BLOCKS=p["NUM_M_BLOCKS"], NUM_SPLITS=p["NUM_SPLITS"],
                  HAS_BLOCK=has_block, HAS_WINDOW=window > 0,
-                 IS_FP8=cache_dtype != dtype, HAS_LSE=return_lse)
+                 IS_FP8=cache_dtype != dtype, HAS_LSE=return_lse,
+                 MASK_MODE={"full": 0, "causal": 1, "bits": 2}[block_mask], MASK_W=(S + 31) // 32)
     sig.update({n: "constexpr" for n in const})
     # What a real launch derives from 16-byte aligned tensors whose head and
     # token strides are multiples of D (the block-table stride is arbitrary).
@@ -285,11 +323,13 @@ def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: in
 
 def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
                     sm_scale: float, window: int, k_scale, v_scale, out, lse,
+                    causal: bool = False, mask_bits=None,
                     *, num_splits: Optional[int] = None) -> None:
     """Writes ``out`` ``[B, S, Hq, D]`` and ``lse`` fp32 ``[B, S, Hq]`` (or None).
 
     Arguments as in docs/DESIGN.md (``lse`` contiguous, as ops.py allocates or
-    checks it). ``num_splits`` (tests, tuning) forces the context split count;
+    checks it); ``causal`` / ``mask_bits`` (int32 ``[B, S, ceil(S/32)]``,
+    contiguous) select the block mask. ``num_splits`` (tests, tuning) forces the context split count;
     by default it comes from host-known sizes only.
     """
     B, S, Hq, D = q.shape
@@ -323,6 +363,7 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
             q, k_cache, v_cache, block_table, context_lens, kb, vb,
             k_scale if is_fp8 else q, v_scale if is_fp8 else q,
             out, lse if lse is not None else out, part_o, part_lse,
+            mask_bits if mask_bits is not None else context_lens,
             float(sm_scale) * _LOG2E, int(window), block_table.shape[1] * page, num_pages, B,
             *q.stride()[:3], *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
             *kbs, *vbs, *out.stride()[:3],
@@ -330,6 +371,7 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"],
             NUM_M_BLOCKS=cfg["NUM_M_BLOCKS"], NUM_SPLITS=ns,
             HAS_BLOCK=has_block, HAS_WINDOW=window > 0, IS_FP8=is_fp8, HAS_LSE=lse is not None,
+            MASK_MODE=2 if mask_bits is not None else int(bool(causal)), MASK_W=(S + 31) // 32,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if ns > 1:

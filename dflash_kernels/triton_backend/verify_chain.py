@@ -127,12 +127,29 @@ def _stream_best(row_ptr, start, end, inv_t, thr, k0, k1, p_lo, p_hi,
 
 
 @triton.jit
+def _tree_depth(par_row, node):
+    """Depth of a tree node: the steps of its parent chain to the root (slot 0)."""
+    d = node * 0
+    while node > 0:
+        nxt = tl.load(par_row + node)
+        # A used node's parent lies in [0, node); anything else (an unused slot) ends the walk,
+        # so it stops within ``node`` steps whatever the values.
+        node = tl.where((nxt >= 0) & (nxt < node), nxt, 0)
+        d += 1
+    return d
+
+
+@triton.jit
 def _verify_rows_kernel(
     logits_ptr, stride_lb, stride_ls, temp_ptr, topk_ptr, topp_ptr, seed_ptr, pos_ptr,
     pval_ptr, pidx_ptr, pm_ptr, pz_ptr, thr_ptr, S, V, CHUNK, NSPLIT,
     HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
     NEED_MZ: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr, KWAY: tl.constexpr,
+    HAS_TREE: tl.constexpr = False, par_ptr=None, stride_pb=0,
 ):
+    # HAS_TREE (verify_tree): row j is tree node j, whose token sits at position
+    # positions[b] + depth(j) + 1 (a chain row is the tree node of depth j).
+    # par_ptr: int32 parents [B, S], row stride stride_pb.
     r = tl.program_id(0)
     sp = tl.program_id(1)
     b = r // S
@@ -152,7 +169,11 @@ def _verify_rows_kernel(
         sampled = t > 0
         inv_t = tl.where(sampled, tl.math.div_rn(1.0, tl.where(sampled, t, 1.0)), 1.0)
         k0, k1 = tnoise.seed_key(tl.load(seed_ptr + b))
-        p_lo, p_hi = tnoise.position_words(tl.load(pos_ptr + b) + j + 1)
+        if HAS_TREE:
+            depth = _tree_depth(par_ptr + b.to(tl.int64) * stride_pb, j)
+        else:
+            depth = j
+        p_lo, p_hi = tnoise.position_words(tl.load(pos_ptr + b) + depth + 1)
         filt = sampled & False
         k = 0
         tp = 1.0
@@ -389,6 +410,27 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
     The kernels index block_tokens and the [B] vectors with unit strides:
     ops.verify_chain hands them over dense (ops._dense).
     """
+    with on_device(logits):
+        _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
+                draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens)
+
+
+def _tree_args(parents, has_temp, S):
+    # Greedy rows need no position: the tree's depth walk is compiled in only with sampling.
+    if parents is None or not has_temp:
+        return {}
+    return dict(HAS_TREE=True, par_ptr=parents, stride_pb=S)
+
+
+def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False,
+              parents=None) -> dict:
+    """Launch 1: the target token of every row ``[B, S, V]`` as per-split partials.
+
+    ``parents`` (int32 ``[B, S]``, verify_tree): row j is a tree node keyed at
+    position ``positions[b] + depth(j) + 1``. Returns the partial buffers and
+    sizes the finishing kernels take (``dummy``: a buffer for unused pointers).
+    Launches on the current device (callers run it under ``on_device``).
+    """
     B, S, V = logits.shape
     dev = logits.device
     rows = B * S
@@ -399,8 +441,7 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
     pval = torch.empty(rows * nsplit, **f32)
     pidx = torch.empty(rows * nsplit, dtype=torch.int32, device=dev)
     has_temp = temperature is not None
-    has_dp = has_temp and draft_probs is not None and S > 1
-    if has_dp:
+    if need_mz:
         pm = torch.empty(rows * nsplit, **f32)
         pz = torch.empty(rows * nsplit, **f32)
         thr = torch.empty(rows, **f32)
@@ -410,21 +451,34 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
     temp = temperature if has_temp else dummy
     seeds_ = seeds if has_temp else dummy
     pos_ = positions if has_temp else dummy
-    with on_device(logits):
-        _verify_rows_kernel[(rows, nsplit)](
-            logits, logits.stride(0), logits.stride(1), temp,
-            top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,
-            seeds_, pos_, pval, pidx, pm, pz, thr, S, V, chunk, nsplit,
-            HAS_TEMP=has_temp, HAS_TOPK=has_temp and top_k is not None,
-            HAS_TOPP=has_temp and top_p is not None, NEED_MZ=has_dp, BLOCK=block,
-            SBLOCK=search_block(V, dev), KWAY=KWAY, num_warps=4, enable_fp_fusion=False)
-        dp = draft_probs if has_dp else dummy
-        _verify_finish_kernel[(B,)](
-            logits, logits.stride(0), logits.stride(1), block_tokens, block_tokens.stride(0),
-            num_drafts, temp, seeds_, pos_, dp, dp.stride(0) if has_dp else 0,
-            dp.stride(1) if has_dp else 0, seq_lens if seq_lens is not None else dummy,
-            pval, pidx, pm, pz, thr, accept_len, out_tokens, bonus,
-            new_seq_lens if new_seq_lens is not None else dummy, S, V, nsplit,
-            HAS_TEMP=has_temp, HAS_DP=has_dp, HAS_SEQ=new_seq_lens is not None,
-            NSPLIT_P2=triton.next_power_of_2(nsplit), S_P2=triton.next_power_of_2(S),
-            BLOCK=block, num_warps=4, enable_fp_fusion=False)
+    _verify_rows_kernel[(rows, nsplit)](
+        logits, logits.stride(0), logits.stride(1), temp,
+        top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,
+        seeds_, pos_, pval, pidx, pm, pz, thr, S, V, chunk, nsplit,
+        HAS_TEMP=has_temp, HAS_TOPK=has_temp and top_k is not None,
+        HAS_TOPP=has_temp and top_p is not None, NEED_MZ=need_mz, BLOCK=block,
+        SBLOCK=search_block(V, dev), KWAY=KWAY, **_tree_args(parents, has_temp, S),
+        num_warps=4, enable_fp_fusion=False)
+    return dict(pval=pval, pidx=pidx, pm=pm, pz=pz, thr=thr, nsplit=nsplit, block=block,
+                dummy=dummy, temp=temp, seeds=seeds_, pos=pos_)
+
+
+def _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
+            draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens) -> None:
+    B, S, V = logits.shape
+    has_temp = temperature is not None
+    has_dp = has_temp and draft_probs is not None and S > 1
+    rp = rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=has_dp)
+    pval, pidx, pm, pz, thr = rp["pval"], rp["pidx"], rp["pm"], rp["pz"], rp["thr"]
+    nsplit, block, dummy = rp["nsplit"], rp["block"], rp["dummy"]
+    temp, seeds_, pos_ = rp["temp"], rp["seeds"], rp["pos"]
+    dp = draft_probs if has_dp else dummy
+    _verify_finish_kernel[(B,)](
+        logits, logits.stride(0), logits.stride(1), block_tokens, block_tokens.stride(0),
+        num_drafts, temp, seeds_, pos_, dp, dp.stride(0) if has_dp else 0,
+        dp.stride(1) if has_dp else 0, seq_lens if seq_lens is not None else dummy,
+        pval, pidx, pm, pz, thr, accept_len, out_tokens, bonus,
+        new_seq_lens if new_seq_lens is not None else dummy, S, V, nsplit,
+        HAS_TEMP=has_temp, HAS_DP=has_dp, HAS_SEQ=new_seq_lens is not None,
+        NSPLIT_P2=triton.next_power_of_2(nsplit), S_P2=triton.next_power_of_2(S),
+        BLOCK=block, num_warps=4, enable_fp_fusion=False)
