@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dflash_kernels import noise
+from dflash_kernels._rules import RESIDUAL_EPS, SAMPLING_EPS
 from helpers import (NEG_INF, assert_fits, assert_same_verify, draft_case, keyed_batch,
                      make_verify_case, run_verify, softmax64)
 
@@ -42,7 +43,7 @@ def truth(kw):
     dp = None if dp is None else dp.float().cpu().numpy()
     acc, toks, bon, nsl = [], [], [], []
     for b in range(B):
-        sampled = T is not None and T[b] > 0
+        sampled = T is not None and np.float32(T[b]) >= np.float32(SAMPLING_EPS)
         t, prob, noise_rows = [], [], []
         for j in range(S):
             x = L[b, j].copy()
@@ -55,7 +56,12 @@ def truth(kw):
                 t.append(best)
                 continue
             inv = np.float32(1.0) / np.float32(T[b])
-            s = (x * inv).astype(np.float32)
+            with np.errstate(invalid="ignore", over="ignore"):
+                s = np.where(x == np.inf, x, (x * inv).astype(np.float32))
+            s[np.isnan(s)] = -np.inf
+            if (s == np.inf).any():        # point mass on the lowest +inf id
+                s = np.where(np.arange(V) == int(np.argmax(s == np.inf)), 0.0, -np.inf)
+                s = s.astype(np.float32)
             keep = np.ones(V, dtype=bool)
             if top_k is not None and 0 < top_k[b] < V:
                 kth = sorted(s.tolist(), reverse=True)[top_k[b] - 1]
@@ -89,8 +95,10 @@ def truth(kw):
                 if u * qx < px:
                     a += 1
                     continue
-                r = np.maximum(prob[j - 1] - dp[b, j - 1].astype(np.float64), 0.0)
-                if (r > 0).any():
+                with np.errstate(invalid="ignore"):
+                    r = prob[j - 1] - dp[b, j - 1].astype(np.float64)
+                r = np.where(r > 0, r, 0.0)
+                if ok and r.sum() >= RESIDUAL_EPS:
                     sc = np.where(r > 0, np.log(np.where(r > 0, r, 1.0)) + noise_rows[j - 1], -np.inf)
                     bonus = int(np.argmax(sc))
                 else:

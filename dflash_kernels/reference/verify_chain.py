@@ -5,13 +5,15 @@ computed, then selected with ``torch.where`` / ``gather``; the first mismatch
 comes from a cumulative product.
 
 Details fixed here (beyond DESIGN.md):
-- a request is sampled iff ``temperature[b] > 0`` (NaN temperature: greedy);
-  ``inv_t = 1 / T`` is one fp32 division, ``scaled = logit * inv_t``;
+- a request is sampled iff ``temperature[b] >= SAMPLING_EPS`` (NaN: greedy);
+  ``inv_t = 1 / T`` is one fp32 division, ``scaled = logit * inv_t`` with
+  +inf logits kept +inf and NaN products (``-inf * 0`` at T = +inf) as -inf;
+  a row with a +inf scaled logit is a point mass on its lowest +inf id;
 - top-p's cumulative sum runs over the probabilities sorted in decreasing
   order; if rounding keeps it below ``top_p``, every top-k token is kept;
 - ``num_drafts`` is clamped to ``[0, S-1]``; a draft id outside ``[0, V)``
-  never matches (point mass) and has ``p(x) = q(x) = 0`` (rejected) under the
-  ``draft_probs`` rule.
+  never matches (point mass) and is rejected under the ``draft_probs`` rule,
+  with the bonus drawn from p; so is a residual of mass below RESIDUAL_EPS.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import noise
+from .._rules import RESIDUAL_EPS, SAMPLING_EPS
 
 NEG_INF = float("-inf")
 # Rows per chunk of Philox noise, so that the int64 temporaries stay small.
@@ -72,6 +75,23 @@ def softmax_kept(scaled: Tensor, keep: Tensor) -> Tensor:
     return torch.where(z > 0, e / z, torch.zeros_like(e))
 
 
+def scale_logits(x: Tensor, inv_t: Tensor) -> Tensor:
+    """``x * inv_t`` (x without NaN) under the edge rules of docs/DESIGN.md.
+
+    +inf logits stay +inf (at T = +inf too), NaN products (``-inf * 0``) are
+    -inf, and a row holding a +inf (a +inf logit, or overflow at a tiny T) is
+    replaced by a point mass on its lowest +inf id (0 there, -inf elsewhere),
+    so that top-k, top-p, the softmax and the Gumbel-max all pick that id.
+    """
+    s = torch.where(x == float("inf"), x, x * inv_t)
+    s = s.masked_fill(torch.isnan(s), NEG_INF)
+    is_inf = s == float("inf")
+    first = is_inf.to(torch.int8).argmax(-1, keepdim=True)
+    ids = torch.arange(s.shape[-1], device=s.device)
+    point = torch.where(ids == first, 0.0, NEG_INF)
+    return torch.where(is_inf.any(-1, keepdim=True), point, s)
+
+
 def target_tokens(logits: Tensor, temperature, top_k, top_p, seeds, positions):
     """Per row (b, j): ``(t, scaled, keep, gumbel)``; ``t`` int64 ``[B, S]``.
 
@@ -85,9 +105,9 @@ def target_tokens(logits: Tensor, temperature, top_k, top_p, seeds, positions):
     t = x.argmax(-1)
     if temperature is None:
         return t, None, None, None
-    sampled = temperature > 0
+    sampled = temperature >= SAMPLING_EPS
     inv_t = torch.where(sampled, 1.0 / temperature, torch.ones_like(temperature))
-    scaled = x * inv_t.view(B, 1, 1)
+    scaled = scale_logits(x, inv_t.view(B, 1, 1))
     keep = kept_set(scaled, sampled, top_k, top_p)
     rows = torch.arange(S, device=logits.device, dtype=torch.int64)
     pos = (positions.view(B, 1) + rows.view(1, S) + 1).reshape(-1)
@@ -123,11 +143,15 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
         u = noise.uniform(seeds.view(B, 1), positions.view(B, 1) + cols.view(1, -1), 0,
                           noise.STREAM_ACCEPT)
         accept = torch.where(use_dp.view(B, 1), u * qx < px, accept)
-        # Residual max(p - q, 0) at every row; only the first rejected one is used.
-        r = (p - q).clamp_min(0)
-        r_pos = r > 0                                         # NaN compares False
+        # Residual max(p - q, 0) at every row (NaN as 0); only the first rejected one is
+        # used. A draft outside the vocabulary, or a residual of mass < RESIDUAL_EPS
+        # (rounding noise of p ~ q), gives t_{j-1}, the sample from p.
+        d = p - q
+        r_pos = d > 0                                         # NaN compares False
+        r = torch.where(r_pos, d, zero)
         r_score = torch.where(r_pos, torch.log(torch.where(r_pos, r, 1.0)) + g[:, :-1], NEG_INF)
-        residual_tok = torch.where(r_pos.any(-1), r_score.argmax(-1), t[:, :-1])
+        use_r = in_vocab & (r.sum(-1) >= RESIDUAL_EPS)
+        residual_tok = torch.where(use_r, r_score.argmax(-1), t[:, :-1])
     run = (accept & (cols.view(1, -1) <= nd.view(B, 1))).to(torch.int64)
     a = run.cumprod(-1).sum(-1) if S > 1 else torch.zeros(B, dtype=torch.int64, device=dev)
     bon = t.gather(1, a.view(B, 1)).squeeze(1)
