@@ -21,7 +21,7 @@ $(VENV)/.torch:
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.torch pyproject.toml setup.py $(wildcard csrc/*)
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml setup.py $(wildcard csrc/* csrc/*/*)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 

@@ -103,11 +103,9 @@ def _extension():
     csrc = ROOT / "csrc"
     ext = CUDAExtension(
         name="dflash_kernels._C",
-        sources=[
-            os.path.relpath(csrc / "bindings.cpp", ROOT),
-            os.path.relpath(csrc / "verify_chain.cu", ROOT),
-            os.path.relpath(csrc / "write_kv.cu", ROOT),
-        ],
+        # The kernels' entry points (csrc/*.cu) and the PyTorch bindings (csrc/bindings/).
+        sources=[os.path.relpath(path, ROOT)
+                 for path in sorted(csrc.glob("*.cu")) + sorted((csrc / "bindings").glob("*.cpp"))],
         include_dirs=[str(csrc)],
         extra_compile_args={
             # The SASS targets, e.g. 90a_100a (one pp-number token: no shell quoting).

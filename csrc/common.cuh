@@ -20,8 +20,6 @@ namespace dflash {
 
 constexpr int kWarpSize = 32;
 
-DFLASH_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // N elements of T viewed as 16-byte (or 8-byte) words, for vector loads and
 // stores without type-punned pointer casts.
 template <typename T, int N, typename Word>

@@ -12,44 +12,15 @@
 #include <climits>
 #include <cstdint>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include "common.cuh"
-#include "dflash_kernels.h"
+#include "device.cuh"
 #include "philox.cuh"
+#include "verify_chain.h"
 
 namespace dflash {
 namespace verify {
 
 constexpr int kThreads = 256;
 constexpr int kFinishThreads = 128;
-
-// Vocabulary splits per row (host arithmetic on sizes): enough blocks for ~4
-// per SM; a split keeps >= 4096 ids so the merge stays cheap; split_len is a
-// multiple of the 16-byte vector so every split starts aligned.
-inline void plan_splits(int64_t rows, int64_t vocab, int64_t elem_bytes, int num_sms,
-                        int32_t& split_len, int32_t& num_splits) {
-  constexpr int64_t kMinSplitLen = 4096;
-  rows = rows < 1 ? 1 : rows;
-  const int64_t want = ceil_div(4 * static_cast<int64_t>(num_sms < 1 ? 1 : num_sms), rows);
-  const int64_t most = vocab / kMinSplitLen < 1 ? 1 : vocab / kMinSplitLen;
-  const int64_t splits = want < 1 ? 1 : (want < most ? want : most);
-  const int64_t vec = 16 / elem_bytes;
-  const int64_t len = ceil_div(ceil_div(vocab, splits), vec) * vec;
-  split_len = static_cast<int32_t>(len);
-  const int64_t n = ceil_div(vocab, len);
-  num_splits = static_cast<int32_t>(n < 1 ? 1 : n);
-}
-
-template <typename T>
-DFLASH_DEVICE float to_float(T x);
-template <>
-DFLASH_DEVICE float to_float<float>(float x) { return x; }
-template <>
-DFLASH_DEVICE float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-DFLASH_DEVICE float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Candidate (score, id) beats the incumbent: higher score, or equal score and lower id.
 DFLASH_DEVICE bool beats(float s, int32_t i, float best_s, int32_t best_i) {
@@ -204,6 +175,35 @@ __global__ void __launch_bounds__(kFinishThreads)
     // Accepted drafts equal t_k, so they are already in [0, V).
     p.out_tokens[static_cast<int64_t>(b) * S + k] = k < a ? target[k] : (k == a ? target[a] : -1);
   }
+}
+
+// The one launch dispatch of verify_chain: kernel templates and grids from the
+// params. Launch: a launcher of common.cuh (verify_chain.cu: a stream or none)
+// or host_emulation.h (testing/emulate.cpp), so the tests run this very code.
+template <typename Launch>
+cudaError_t dispatch(const VerifyChainParams& p, Launch&& launch) {
+  if (p.batch <= 0) return cudaSuccess;
+  if (p.block_size <= 0 || p.vocab <= 0 || p.num_splits <= 0 || p.split_len <= 0) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t blocks = static_cast<int64_t>(p.batch) * p.block_size * p.num_splits;
+  if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
+  const auto grid = static_cast<unsigned>(blocks);
+  cudaError_t err;
+  switch (p.logits_dtype) {
+    case DType::kFloat32: err = launch(split_argmax_kernel<float>, grid, kThreads, 0, p); break;
+    case DType::kFloat16: err = launch(split_argmax_kernel<__half>, grid, kThreads, 0, p); break;
+    case DType::kBFloat16:
+      err = launch(split_argmax_kernel<__nv_bfloat16>, grid, kThreads, 0, p);
+      break;
+    default: return cudaErrorInvalidValue;
+  }
+  if (err != cudaSuccess) return err;
+  const size_t smem = sizeof(int32_t) * static_cast<size_t>(p.block_size);
+  const auto requests = static_cast<unsigned>(p.batch);
+  return p.block_tokens_int64
+             ? launch(accept_kernel<int64_t>, requests, kFinishThreads, smem, p)
+             : launch(accept_kernel<int32_t>, requests, kFinishThreads, smem, p);
 }
 
 }  // namespace verify

@@ -12,12 +12,10 @@
 #include <cstdint>
 #include <type_traits>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
-#include "common.cuh"
-#include "dflash_kernels.h"
+#include "device.cuh"
+#include "write_kv.h"
 
 namespace dflash {
 namespace writekv {
@@ -26,20 +24,6 @@ constexpr int kThreads = 256;
 constexpr int kElems = 8;  // elements per lane
 
 enum class CacheKind : int { kSame = 0, kE4M3 = 1, kE5M2 = 2 };
-
-template <typename T>
-DFLASH_DEVICE float to_float(T x);
-template <>
-DFLASH_DEVICE float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-DFLASH_DEVICE float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-DFLASH_DEVICE T from_float(float x);
-template <>
-DFLASH_DEVICE __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-DFLASH_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 DFLASH_DEVICE float load_weight(const void* w, DType dtype, int64_t offset) {
   switch (dtype) {
@@ -223,6 +207,53 @@ __global__ void __launch_bounds__(kThreads) write_kv_kernel(const WriteKVParams 
     DFLASH_UNROLL
     for (int e = 0; e < kElems; ++e) v[e] = to_float(v_raw[e]);
     store8<T, kKind>(v_dst, vec, v, v_scale);
+  }
+}
+
+template <typename T, CacheKind kKind, typename Launch>
+cudaError_t dispatch_head_dim(const WriteKVParams& p, Launch& launch) {
+  const int64_t items = static_cast<int64_t>(p.num_tokens) * p.num_layers * p.num_kv_heads;
+  auto go = [&](auto kernel, int head_dim) {
+    const int64_t blocks = ceil_div(items, kThreads / (head_dim / kElems));
+    if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
+    return launch(kernel, static_cast<unsigned>(blocks), kThreads, 0, p);
+  };
+  switch (p.head_dim) {
+    case 64: return go(write_kv_kernel<T, 64, kKind>, 64);
+    case 128: return go(write_kv_kernel<T, 128, kKind>, 128);
+    case 256: return go(write_kv_kernel<T, 256, kKind>, 256);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T, typename Launch>
+cudaError_t dispatch_cache(const WriteKVParams& p, Launch& launch) {
+  switch (p.cache_dtype) {
+    case DType::kFloat8E4M3: return dispatch_head_dim<T, CacheKind::kE4M3>(p, launch);
+    case DType::kFloat8E5M2: return dispatch_head_dim<T, CacheKind::kE5M2>(p, launch);
+    default:
+      if (p.cache_dtype != p.act_dtype) return cudaErrorInvalidValue;
+      return dispatch_head_dim<T, CacheKind::kSame>(p, launch);
+  }
+}
+
+// The one launch dispatch of write_kv: activation dtype x cache kind x head
+// dim picks the kernel, the grid covers every (token, layer, head). Launch: a
+// launcher of common.cuh (write_kv.cu: a stream or none) or host_emulation.h
+// (testing/emulate.cpp), so the tests run this very code. The checks keep a
+// hand-filled params block (an engine's) inside the pointer table and off a
+// zero divisor / an empty cos-sin table.
+template <typename Launch>
+cudaError_t dispatch(const WriteKVParams& p, Launch&& launch) {
+  if (p.num_tokens <= 0 || p.num_layers <= 0 || p.num_kv_heads <= 0) return cudaSuccess;
+  if ((!p.k_uniform || !p.v_uniform) && p.num_layers > kWriteKVMaxLayerPtrs) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.max_position <= 0 || p.page_size <= 0) return cudaErrorInvalidValue;
+  switch (p.act_dtype) {
+    case DType::kFloat16: return dispatch_cache<__half>(p, launch);
+    case DType::kBFloat16: return dispatch_cache<__nv_bfloat16>(p, launch);
+    default: return cudaErrorInvalidValue;
   }
 }
 

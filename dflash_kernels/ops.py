@@ -14,6 +14,7 @@ Every public function takes ``backend=None | "reference" | "triton" | "cuda"``.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import List, NamedTuple, Optional, Sequence, Union
 
@@ -23,8 +24,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _registry, _schema
+from ._dtypes import ACT_DTYPES
 from ._validation import (
-    ACT_DTYPES,
     check_cache_dtype,
     check_float,
     check_head_dim,
@@ -445,6 +446,21 @@ def write_kv(
 # verify_chain
 # --------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=64)
+def _all_drafts_cached(B: int, S: int, dev: torch.device) -> Tensor:
+    return torch.full((B,), S - 1, dtype=torch.int32, device=dev)
+
+
+def _all_drafts(B: int, S: int, dev: torch.device) -> Tensor:
+    """The default ``num_drafts`` (S-1 everywhere). A read-only input, so eager
+    calls share one tensor per shape and device (no fill per call). Never made
+    during graph capture: its fill would only run on replay."""
+    if torch.compiler.is_compiling() or (
+            dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.full((B,), S - 1, dtype=torch.int32, device=dev)
+    return _all_drafts_cached(B, S, dev)
+
+
 class VerifyOutput(NamedTuple):
     """Result of :func:`verify_chain`.
 
@@ -503,7 +519,7 @@ def verify_chain(
     if V < 1:
         raise ValueError("logits: expected a vocabulary of at least one token")
     if num_drafts is None:
-        num_drafts = torch.full((B,), S - 1, dtype=torch.int32, device=dev)
+        num_drafts = _all_drafts(B, S, dev)
     else:
         check_vector("num_drafts", num_drafts, torch.int32, B, dev)
     if temperature is None:
@@ -528,6 +544,7 @@ def verify_chain(
     if seq_lens is not None:
         check_vector("seq_lens", seq_lens, torch.int32, B, dev)
     if out is None:
+        # (Views of one buffer cost as much host time as separate empties.)
         accept_len = torch.empty((B,), dtype=torch.int32, device=dev)
         out_tokens = torch.empty((B, S), dtype=torch.int32, device=dev)
         bonus = torch.empty((B,), dtype=torch.int32, device=dev)

@@ -319,20 +319,21 @@ def _probe_ops() -> Dict[str, Callable]:
 
 @contextlib.contextmanager
 def _cuda_ops_pointing_at_probes(probes):
-    """MEASUREMENT ONLY: ``torch.ops.dflash.<op>_cuda`` resolves to the probe
-    while active, so ``dflash_kernels.cuda.<op>`` runs its real host path and
-    the binding without the kernel."""
-    import torch
+    """MEASUREMENT ONLY: the op that ``dflash_kernels.cuda.<op>`` calls (its
+    module's ``_op``, bound to ``torch.ops.dflash.<op>_cuda``) is the probe
+    while active, so the backend runs its real host path and the binding
+    without the kernel."""
+    import importlib
 
-    ns = torch.ops.dflash
-    saved = {op: getattr(ns, f"{op}_cuda") for op in probes}
+    modules = {op: importlib.import_module(f"dflash_kernels.cuda.{op}") for op in probes}
+    saved = {op: m._op for op, m in modules.items()}
     for op, probe in probes.items():
-        setattr(ns, f"{op}_cuda", probe)
+        modules[op]._op = probe
     try:
         yield
     finally:
         for op, packet in saved.items():
-            setattr(ns, f"{op}_cuda", packet)
+            modules[op]._op = packet
 
 
 _BASELINE_OPS: Dict[str, Callable] = {}

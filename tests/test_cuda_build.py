@@ -1,5 +1,6 @@
 """The compiled extension (no GPU needed): it imports, registers its ops with
-mutation-annotated schemas, the registry lists it, the binary holds SASS for
+mutation-annotated schemas, the registry lists it, the bindings' host path
+(through the CPU probe ops) guards direct calls, the binary holds SASS for
 every target it was built for (sm_90a and sm_100a by default), and no kernel
 uses local memory (spills) or a stack frame."""
 
@@ -45,20 +46,32 @@ def _targets():
 @pytest.mark.parametrize(
     "op, mutated",
     [
-        ("verify_chain_cuda", ["accept_len", "out_tokens", "bonus", "new_seq_lens"]),
-        ("write_kv_cuda", ["k_caches", "v_caches"]),
+        ("verify_chain", ["accept_len", "out_tokens", "bonus", "new_seq_lens"]),
+        ("write_kv", ["k_caches", "v_caches"]),
     ],
 )
 def test_op_registered_with_mutation_schema(op, mutated):
-    schema = getattr(torch.ops.dflash, op).default._schema
+    schema = getattr(torch.ops.dflash, f"{op}_cuda").default._schema
     written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     assert written == mutated
     assert len(schema.returns) == 0
-    # Same arguments as the backend function of docs/DESIGN.md.
-    module = "verify" if op.startswith("verify") else "inject"
-    ref_fn = getattr(importlib.import_module(f"dflash_kernels.reference.{module}"),
-                     op[: -len("_cuda")])
-    assert [a.name for a in schema.arguments] == list(inspect.signature(ref_fn).parameters)
+    # Same arguments as the backend functions of docs/DESIGN.md, the CUDA one included.
+    names = [a.name for a in schema.arguments]
+    cuda_fn = getattr(importlib.import_module(f"dflash_kernels.cuda.{op}"), op)
+    for fn in (_registry.get(op, "reference"), cuda_fn):
+        assert names == list(inspect.signature(fn).parameters), fn
+    # The probe op: the same schema, for measurement.
+    probe = getattr(torch.ops.dflash, f"_probe_{op}_cuda").default._schema
+    assert str(probe).replace(f"_probe_{op}_cuda", f"{op}_cuda") == str(schema)
+
+
+def test_cuda_backend_declares_unsupported_args():
+    """The registry reads UNSUPPORTED_ARGS to send calls that pass them elsewhere."""
+    for op, unsupported in (("verify_chain", {"top_k", "top_p", "draft_probs"}),
+                            ("write_kv", set())):
+        module = importlib.import_module(f"dflash_kernels.cuda.{op}")
+        assert module.UNSUPPORTED_ARGS == unsupported
+        assert unsupported <= set(inspect.signature(getattr(module, op)).parameters)
 
 
 def test_registry_lists_cuda_first_for_cuda_tensors_only():
@@ -80,6 +93,99 @@ def test_cpu_tensors_are_not_dispatched_to_cuda_kernels():
     with pytest.raises(NotImplementedError, match="CPU"):
         torch.ops.dflash.verify_chain_cuda(x, t, nd, None, None, None, None, None, None, None,
                                            *outs, None)
+
+
+# ------------------------------------- the bindings' host path, through the probe ops
+
+def _verify_args(B=3, S=4, V=50, **change):
+    """The 14 arguments of verify_chain_cuda (schema order) on CPU, outputs garbage-filled."""
+    i32, i64 = torch.int32, torch.int64
+    args = dict(logits=torch.randn(B, S, V), block_tokens=torch.zeros(B, S, dtype=i32),
+                num_drafts=torch.full((B,), S - 1, dtype=i32), temperature=torch.full((B,), 0.5),
+                top_k=None, top_p=None, seeds=torch.zeros(B, dtype=i64),
+                positions=torch.zeros(B, dtype=i64), draft_probs=None,
+                seq_lens=torch.zeros(B, dtype=i32), accept_len=torch.full((B,), -7, dtype=i32),
+                out_tokens=torch.full((B, S), -7, dtype=i32), bonus=torch.full((B,), -7, dtype=i32),
+                new_seq_lens=torch.full((B,), -7, dtype=i32))
+    args.update(change)
+    return list(args.values())
+
+
+def _write_kv_args(N=5, L=3, H=2, D=64, P=4, page=4, **change):
+    """The 13 arguments of write_kv_cuda (schema order) on CPU, caches zero-filled."""
+    kc, vc = torch.zeros(L, P, page, H, D).half(), torch.zeros(L, P, page, H, D).half()
+    args = dict(k=torch.randn(N, L, H, D).half(), v=torch.randn(N, L, H, D).half(),
+                k_norm_weight=torch.ones(L, D), positions=torch.arange(N),
+                slot_mapping=torch.arange(N), k_caches=list(kc.unbind(0)),
+                v_caches=list(vc.unbind(0)), cos_sin_cache=torch.randn(9, D), eps=1e-6,
+                rope_neox=True, rotary_dim=D, k_scale=None, v_scale=None)
+    args.update(change)
+    return list(args.values())
+
+
+def test_probe_ops_run_the_host_path_without_launching():
+    """The measurement-only probes accept what the real ops accept and write nothing."""
+    args = _verify_args()
+    assert torch.ops.dflash._probe_verify_chain_cuda(*args) is None
+    assert all((t == -7).all() for t in args[10:])
+    args = _write_kv_args()
+    torch.ops.dflash._probe_write_kv_cuda(*args)
+    assert all(not c.any() for c in args[5] + args[6])
+    # A layer list at no uniform distance: 34 layers go as two pointer-table launches.
+    caches = [torch.zeros(4, 4, 2, 64).half() for _ in range(34)]
+    torch.ops.dflash._probe_write_kv_cuda(*_write_kv_args(L=34, k_norm_weight=None,
+                                                          k_caches=caches, v_caches=caches))
+
+
+_STRIDED_I32 = torch.zeros(3, 2, dtype=torch.int32)[:, 0]  # a column: stride 2
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_drafts=_STRIDED_I32), "num_drafts: expected a contiguous int32"),
+    (dict(top_k=torch.zeros(3, dtype=torch.int32)), "top_k, top_p, draft_probs"),
+    (dict(logits=torch.randn(12, 50)), "logits: expected \\[B, S, V\\]"),
+    (dict(logits=torch.randn(3, 4, 50).half().transpose(0, 2).contiguous().transpose(0, 2)),
+     "logits: expected 1 <= V < 2\\^31 and a unit last stride"),
+    (dict(logits=torch.randn(3, 4, 50).double()), "logits: expected fp32, fp16 or bf16"),
+    (dict(out_tokens=torch.zeros(3, 3, dtype=torch.int32)), "accept_len, out_tokens, bonus"),
+    (dict(seeds=None), "seeds, positions"),
+    (dict(new_seq_lens=None), "seq_lens, new_seq_lens: pass both"),
+    (dict(block_tokens=torch.zeros(3, 4, dtype=torch.int16)), "block_tokens"),
+])
+def test_verify_chain_guards_stop_direct_calls(change, message):
+    """Direct callers of torch.ops.dflash.verify_chain_cuda get a guard, never an
+    out-of-bounds access (the same host path as the CUDA op, on CPU tensors)."""
+    with pytest.raises(RuntimeError, match="verify_chain_cuda: " + message):
+        torch.ops.dflash._probe_verify_chain_cuda(*_verify_args(**change))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(k=torch.randn(5, 3, 2, 64)), "k: expected fp16 or bf16"),
+    (dict(k=torch.randn(5, 3, 2, 96).half()), "k: head dim must be 64, 128 or 256"),
+    (dict(v=torch.randn(5, 3, 2, 64).bfloat16()), "v: expected the shape and dtype of k"),
+    (dict(positions=torch.arange(5, dtype=torch.int32)), "positions, slot_mapping: expected contiguous int64"),
+    (dict(slot_mapping=torch.arange(10)[::2]), "positions, slot_mapping: expected contiguous int64"),
+    (dict(k_caches=[torch.zeros(4, 4, 2, 64).half()] * 2), "k_caches, v_caches: expected L per-layer caches"),
+    (dict(k_caches=[torch.zeros(4, 4, 2, 64).half(), torch.zeros(5, 4, 2, 64).half(),
+                    torch.zeros(4, 4, 2, 64).half()]),
+     "k_caches, v_caches: every layer needs the shape"),
+    (dict(v_caches=[torch.zeros(4, 8, 2, 64).half()] * 3),
+     "v_caches: expected the shape and dtype of k_caches"),
+    (dict(k_caches=[torch.zeros(4, 4, 2, 64).to(torch.float8_e4m3fn)] * 3,
+          v_caches=[torch.zeros(4, 4, 2, 64).to(torch.float8_e4m3fn)] * 3),
+     "k_scale, v_scale: required"),
+    (dict(k_caches=[torch.zeros(4, 4, 2, 64).to(torch.float8_e4m3fn)] * 3,
+          v_caches=[torch.zeros(4, 4, 2, 64).to(torch.float8_e4m3fn)] * 3,
+          k_scale=torch.ones(1), v_scale=torch.ones(1).double()), "k_scale, v_scale: expected fp32"),
+    (dict(rotary_dim=63), "rotary_dim: expected an even number"),
+    (dict(cos_sin_cache=torch.randn(9, 32)), "cos_sin_cache: expected fp32"),
+    (dict(k_norm_weight=torch.ones(3, 32)), "k_norm_weight: expected"),
+])
+def test_write_kv_guards_stop_direct_calls(change, message):
+    """Direct callers of torch.ops.dflash.write_kv_cuda get a guard, never an
+    out-of-bounds access (the same host path as the CUDA op, on CPU tensors)."""
+    with pytest.raises(RuntimeError, match="write_kv_cuda: " + message):
+        torch.ops.dflash._probe_write_kv_cuda(*_write_kv_args(**change))
 
 
 def test_binary_holds_sass_for_every_target():
@@ -125,11 +231,14 @@ def test_no_kernel_spills_or_uses_a_stack():
 
 
 def test_cuda_sources_keep_pytorch_out():
-    """Only bindings.cpp sees ATen/torch: the kernels stay embeddable and fast to build."""
+    """Only csrc/bindings/ sees ATen/torch: the kernels and their host path
+    stay embeddable and fast to build."""
     pattern = re.compile(r'#\s*include\s*[<"](torch|ATen|c10|pybind11|Python)')
-    for path in list(CSRC.glob("*.cu")) + list(CSRC.glob("*.cuh")) + list(CSRC.glob("*.h")):
+    sources = [p for ext in ("cu", "cuh", "h") for p in CSRC.glob(f"*.{ext}")]
+    assert len(sources) >= 8, sources
+    for path in sources + list((CSRC / "testing").iterdir()):
         assert not pattern.search(path.read_text()), path
-    assert pattern.search((CSRC / "bindings.cpp").read_text())
+    assert any(pattern.search(path.read_text()) for path in (CSRC / "bindings").iterdir())
 
 
 # ------------------------------------------------ fp32 rounding of the sampled score

@@ -7,8 +7,10 @@ Two runners share every case:
   csrc/testing/host_emulation.h (a std::thread per CUDA thread, barriers for
   __syncthreads / __syncwarp, a mailbox for warp shuffles) on CPU tensors, so
   the indexing, reductions, noise and rounding of the kernels are checked on
-  machines without a GPU. The Python glue here mirrors csrc/bindings.cpp
-  (alignment choice, uniform layer stride, 32-layer pointer tables).
+  machines without a GPU. The emulator entry points run the bindings' own host
+  path (csrc/verify_chain.h, csrc/write_kv.h: guards, strides, alignment
+  choice, uniform layer stride, 32-layer pointer tables) and launch dispatch
+  (csrc/*.cuh); the Python glue here only describes tensors.
 
 Outputs are pre-filled with garbage, caches with random bits (NaN patterns
 included), slots include negative entries, block tokens include ids outside
@@ -46,8 +48,8 @@ RUNNERS = [
     "emulated",
 ]
 
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2,
-              torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2,  # csrc/tensor.h's DType
+              torch.float8_e4m3fn: 3, torch.float8_e5m2: 4, torch.int32: 5, torch.int64: 6}
 EMU_NUM_SMS = 8  # split plan of a small GPU: several splits per row at large V
 
 
@@ -79,10 +81,11 @@ def emu(tmp_path_factory):
                           "-o", str(so), "-lpthread"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     lib = ctypes.CDLL(str(so))
-    lib.emu_verify_chain.restype = ctypes.c_int
-    lib.emu_verify_chain.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    lib.emu_write_kv.restype = None
-    lib.emu_write_kv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float]
+    lib.emu_verify_chain.restype = ctypes.c_char_p
+    lib.emu_verify_chain.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.emu_write_kv.restype = ctypes.c_char_p
+    lib.emu_write_kv.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int,
+                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     lib.emu_misaligned_vector_accesses.restype = ctypes.c_int64
     lib.emu_misaligned_vector_accesses.argtypes = []
     return lib
@@ -103,71 +106,55 @@ class _NoMisalignedVectorAccess:
         assert bad == 0, f"{bad} misaligned vector accesses: the vector path took unaligned data"
 
 
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
+DESC_WORDS = 13  # emulate.cpp's kDescWords
 
 
-def _i64(values):
-    return torch.tensor([int(x) for x in values], dtype=torch.int64)
+def _desc(t):
+    """A tensor as emulate.cpp's words: data, defined, dtype, device, ndim, 4 sizes, 4 strides."""
+    if t is None:
+        return [0] * DESC_WORDS
+    pad = lambda xs: list(xs)[:4] + [0] * (4 - min(len(xs), 4))
+    return [t.data_ptr(), 1, DTYPE_CODE.get(t.dtype, -1), 0, t.dim(), *pad(t.shape),
+            *pad(t.stride())]
 
 
-def emu_verify_chain(lib, logits, block_tokens, num_drafts, temperature, seeds, positions,
-                     seq_lens, accept_len, out_tokens, bonus, new_seq_lens):
-    """bindings.cpp's verify_chain_cuda, on the emulated kernels.
+def _descs(tensors):
+    return torch.tensor([w for t in tensors for w in _desc(t)], dtype=torch.int64)
 
-    Returns (split count, whether the vector path was chosen); the choice is
-    made in C++ by the function bindings.cpp uses.
+
+def emu_verify_chain(lib, kw, out):
+    """dflash::verify_chain_cuda on the emulated kernels: the bindings' host path
+    (csrc/verify_chain.h) and the launch dispatch (csrc/verify_chain.cuh) in C++.
+
+    kw: make_case's inputs; out: the 4 outputs. Returns (split count, whether
+    the vector path was chosen).
     """
-    B, S, V = logits.shape
-    ints = _i64([B, S, V, DTYPE_CODE[logits.dtype], block_tokens.dtype == torch.int64,
-                 logits.stride(0), logits.stride(1), block_tokens.stride(0),
-                 block_tokens.stride(1), -1, EMU_NUM_SMS])
-    ptrs = _i64(_ptr(t) for t in (logits, block_tokens, num_drafts, temperature, seeds,
-                                  positions, seq_lens, accept_len, out_tokens, bonus,
-                                  new_seq_lens))
+    args = [kw["logits"], kw["block_tokens"], kw["num_drafts"],
+            *(kw.get(n) for n in ("temperature", "top_k", "top_p", "seeds", "positions",
+                                  "draft_probs", "seq_lens")), *out]
+    descs, info = _descs(args), torch.zeros(2, dtype=torch.int64)
     with _NoMisalignedVectorAccess(lib):
-        splits = lib.emu_verify_chain(ints.data_ptr(), ptrs.data_ptr())
-    return splits, bool(ints[9])
+        err = lib.emu_verify_chain(descs.data_ptr(), EMU_NUM_SMS, info.data_ptr())
+    assert err is None, err.decode()
+    return int(info[0]), bool(info[1])
 
 
 def emu_write_kv(lib, k, v, k_norm_weight, positions, slot_mapping, k_caches, v_caches,
                  cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale):
-    """bindings.cpp's write_kv_cuda, on the emulated kernel.
+    """dflash::write_kv_cuda on the emulated kernel: the bindings' host path
+    (csrc/write_kv.h: uniform layer stride, 32-layer pointer tables) and the
+    launch dispatch (csrc/write_kv.cuh) in C++.
 
-    Returns, per launch, whether the vector path was chosen (in C++, by the
-    function bindings.cpp uses).
+    Returns, per launch, whether the vector path was chosen.
     """
-    N, L, H, D = k.shape
-    kc, vc = k_caches[0], v_caches[0]
-
-    def uniform(caches):
-        p = [c.data_ptr() for c in caches]
-        stride = p[1] - p[0] if L > 1 else 0
-        return all(p[i] - p[0] == i * stride for i in range(L)), stride
-
-    k_uni, k_ls = uniform(k_caches)
-    v_uni, v_ls = uniform(v_caches)
-    chunk = L if (k_uni and v_uni) else 32
-    chosen = []
-    for l0 in range(0, L, chunk):
-        nl = min(chunk, L - l0)
-        ks, vs = k[:, l0:l0 + nl], v[:, l0:l0 + nl]
-        knw = None if k_norm_weight is None else k_norm_weight[l0:l0 + nl]
-        kcs, vcs = k_caches[l0:l0 + nl], v_caches[l0:l0 + nl]
-        ints = _i64([N, nl, H, D, rotary_dim, DTYPE_CODE[k.dtype], DTYPE_CODE[kc.dtype],
-                     DTYPE_CODE[knw.dtype] if knw is not None else 0, rope_neox, -1,
-                     *ks.stride()[:3], *vs.stride()[:3],
-                     *(knw.stride() if knw is not None else (0, 0)),
-                     cos_sin_cache.stride(0), cos_sin_cache.shape[0],
-                     *kc.stride()[:3], *vc.stride()[:3], kc.shape[0], kc.shape[1],
-                     k_uni, v_uni, k_ls, v_ls])
-        ptrs = _i64([_ptr(ks), _ptr(vs), _ptr(knw), _ptr(positions), _ptr(slot_mapping),
-                     _ptr(cos_sin_cache), _ptr(k_scale), _ptr(v_scale),
-                     *(c.data_ptr() for c in kcs), *(c.data_ptr() for c in vcs)])
-        with _NoMisalignedVectorAccess(lib):
-            lib.emu_write_kv(ints.data_ptr(), ptrs.data_ptr(), eps)
-        chosen.append(bool(ints[9]))
-    return chosen
+    descs = _descs([k, v, k_norm_weight, positions, slot_mapping, cos_sin_cache, k_scale,
+                    v_scale, *k_caches, *v_caches])
+    info = torch.zeros(8, dtype=torch.int64)
+    with _NoMisalignedVectorAccess(lib):
+        err = lib.emu_write_kv(descs.data_ptr(), len(k_caches), eps, rope_neox, rotary_dim,
+                               info.data_ptr(), len(info))
+    assert err is None, err.decode()
+    return [bool(x) for x in info[1:1 + info[0]]]
 
 
 # ---------------------------------------------------------------- verify_chain
@@ -185,9 +172,7 @@ def run_cuda_verify(runner, request, kw):
     lib = request.getfixturevalue("emu")
     B, S = kw["block_tokens"].shape
     out = _garbage_out(B, S, "seq_lens" in kw)
-    emu_verify_chain(lib, kw["logits"], kw["block_tokens"], kw["num_drafts"],
-                     kw.get("temperature"), kw.get("seeds"), kw.get("positions"),
-                     kw.get("seq_lens"), *out)
+    emu_verify_chain(lib, kw, out)
     return out
 
 
@@ -254,9 +239,7 @@ def test_verify_chain_unaligned_and_strided_logits(runner, request, dtype, layou
     else:
         kw["logits"] = _logits_layout(kw["logits"], layout)
         out = _garbage_out(B, S, "seq_lens" in kw)
-        _, vectorized = emu_verify_chain(
-            request.getfixturevalue("emu"), kw["logits"], kw["block_tokens"], kw["num_drafts"],
-            kw.get("temperature"), kw.get("seeds"), kw.get("positions"), kw.get("seq_lens"), *out)
+        _, vectorized = emu_verify_chain(request.getfixturevalue("emu"), kw, out)
         assert vectorized == (layout == "aligned")
         got = out
     assert_verify_equal(got, kw)
@@ -282,10 +265,11 @@ def test_verify_chain_full_acceptance_and_ties(runner, request):
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and the built extension")
 @pytest.mark.parametrize("options", [dict(top_k=True), dict(top_p=True), dict(draft_probs=True)])
-def test_verify_chain_cuda_routes_filtered_calls(options):
-    """top-k / top-p / draft_probs calls run the Triton backend behind backend="cuda"."""
+def test_verify_chain_filtered_calls_run_elsewhere(options):
+    """top-k / top-p / draft_probs calls on CUDA tensors: the cuda backend declares
+    them unsupported (UNSUPPORTED_ARGS), so the registry runs another backend."""
     kw = make_case(3, 4, 1000, dtype=torch.float16, sampled="mixed", gen_seed=3, **options)
-    got = run("cuda", {k: v.cuda() for k, v in kw.items()})
+    got = run(None, {k: v.cuda() for k, v in kw.items()})
     assert_verify_equal(tuple(got), {k: v.cuda() for k, v in kw.items()})
 
 
@@ -317,7 +301,7 @@ def test_verify_chain_cuda_flat_logits_and_graph_capture():
 def test_verify_chain_cuda_strided_and_expanded_vectors():
     """Per-request vectors that are strided views (a column of a [B, 2] state) or
     expanded (one temperature for the batch, stride 0): the kernels index them as
-    p[b], so the binding must pass dense copies."""
+    p[b], so the public op passes dense copies (the binding's guards reject others)."""
     B, S, V = 5, 4, 3000
     kw = {k: v.cuda() for k, v in make_case(B, S, V, dtype=torch.float16, sampled="all",
                                              gen_seed=21).items()}
@@ -407,8 +391,10 @@ def test_write_kv_matches_reference(runner, request, L, N, page, D, layout, neox
     else:
         ks = torch.full((1,), 0.05) if fp8 else None
         vs = scales.get("v_scale")
-        emu_write_kv(request.getfixturevalue("emu"), k, v, knw, positions, slots, k_list,
-                     v_list, cos_sin, 1e-6, neox, rd, ks, vs)
+        launches = emu_write_kv(request.getfixturevalue("emu"), k, v, knw, positions, slots,
+                                k_list, v_list, cos_sin, 1e-6, neox, rd, ks, vs)
+        # One launch for caches at a uniform layer distance, else one per 32 layers.
+        assert len(launches) == (-(-L // 32) if layout == "separate" else 1)
     assert_same_writes(k_list, k_ref_list, k_before, slots, page, act)
     assert_same_writes(v_list, v_ref_list, v_before, slots, page, act)
 
@@ -466,7 +452,7 @@ def test_write_kv_unaligned_layouts(runner, request, layout, cache_dtype):
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and the built extension")
 def test_write_kv_cuda_strided_positions_and_slots():
     """positions / slot_mapping as strided views (every other row of a [2N] tensor):
-    the kernel reads them as p[t], so the binding must pass dense copies."""
+    the kernel reads them as p[t], so the public op passes dense copies."""
     N, L, Hkv, D, page, P, max_pos = 7, 2, 2, 128, 4, 5, 40
     k = torch.randn(N, L, Hkv, D, device="cuda").half()
     v = torch.randn(N, L, Hkv, D, device="cuda").half()

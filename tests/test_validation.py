@@ -230,28 +230,19 @@ WRITE_CASES = dict(KV_COMMON_CASES, **{
 })
 
 
-@pytest.mark.parametrize("case", sorted(INJECT_CASES))
-def test_inject_kv_rejects(case):
-    args = inject_args()
-    breaker, needle = INJECT_CASES[case]
+@pytest.mark.parametrize("op, make, case", [
+    *[(dk.inject_kv, inject_args, c) for c in sorted(INJECT_CASES)],
+    *[(dk.write_kv, write_args, c) for c in sorted(WRITE_CASES)],
+], ids=lambda v: getattr(v, "__name__", v))
+def test_inject_and_write_kv_reject(op, make, case):
+    args = make()
+    breaker, needle = (INJECT_CASES if op is dk.inject_kv else WRITE_CASES)[case]
     breaker(args)
     if needle is None:  # a valid layout that looks close to an invalid one
-        dk.inject_kv(**args, backend="reference")
+        op(**args, backend="reference")
         return
     with pytest.raises(ValueError, match=needle):
-        dk.inject_kv(**args, backend="reference")
-
-
-@pytest.mark.parametrize("case", sorted(WRITE_CASES))
-def test_write_kv_rejects(case):
-    args = write_args()
-    breaker, needle = WRITE_CASES[case]
-    breaker(args)
-    if needle is None:  # a valid layout that looks close to an invalid one
-        dk.write_kv(**args, backend="reference")
-        return
-    with pytest.raises(ValueError, match=needle):
-        dk.write_kv(**args, backend="reference")
+        op(**args, backend="reference")
 
 
 # ----------------------------------------------------------------- verify
@@ -435,3 +426,14 @@ def test_backends_receive_dense_small_inputs(monkeypatch):
     for op, tensors in seen.items():
         for t in tensors:
             assert t.is_contiguous(), (op, t.shape, t.stride())
+
+
+def test_default_num_drafts_is_shared_and_never_written():
+    """The default num_drafts is one cached read-only tensor per (B, S, device)."""
+    from dflash_kernels import ops
+
+    a = ops._all_drafts(3, 5, torch.device("cpu"))
+    assert a is ops._all_drafts(3, 5, torch.device("cpu"))
+    assert a.tolist() == [4, 4, 4]
+    dk.verify_chain(torch.randn(3, 5, 20), torch.zeros(3, 5, dtype=I64), backend="reference")
+    assert a.tolist() == [4, 4, 4]

@@ -146,3 +146,19 @@ void dflash::emu::launch(Kernel kernel, unsigned grid, unsigned threads, size_t 
     current_block() = nullptr;
   }
 }
+
+namespace dflash {
+namespace emu {
+
+// The launcher the emulator passes to the ops' dispatch templates (common.cuh's interface).
+struct Launch {
+  template <typename Kernel, typename Params>
+  cudaError_t operator()(Kernel kernel, unsigned grid, unsigned threads, size_t smem,
+                         const Params& p) const {
+    launch(kernel, grid, threads, smem, p);
+    return cudaSuccess;
+  }
+};
+
+}  // namespace emu
+}  // namespace dflash
