@@ -46,15 +46,26 @@ struct RowKey {
   int64_t position;  // absolute position of the token being drawn
 };
 
+// docs/DESIGN.md, "Edge values": a request samples iff T >= kSamplingEps (fp32;
+// NaN, negative and tiny T are greedy). dflash_kernels/_rules.py: SAMPLING_EPS.
+constexpr float kSamplingEps = 1e-5f;
+
+// logit * (1/T): NaN logits and NaN products (-inf * 0 at T = +inf) as -inf,
+// +inf logits stay +inf, so a +inf score wins (lowest id on ties): a row with a
+// +inf is a point mass on its lowest +inf id, as in the reference.
+DFLASH_DEVICE float scale_logit(float x, float inv_t) {
+  if (isnan(x)) return -INFINITY;
+  if (x == INFINITY) return x;
+  const float s = __fmul_rn(x, inv_t);
+  return isnan(s) ? -INFINITY : s;
+}
+
 DFLASH_DEVICE float score_of(float logit, int32_t id, const RowKey& key) {
-  float s = isnan(logit) ? -INFINITY : logit;
-  if (key.sampled) {
-    // Separate mul and add (no FMA contraction) to round like the PyTorch reference.
-    s = __fadd_rn(__fmul_rn(s, key.inv_t),
-                  gumbel_noise(key.seed, key.position, static_cast<uint32_t>(id)));
-    if (isnan(s)) s = -INFINITY;
-  }
-  return s;
+  if (!key.sampled) return isnan(logit) ? -INFINITY : logit;
+  // Separate mul and add (no FMA contraction) to round like the PyTorch reference;
+  // the noise is finite, so the sum of a non-NaN scaled logit is not NaN.
+  return __fadd_rn(scale_logit(logit, key.inv_t),
+                   gumbel_noise(key.seed, key.position, static_cast<uint32_t>(id)));
 }
 
 template <typename T>
@@ -70,7 +81,7 @@ __global__ void __launch_bounds__(kThreads)
   RowKey key{false, 0.f, 0, 0};
   if (p.temperature != nullptr) {
     const float t = p.temperature[b];
-    key.sampled = t > 0.f;
+    key.sampled = t >= kSamplingEps;
     if (key.sampled) {
       key.inv_t = __frcp_rn(t);
       key.seed = p.seeds[b];

@@ -553,3 +553,69 @@ def assert_compiles_to_tensor_cores(module, spec, arch):
     assert rep["spills"] == 0, rep
     assert rep["shared"] <= 227 * 1024
     return rep
+
+
+# ---------------- verify_chain: edge values (docs/DESIGN.md, "Edge values")
+
+INF = float("inf")
+
+
+def edge_verify_case(*, top_k=False, top_p=False, draft_probs=False, device="cpu"):
+    """One request per edge rule, V = 8, S = 3, as make_verify_case's kwargs.
+
+    Temperatures +inf (rows with -inf ids), 1e-40 (greedy: the T -> 0 limit),
+    just above / below SAMPLING_EPS, NaN and 0.9; rows with +inf logits (at ids
+    3 and 6) greedy, sampled and at T = +inf; huge finite logits whose scaled
+    value overflows. Drafts copy the greedy token of the previous row for most
+    requests, and include -1 and V; draft_probs close to p in some requests.
+    """
+    V, S = 8, 3
+    g = torch.Generator().manual_seed(14)
+    temps = [INF, 1e-40, 1e-5, 9.99e-6, NAN, 0.9, 1.0, INF, 0.0, 0.5, 0.9, INF]
+    B = len(temps)
+    logits = torch.randn(B, S, V, generator=g) * 2
+    logits[0, :, 0] = NEG_INF                                  # T = inf: uniform over ids 1..7
+    logits[0, 1, 4] = NAN
+    logits[1, :] = torch.tensor([0.0, 1, 5, 2, -1, 0, 0, 0])   # T = 1e-40: greedy id 2
+    for b in (6, 7, 8, 10):                                    # +inf at ids 3 and 6
+        logits[b, :, 3] = INF
+        logits[b, :, 6] = INF
+    logits[9, :, 2] = 3e38                                     # 3e38 / 0.5 overflows to +inf
+    logits[9, :, 5] = 3.1e38
+    logits[11, :, 1:] = NEG_INF                                # T = inf, one finite id
+    greedy = logits.nan_to_num(nan=NEG_INF).argmax(-1)
+    bt = torch.randint(0, V, (B, S), generator=g)
+    bt[:, 1:] = greedy[:, :-1]
+    bt[2, 1], bt[5, 1], bt[10, 2] = -1, V, -1
+    kw = dict(logits=logits.to(device), block_tokens=bt.to(device),
+              num_drafts=torch.full((B,), S - 1, dtype=torch.int32, device=device),
+              temperature=torch.tensor(temps, dtype=torch.float32, device=device),
+              seeds=torch.arange(B, dtype=torch.int64, device=device) * 7919,
+              positions=torch.arange(B, dtype=torch.int64, device=device) * 3)
+    if top_k:
+        kw["top_k"] = torch.tensor([3, 0, 2] * (B // 3), dtype=torch.int32, device=device)
+    if top_p:
+        kw["top_p"] = torch.tensor([0.5, 1.0, 0.9, 0.3] * (B // 4), device=device)
+    if draft_probs:
+        q = torch.softmax(torch.randn(B, S - 1, V, generator=g), -1)
+        near = torch.softmax(logits[:, :-1].nan_to_num(nan=NEG_INF).clamp(-1e30, 1e30), -1)
+        q[::2] = near[::2]                                     # q ~ p: residual is rounding noise
+        kw["draft_probs"] = q.to(device)
+    return kw
+
+
+def draft_repro(n=8, device="cpu"):
+    """Issue 14's repro: a placeholder draft -1 with q = softmax of row 0 (~ p).
+    ``n`` requests; L from seed 0 for the first 8 (one fixed row past 8)."""
+    V = 16
+    torch.manual_seed(0)
+    L = torch.randn(min(n, 8), 2, V)
+    if n > 8:
+        L = L[:1].expand(n, 2, V).clone()
+    q = torch.softmax(L[:, :1], -1)
+    return dict(logits=L.to(device), block_tokens=torch.tensor([[0, -1]] * n, device=device),
+                num_drafts=torch.ones(n, dtype=torch.int32, device=device),
+                temperature=torch.ones(n, device=device),
+                seeds=torch.arange(n, dtype=torch.int64, device=device),
+                positions=torch.zeros(n, dtype=torch.int64, device=device),
+                draft_probs=q.to(device))
