@@ -619,3 +619,51 @@ def draft_repro(n=8, device="cpu"):
                 seeds=torch.arange(n, dtype=torch.int64, device=device),
                 positions=torch.zeros(n, dtype=torch.int64, device=device),
                 draft_probs=q.to(device))
+
+
+# ---------------- KV caches: edge values (docs/DESIGN.md, "Edge values")
+
+def kv_edge_inputs(N, num_slots, max_pos, device, seed=14):
+    """``(slots, positions, clean_slots, clean_positions)``, N >= 10.
+
+    ``slots``: distinct valid slots except one at num_slots, one at 2**40, one
+    at -2**40 and duplicates (tokens 5 and N-2 share a slot, tokens 6, 7 and
+    N-1 another); ``positions`` include -1, max_pos, +-2**40. The clean pair is
+    what the rules make of them: skipped / losing tokens at -1, positions
+    clamped; a backend must write exactly what it writes for the clean pair.
+    """
+    g = torch.Generator().manual_seed(seed)
+    slots = torch.randperm(num_slots, generator=g)[:N].to(torch.int64)
+    slots[1], slots[2], slots[3] = num_slots, 2 ** 40, -2 ** 40
+    slots[5] = slots[N - 2]
+    slots[6] = slots[7] = slots[N - 1]
+    pos = torch.randint(0, max_pos, (N,), generator=g)
+    pos[0], pos[4], pos[N - 1], pos[N - 2] = -1, max_pos, 2 ** 40, -2 ** 40
+    clean = slots.clone()
+    clean[[1, 2, 3, 5, 6, 7]] = -1
+    return slots.to(device), pos.to(device), clean.to(device), pos.clamp(0, max_pos - 1).to(device)
+
+
+def assert_kv_edge_rules(write, device, *, N=12, L=2, P=3, page=8, Hkv=2, D=64, max_pos=40,
+                         cache_dtype=torch.float16):
+    """``write(slots, positions, k_cache, v_cache)`` with the poisoned slots and
+    positions of :func:`kv_edge_inputs` stores exactly what it stores with the
+    clean ones, into sentinel-filled stacked caches, and nothing else."""
+    slots, pos, clean, cpos = kv_edge_inputs(N, P * page, max_pos, device)
+    caches = []
+    for s, p in ((slots, pos), (clean, cpos)):
+        torch.manual_seed(0)
+        kc, vc, _, _ = make_caches("stacked", L, P, page, Hkv, D, cache_dtype, device)
+        write(s, p, kc, vc)
+        caches.append((kc, vc))
+    for got, want in zip(caches[0], caches[1]):
+        iv = INT_VIEW[got.element_size()]
+        assert torch.equal(got.view(iv), want.view(iv))
+    # The winners' rows were written (not left at the sentinel).
+    torch.manual_seed(0)
+    kc0, _, _, _ = make_caches("stacked", L, P, page, Hkv, D, cache_dtype, device)
+    for t in (N - 2, N - 1):
+        s = int(clean[t])
+        iv = INT_VIEW[kc0.element_size()]
+        assert not torch.equal(caches[0][0][:, s // page, s % page].view(iv),
+                               kc0[:, s // page, s % page].view(iv))
