@@ -667,3 +667,43 @@ def assert_kv_edge_rules(write, device, *, N=12, L=2, P=3, page=8, Hkv=2, D=64, 
         iv = INT_VIEW[kc0.element_size()]
         assert not torch.equal(caches[0][0][:, s // page, s % page].view(iv),
                                kc0[:, s // page, s % page].view(iv))
+
+
+# ---------------- block_attention: edge values (docs/DESIGN.md, "Edge values")
+
+def window_cases(*, window=6, S=4, page=4, ctx_lens=(0, 3, 13, 22), block=True, dtype=torch.float16,
+                 device="cpu"):
+    """``(clean, freed, nan_kv, seen_by)`` for a sliding window.
+
+    ``freed``: ``clean`` with every page that holds no key inside any query
+    row's window freed: its table entry -1 or garbage, its data NaN.
+    ``nan_kv``: ``clean`` with K and V NaN at the oldest key of each request
+    that row 0 sees (rows >= 1 do not see it); ``seen_by[b]``: the rows that
+    see it (a list; empty for requests without such a key).
+    """
+    torch.manual_seed(7)
+    clean = make_attention_case(S=S, Hq=4, Hkv=2, D=64, page_size=page, ctx_lens=ctx_lens,
+                                block=block, dtype=dtype, device=device)
+    kc, vc, bt = clean["k_cache"], clean["v_cache"], clean["block_table"]
+    freed = dict(clean, k_cache=kc.clone(), v_cache=vc.clone(), block_table=bt.clone())
+    nan_kv = dict(clean, k_cache=kc.clone(), v_cache=vc.clone())
+    garbage = [-1, 2 ** 31 - 1, -7, kc.shape[0] + 5]
+    seen_by = []
+    for b, L in enumerate(ctx_lens):
+        q0 = L if block else L - S                    # position of query row 0
+        oldest = max(q0 - window + 1, 0)               # the oldest key any row sees
+        for j in range(_cdiv(L, page)):
+            if (j + 1) * page <= oldest:               # every key of page j is behind the window
+                pg = int(bt[b, j])
+                freed["k_cache"][pg] = NAN
+                freed["v_cache"][pg] = NAN
+                freed["block_table"][b, j] = garbage[(b + j) % len(garbage)]
+        if 0 < q0 - window + 1 < L:                    # a context key only row 0 sees
+            t = q0 - window + 1
+            pg, r = int(bt[b, t // page]), t % page
+            nan_kv["k_cache"][pg, r] = NAN
+            nan_kv["v_cache"][pg, r] = NAN
+            seen_by.append([0])
+        else:
+            seen_by.append([])
+    return clean, freed, nan_kv, seen_by

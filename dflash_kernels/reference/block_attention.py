@@ -93,7 +93,8 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
                          for s in range(S)], dim=3)
     else:
         o = torch.einsum("bhgst,bthd->bhgsd", p, v)
-    o = torch.where(denom > 0, o / denom.clamp_min(1e-30), torch.zeros_like(o))
+    # Rows with no visible key give 0; a NaN a row sees stays NaN (denom NaN).
+    o = torch.where(denom == 0, torch.zeros_like(o), o / denom)
     out.copy_(o.permute(0, 3, 1, 2, 4).reshape(B, S, Hq, D))
     if lse is not None:
         row_lse = (m + torch.log(denom)).squeeze(-1)                     # log 0 = -inf
