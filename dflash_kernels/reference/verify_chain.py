@@ -132,7 +132,7 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
     accept = drafts == t[:, :-1]
     use_dp = None
     if draft_probs is not None and S > 1:
-        use_dp = temperature > 0
+        use_dp = temperature >= SAMPLING_EPS
         p = softmax_kept(scaled[:, :-1], keep[:, :-1])       # [B, S-1, V]
         q = draft_probs.float()
         in_vocab = (drafts >= 0) & (drafts < V)
