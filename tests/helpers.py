@@ -707,3 +707,17 @@ def window_cases(*, window=6, S=4, page=4, ctx_lens=(0, 3, 13, 22), block=True, 
         else:
             seen_by.append([])
     return clean, freed, nan_kv, seen_by
+
+
+def kv_edge_writer(op, backend, device):
+    """``write(slots, positions, k_cache, v_cache)`` for :func:`assert_kv_edge_rules`:
+    the public ``op`` ("inject_kv" or "write_kv") on fixed random inputs (N = 12)."""
+    cos_sin = make_cos_sin(40, 64, device)
+    if op == "write_kv":
+        k, v = torch.randn(2, 12, 2, 2, 64, device=device).to(torch.float16)
+        return lambda s, p, kc, vc: dflash_kernels.write_kv(k, v, None, p, s, kc, vc, cos_sin,
+                                                            backend=backend)
+    hidden = torch.randn(12, 32, device=device).to(torch.float16)
+    w = (torch.randn(2, 2, 2 * 64, 32, device=device) / 6).to(torch.float16)
+    return lambda s, p, kc, vc: dflash_kernels.inject_kv(hidden, w, None, p, s, kc, vc, cos_sin,
+                                                         backend=backend)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import dflash_kernels
-from helpers import (FP8_MAX, ProjRows, assert_kv_edge_rules, check_caches, make_caches,
-                     make_cos_sin, make_inject_inputs, model_rows, snapshot, tolerances)
+from helpers import (FP8_MAX, ProjRows, assert_kv_edge_rules, check_caches, kv_edge_writer,
+                     make_caches, make_inject_inputs, model_rows, snapshot, tolerances)
 
 
 def _inject_case(device, *, L, N, page, Hkv, D, H, layout, neox, rotary_dim, bias, knorm,
@@ -100,12 +100,4 @@ def test_no_valid_slot_leaves_caches_bit_identical(device):
 
 def test_inject_kv_edge_slots_and_positions():
     # Slots outside the cache skipped, positions clamped, the last of duplicate slots wins.
-    dev = "cpu"
-    hidden = torch.randn(12, 32, device=dev).to(torch.float16)
-    w = (torch.randn(2, 2, 2 * 64, 32, device=dev) / 6).to(torch.float16)
-    cos_sin = make_cos_sin(40, 64, dev)
-
-    def write(slots, pos, kc, vc):
-        dflash_kernels.inject_kv(hidden, w, None, pos, slots, kc, vc, cos_sin, backend="reference")
-
-    assert_kv_edge_rules(write, dev)
+    assert_kv_edge_rules(kv_edge_writer("inject_kv", "reference", "cpu"), "cpu")

@@ -8,8 +8,8 @@ import torch
 
 import dflash_kernels
 from dflash_kernels.triton_backend import _kv_epilogue, inject_kv
-from helpers import (FP8_MAX, assert_compiles_to_tensor_cores, assert_kv_edge_rules, make_caches,
-                     make_cos_sin, make_inject_inputs, run_both, snapshot)
+from helpers import (FP8_MAX, assert_compiles_to_tensor_cores, assert_kv_edge_rules, kv_edge_writer,
+                     make_caches, make_inject_inputs, run_both, snapshot)
 
 
 INJECT_CASES = [
@@ -116,12 +116,4 @@ def test_compiles_to_tensor_cores_without_spills(arch, cache_dtype):
 
 def test_inject_kv_edge_slots_and_positions(device):
     # Slots outside the cache skipped, positions clamped, the last of duplicate slots wins.
-    dev = device
-    hidden = torch.randn(12, 32, device=dev).to(torch.float16)
-    w = (torch.randn(2, 2, 2 * 64, 32, device=dev) / 6).to(torch.float16)
-    cos_sin = make_cos_sin(40, 64, dev)
-
-    def write(slots, pos, kc, vc):
-        dflash_kernels.inject_kv(hidden, w, None, pos, slots, kc, vc, cos_sin, backend="triton")
-
-    assert_kv_edge_rules(write, dev)
+    assert_kv_edge_rules(kv_edge_writer("inject_kv", "triton", device), device)

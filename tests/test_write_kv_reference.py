@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import dflash_kernels
-from helpers import (FP8_MAX, GivenRows, assert_kv_edge_rules, check_caches, make_caches,
-                     make_cos_sin, make_slots, model_rows, snapshot, tolerances)
+from helpers import (FP8_MAX, GivenRows, assert_kv_edge_rules, check_caches, kv_edge_writer,
+                     make_caches, make_cos_sin, make_slots, model_rows, snapshot, tolerances)
 
 
 @pytest.mark.parametrize("neox, rotary_dim, knorm, page, cache_dtype", [
@@ -38,11 +38,4 @@ def test_write_kv_reference_matches_loops(device, neox, rotary_dim, knorm, page,
 
 def test_write_kv_edge_slots_and_positions():
     # Slots outside the cache skipped, positions clamped, the last of duplicate slots wins.
-    dev = "cpu"
-    k, v = torch.randn(2, 12, 2, 2, 64, device=dev).to(torch.float16)
-    cos_sin = make_cos_sin(40, 64, dev)
-
-    def write(slots, pos, kc, vc):
-        dflash_kernels.write_kv(k, v, None, pos, slots, kc, vc, cos_sin, backend="reference")
-
-    assert_kv_edge_rules(write, dev)
+    assert_kv_edge_rules(kv_edge_writer("write_kv", "reference", "cpu"), "cpu")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dflash_kernels
-from helpers import FP8_MAX, assert_kv_edge_rules, make_cos_sin, make_slots, run_both
+from helpers import FP8_MAX, assert_kv_edge_rules, kv_edge_writer, make_cos_sin, make_slots, run_both
 
 
 WRITE_CASES = [
@@ -36,11 +36,4 @@ def test_write_kv_triton_matches_reference(device, L, N, page, D, layout, neox, 
 
 def test_write_kv_edge_slots_and_positions(device):
     # Slots outside the cache skipped, positions clamped, the last of duplicate slots wins.
-    dev = device
-    k, v = torch.randn(2, 12, 2, 2, 64, device=dev).to(torch.float16)
-    cos_sin = make_cos_sin(40, 64, dev)
-
-    def write(slots, pos, kc, vc):
-        dflash_kernels.write_kv(k, v, None, pos, slots, kc, vc, cos_sin, backend="triton")
-
-    assert_kv_edge_rules(write, dev)
+    assert_kv_edge_rules(kv_edge_writer("write_kv", "triton", device), device)
