@@ -50,22 +50,22 @@ struct RowKey {
 // NaN, negative and tiny T are greedy). dflash_kernels/_rules.py: SAMPLING_EPS.
 constexpr float kSamplingEps = 1e-5f;
 
-// logit * (1/T): NaN logits and NaN products (-inf * 0 at T = +inf) as -inf,
-// +inf logits stay +inf, so a +inf score wins (lowest id on ties): a row with a
-// +inf is a point mass on its lowest +inf id, as in the reference.
-DFLASH_DEVICE float scale_logit(float x, float inv_t) {
-  if (isnan(x)) return -INFINITY;
-  if (x == INFINITY) return x;
-  const float s = __fmul_rn(x, inv_t);
-  return isnan(s) ? -INFINITY : s;
-}
-
 DFLASH_DEVICE float score_of(float logit, int32_t id, const RowKey& key) {
-  if (!key.sampled) return isnan(logit) ? -INFINITY : logit;
-  // Separate mul and add (no FMA contraction) to round like the PyTorch reference;
-  // the noise is finite, so the sum of a non-NaN scaled logit is not NaN.
-  return __fadd_rn(scale_logit(logit, key.inv_t),
-                   gumbel_noise(key.seed, key.position, static_cast<uint32_t>(id)));
+  float s = isnan(logit) ? -INFINITY : logit;
+  if (key.sampled) {
+    const bool pos_inf = s == INFINITY;
+    // Separate mul and add (no FMA contraction) to round like the PyTorch reference.
+    s = __fadd_rn(__fmul_rn(s, key.inv_t),
+                  gumbel_noise(key.seed, key.position, static_cast<uint32_t>(id)));
+    // A +inf logit stays +inf (1/T = 0 at T = +inf made it NaN), so it wins, lowest id
+    // on ties: a point mass on the lowest +inf id. Other NaN (-inf * 0) is -inf.
+    if (pos_inf) {
+      s = INFINITY;
+    } else if (isnan(s)) {
+      s = -INFINITY;
+    }
+  }
+  return s;
 }
 
 template <typename T>

@@ -4,8 +4,9 @@ the cache dtype and the paged-cache scatter (SPEC.md, docs/DESIGN.md).
 All math is fp32: the GEMMs accumulate in fp32, the fp32 result goes through
 bias, RMSNorm and RoPE without intermediate rounding, and is rounded once, to
 the cache dtype (or quantized to fp8 with the scale). Runs on any device and
-never reads a device value on the host: rows with a negative slot are
-neutralised with masks of host-known size, not by branching.
+never reads a device value on the host: rows not written (slot outside the
+cache, or a later token with the same slot: docs/DESIGN.md, "Edge values")
+are neutralised with masks of host-known size, not by branching.
 """
 
 from __future__ import annotations

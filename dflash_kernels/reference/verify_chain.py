@@ -75,6 +75,11 @@ def softmax_kept(scaled: Tensor, keep: Tensor) -> Tensor:
     return torch.where(z > 0, e / z, torch.zeros_like(e))
 
 
+def is_sampled(temperature: Tensor) -> Tensor:
+    """bool ``[B]``: the requests that sample (fp32 ``T >= SAMPLING_EPS``; NaN: greedy)."""
+    return temperature >= SAMPLING_EPS
+
+
 def scale_logits(x: Tensor, inv_t: Tensor) -> Tensor:
     """``x * inv_t`` (x without NaN) under the edge rules of docs/DESIGN.md.
 
@@ -105,7 +110,7 @@ def target_tokens(logits: Tensor, temperature, top_k, top_p, seeds, positions):
     t = x.argmax(-1)
     if temperature is None:
         return t, None, None, None
-    sampled = temperature >= SAMPLING_EPS
+    sampled = is_sampled(temperature)
     inv_t = torch.where(sampled, 1.0 / temperature, torch.ones_like(temperature))
     scaled = scale_logits(x, inv_t.view(B, 1, 1))
     keep = kept_set(scaled, sampled, top_k, top_p)
@@ -132,7 +137,7 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
     accept = drafts == t[:, :-1]
     use_dp = None
     if draft_probs is not None and S > 1:
-        use_dp = temperature >= SAMPLING_EPS
+        use_dp = is_sampled(temperature)
         p = softmax_kept(scaled[:, :-1], keep[:, :-1])       # [B, S-1, V]
         q = draft_probs.float()
         in_vocab = (drafts >= 0) & (drafts < V)
