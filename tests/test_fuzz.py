@@ -15,8 +15,10 @@ correct result:
   the reference, give the same bits when called twice, never write a cache
   row that no winning slot names, and store every winner's row.
 
-Fixed seeds and tiny shapes: 25-45 s for this file on this project's shared
-2-core CI machine (measured: ``time pytest tests/test_fuzz.py``).
+Fixed seeds and tiny shapes: 40 s of CPU, 30-90 s wall for this file on this
+project's shared 2-core machine (measured: ``time pytest tests/test_fuzz.py``). Inputs are
+built on the CPU with fixed seeds and moved to the test device (a GPU where
+there is one: microbench/gpu_check.sh runs this file under compute-sanitizer).
 """
 
 import math
@@ -27,6 +29,7 @@ import torch
 
 import dflash_kernels as dk
 from dflash_kernels.reference._common import written_rows
+from conftest import DEVICE
 from helpers import make_cos_sin
 
 F16, BF16, F32, E4M3 = torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn
@@ -55,6 +58,7 @@ class Arena:
         buf = torch.empty(lo + n + hi, dtype=t.dtype)
         raw = buf.view(torch.uint8)
         raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=self.gen))
+        buf = buf.to(DEVICE)
         view = buf[lo:lo + n].view(t.shape)
         view.copy_(t)
         self.bufs.append((buf, lo, n, buf.clone()))
@@ -74,6 +78,16 @@ class Arena:
             e = buf.element_size()
             assert torch.equal(a[:lo * e], b[:lo * e]), "write before a tensor"
             assert torch.equal(a[(lo + n) * e:], b[(lo + n) * e:]), "write past a tensor"
+
+
+def to_dev(x):
+    """Tensors (also inside lists and tuples) on the test device; views of the
+    arena's device buffers stay themselves."""
+    if isinstance(x, torch.Tensor):
+        return x.to(DEVICE)
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_dev(v) for v in x)
+    return x
 
 
 def bits(t):
@@ -149,10 +163,11 @@ def _kv_common(rng, arena, poison, N, L=2, Hkv=2, D=64, page=4, P=3, fp8=False):
             if rng.random() < 0.3:
                 pos[t] = rng.choice([-1, max_pos, 2 ** 40, -(2 ** 40)])
     cdt = E4M3 if fp8 else F16
-    a = dict(k_norm_weight=put((1 + 0.1 * torch.randn(L, D)).to(F16)) if rng.random() < 0.5 else None,
-             positions=put(pos), slot_mapping=put(slots),
-             k_cache=arena._random((L, P, page, Hkv, D), cdt) if arena else torch.zeros(L, P, page, Hkv, D, dtype=cdt),
-             v_cache=arena._random((L, P, page, Hkv, D), cdt) if arena else torch.zeros(L, P, page, Hkv, D, dtype=cdt),
+    shape = (L, P, page, Hkv, D)
+    cache = (lambda: arena._random(shape, cdt)) if arena else (lambda: torch.zeros(shape, dtype=cdt))
+    knw = put((1 + 0.1 * torch.randn(L, D)).to(F16)) if rng.random() < 0.5 else None
+    a = dict(k_norm_weight=knw, positions=put(pos), slot_mapping=put(slots),
+             k_cache=cache(), v_cache=cache(),
              cos_sin_cache=put(make_cos_sin(max_pos, D, "cpu")),
              rope_style=rng.choice(["neox", "gptj"]))
     if fp8:
@@ -282,7 +297,7 @@ def break_tensor(rng, t):
     if kind == "meta":
         return kind, t.to("meta")
     if kind == "stride" and t.dim() >= 1 and t.shape[-1] > 1:
-        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
         wide[..., ::2] = t
         return kind, wide[..., ::2]
     if kind == "shape" and t.dim() >= 1:
@@ -294,6 +309,7 @@ def break_tensor(rng, t):
 def malformed_case(op, rng):
     """(args, outputs, broken argument names, what)."""
     a, outs = OPS[op][1](rng)
+    a = {k: to_dev(v) for k, v in a.items()}
     tensors = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
     choice = rng.random()
     if choice < 0.2 and SCALARS[op]:
@@ -398,7 +414,7 @@ def _kv_rows_rule(a, before, after):
     kc = a["k_cache"]
     L, P, page = kc.shape[:3]
     win = written_rows(slots, P * page)
-    hit = torch.zeros(P * page, dtype=torch.bool)
+    hit = torch.zeros(P * page, dtype=torch.bool, device=slots.device)
     hit[slots[win]] = True
     for b, c in zip(before, after):
         b = b.view(L, P * page, -1)
@@ -420,6 +436,7 @@ def test_poisoned_values(op, variant):
             torch.manual_seed(100 + i)
             arena = Arena(torch.Generator().manual_seed(1000 + i))
             a, outs = OPS[op][1](rng, arena, poison=True, **variant)
+            a = {k: to_dev(v) for k, v in a.items()}
             before = [bits(t) for t in written(a, outs)]
             call(op, a, backend)
             arena.check_margins()
@@ -436,48 +453,50 @@ def test_poisoned_values(op, variant):
 
 def test_empty_calls_write_nothing():
     # B = 0, N = 0: the public functions return before any launch, on every backend.
-    for backend in BACKENDS:
-        out = torch.full((0, 2, 2, 64), NAN, dtype=F16)
-        dk.block_attention(torch.zeros(0, 2, 2, 64, dtype=F16), torch.zeros(3, 4, 1, 64, dtype=F16),
-                           torch.zeros(3, 4, 1, 64, dtype=F16), torch.zeros(0, 2, dtype=I32),
-                           torch.zeros(0, dtype=I32), out=out, backend=backend)
-        res = dk.verify_chain(torch.randn(0, 4, 50), torch.zeros(0, 4, dtype=I64), backend=backend)
-        assert res.bonus.shape == (0,)
-        kc = torch.zeros(2, 3, 4, 2, 64, dtype=F16)
-        dk.write_kv(torch.zeros(0, 2, 2, 64, dtype=F16), torch.zeros(0, 2, 2, 64, dtype=F16), None,
-                    torch.zeros(0, dtype=I64), torch.zeros(0, dtype=I64), kc, kc.clone(),
-                    make_cos_sin(8, 64, "cpu"), backend=backend)
-        assert (kc == 0).all()
+    with torch.device(DEVICE):  # factories make tensors on the test device
+        for backend in BACKENDS:
+            out = torch.full((0, 2, 2, 64), NAN, dtype=F16)
+            dk.block_attention(torch.zeros(0, 2, 2, 64, dtype=F16), torch.zeros(3, 4, 1, 64, dtype=F16),
+                               torch.zeros(3, 4, 1, 64, dtype=F16), torch.zeros(0, 2, dtype=I32),
+                               torch.zeros(0, dtype=I32), out=out, backend=backend)
+            res = dk.verify_chain(torch.randn(0, 4, 50), torch.zeros(0, 4, dtype=I64), backend=backend)
+            assert res.bonus.shape == (0,)
+            kc = torch.zeros(2, 3, 4, 2, 64, dtype=F16)
+            dk.write_kv(torch.zeros(0, 2, 2, 64, dtype=F16), torch.zeros(0, 2, 2, 64, dtype=F16), None,
+                        torch.zeros(0, dtype=I64), torch.zeros(0, dtype=I64), kc, kc.clone(),
+                        make_cos_sin(8, 64, DEVICE), backend=backend)
+            assert (kc == 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_direct_calls_with_empty_shapes(backend):
     # torch.ops.dflash.* bypasses the public early returns: B = 0, N = 0, H = 0,
     # K = 0 and num_pages = 0 must launch nothing harmful and write nothing.
-    ops = torch.ops.dflash
-    z32, z64 = torch.zeros(0, dtype=I32), torch.zeros(0, dtype=I64)
-    for B, S, Hq, Hkv, P in ((0, 3, 2, 1, 3), (2, 3, 0, 0, 3), (2, 3, 2, 1, 0)):
-        q = torch.randn(B, S, Hq, 64).to(F16)
-        kc = torch.randn(P, 4, Hkv, 64).to(F16)
-        out, lse = torch.full_like(q, NAN), torch.full((B, S, Hq), NAN)
-        kb = torch.randn(B, S, Hkv, 64).to(F16)
-        ops.block_attention(q, kc, kc.clone(), torch.full((B, 2), -1, dtype=I32),
-                            torch.zeros(B, dtype=I32), kb, kb.clone(), 0.125, 0, None, None,
-                            out, lse, backend)
-        assert not out.isnan().any() and not lse.isnan().any()
-    for N, H, K in ((0, 64, 64), (3, 0, 64), (3, 64, 0)):
-        out = torch.full((N, H), 7.0).to(F16)
-        ops.fuse_target_features([torch.randn(N, K).to(F16)], torch.randn(H, K).to(F16),
-                                 torch.randn(H).to(F16), 1e-6, out, backend)
-        assert (out == 0).all()
-    kc = torch.zeros(2, 3, 4, 2, 64, dtype=F16)
-    cs = make_cos_sin(8, 64, "cpu")
-    ops.write_kv(torch.zeros(0, 2, 2, 64, dtype=F16), torch.zeros(0, 2, 2, 64, dtype=F16), None,
-                 z64, z64, list(kc), list(kc.clone()), cs, 1e-6, True, 64, None, None, backend)
-    ops.inject_kv(torch.zeros(0, 32, dtype=F16), torch.zeros(2, 2, 128, 32, dtype=F16), None, None,
-                  z64, z64, list(kc), list(kc.clone()), cs, 1e-6, True, 64, None, None, backend)
-    assert (kc == 0).all()
-    acc, toks, bon = z32.clone(), torch.zeros(0, 4, dtype=I32), z32.clone()
-    ops.verify_chain(torch.randn(0, 4, 50), torch.zeros(0, 4, dtype=I64), z32, torch.ones(0), z32,
-                     torch.ones(0), z64, z64, torch.rand(0, 3, 50), z32, acc, toks, bon, z32.clone(),
-                     backend)
+    with torch.device(DEVICE):  # factories make tensors on the test device
+        ops = torch.ops.dflash
+        z32, z64 = torch.zeros(0, dtype=I32), torch.zeros(0, dtype=I64)
+        for B, S, Hq, Hkv, P in ((0, 3, 2, 1, 3), (2, 3, 0, 0, 3), (2, 3, 2, 1, 0)):
+            q = torch.randn(B, S, Hq, 64).to(F16)
+            kc = torch.randn(P, 4, Hkv, 64).to(F16)
+            out, lse = torch.full_like(q, NAN), torch.full((B, S, Hq), NAN)
+            kb = torch.randn(B, S, Hkv, 64).to(F16)
+            ops.block_attention(q, kc, kc.clone(), torch.full((B, 2), -1, dtype=I32),
+                                torch.zeros(B, dtype=I32), kb, kb.clone(), 0.125, 0, None, None,
+                                out, lse, backend)
+            assert not out.isnan().any() and not lse.isnan().any()
+        for N, H, K in ((0, 64, 64), (3, 0, 64), (3, 64, 0)):
+            out = torch.full((N, H), 7.0).to(F16)
+            ops.fuse_target_features([torch.randn(N, K).to(F16)], torch.randn(H, K).to(F16),
+                                     torch.randn(H).to(F16), 1e-6, out, backend)
+            assert (out == 0).all()
+        kc = torch.zeros(2, 3, 4, 2, 64, dtype=F16)
+        cs = make_cos_sin(8, 64, DEVICE)
+        ops.write_kv(torch.zeros(0, 2, 2, 64, dtype=F16), torch.zeros(0, 2, 2, 64, dtype=F16), None,
+                     z64, z64, list(kc), list(kc.clone()), cs, 1e-6, True, 64, None, None, backend)
+        ops.inject_kv(torch.zeros(0, 32, dtype=F16), torch.zeros(2, 2, 128, 32, dtype=F16), None, None,
+                      z64, z64, list(kc), list(kc.clone()), cs, 1e-6, True, 64, None, None, backend)
+        assert (kc == 0).all()
+        acc, toks, bon = z32.clone(), torch.zeros(0, 4, dtype=I32), z32.clone()
+        ops.verify_chain(torch.randn(0, 4, 50), torch.zeros(0, 4, dtype=I64), z32, torch.ones(0), z32,
+                         torch.ones(0), z64, z64, torch.rand(0, 3, 50), z32, acc, toks, bon, z32.clone(),
+                         backend)
