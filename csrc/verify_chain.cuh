@@ -46,13 +46,24 @@ struct RowKey {
   int64_t position;  // absolute position of the token being drawn
 };
 
+// docs/DESIGN.md, "Edge values": a request samples iff T >= kSamplingEps (fp32;
+// NaN, negative and tiny T are greedy). dflash_kernels/_rules.py: SAMPLING_EPS.
+constexpr float kSamplingEps = 1e-5f;
+
 DFLASH_DEVICE float score_of(float logit, int32_t id, const RowKey& key) {
   float s = isnan(logit) ? -INFINITY : logit;
   if (key.sampled) {
+    const bool pos_inf = s == INFINITY;
     // Separate mul and add (no FMA contraction) to round like the PyTorch reference.
     s = __fadd_rn(__fmul_rn(s, key.inv_t),
                   gumbel_noise(key.seed, key.position, static_cast<uint32_t>(id)));
-    if (isnan(s)) s = -INFINITY;
+    // A +inf logit stays +inf (1/T = 0 at T = +inf made it NaN), so it wins, lowest id
+    // on ties: a point mass on the lowest +inf id. Other NaN (-inf * 0) is -inf.
+    if (pos_inf) {
+      s = INFINITY;
+    } else if (isnan(s)) {
+      s = -INFINITY;
+    }
   }
   return s;
 }
@@ -70,7 +81,7 @@ __global__ void __launch_bounds__(kThreads)
   RowKey key{false, 0.f, 0, 0};
   if (p.temperature != nullptr) {
     const float t = p.temperature[b];
-    key.sampled = t > 0.f;
+    key.sampled = t >= kSamplingEps;
     if (key.sampled) {
       key.inv_t = __frcp_rn(t);
       key.seed = p.seeds[b];

@@ -121,6 +121,10 @@ __global__ void __launch_bounds__(kThreads) write_kv_kernel(const WriteKVParams 
     // Negative slots are skipped; slots past the cache are out of the documented
     // range and skipped too rather than written out of bounds.
     active = slot >= 0 && page < p.num_pages;
+    // Duplicate slots (docs/DESIGN.md, "Edge values"): the last token wins, so no
+    // row gets bytes of two writers. O(N - t) slot loads per lane, L2-resident;
+    // a handful at decode sizes.
+    for (int32_t u = t + 1; active && u < p.num_tokens; ++u) active = p.slot_mapping[u] != slot;
     // Positions outside the cos/sin table are out of range; clamp so reads stay in bounds.
     pos = min(max(p.positions[t], int64_t(0)), p.max_position - 1);
   }

@@ -515,7 +515,8 @@ def verify_chain(
             target's distribution after block token j.
         block_tokens: int32/int64 ``[B, S]``: the anchor, then S-1 drafts.
         num_drafts: int32 ``[B]`` drafts to verify per request (default S-1).
-        temperature: fp32 ``[B]``; rows with ``T <= 0`` are greedy. None: all greedy.
+        temperature: fp32 ``[B]``; rows with ``T < 1e-5`` (``SAMPLING_EPS``, NaN
+            too) are greedy. None: all greedy.
         top_k: int32 ``[B]`` (``<= 0`` or ``>= V``: off). Needs temperature.
         top_p: fp32 ``[B]`` (``>= 1``: off). Needs temperature.
         seeds, positions: int64 ``[B]``, the noise key (seed, position of the

@@ -237,6 +237,22 @@ def filter_rows(scaled: Tensor, valid: Tensor, vocab_start: int, vocab_size: int
     return Rows(scaled, keep, g, m, Z)
 
 
+def scale_logits(x: Tensor, inv_t: Tensor, gid: Tensor, comm: Comm) -> Tensor:
+    """The reference's :func:`~dflash_kernels.reference.verify_chain.scale_logits` on a
+    shard: ``x * inv_t`` with +inf kept and NaN products -inf, and a row holding a
+    +inf on any rank becomes a point mass on its lowest global +inf id. One MAX of
+    ``[R]`` int64 (the negated first +inf id of each rank)."""
+    s = torch.where(x == float("inf"), x, x * inv_t)
+    s = s.masked_fill(torch.isnan(s), NEG_INF)
+    is_inf = s == float("inf")
+    first_local = gid[is_inf.to(torch.int8).argmax(-1)]
+    sentinel = torch.full((), _INT64_MIN, dtype=torch.int64, device=s.device)
+    glob = comm.max_(torch.where(is_inf.any(-1), -first_local, sentinel))
+    has = glob > _INT64_MIN
+    point = torch.where(gid.unsqueeze(0) == (-glob).unsqueeze(1), 0.0, NEG_INF)
+    return torch.where(has.unsqueeze(1), point, s)
+
+
 def token_keys(x: Tensor, rows: Optional[Rows], sampled: Optional[Tensor],
                vocab_start: int) -> Tensor:
     """Local int64 ``[R]`` packed winners: argmax of ``x`` (greedy rows) or the
@@ -264,6 +280,7 @@ def collectives(B: int, S: int, *, temperature: bool, top_k: bool, top_p: bool,
     if not temperature:
         return [("MAX", torch.int64, (R,))]
     passes = 32 // radix_bits
+    out.append(("MAX", torch.int64, (R,)))            # rows holding +inf (scale_logits)
     if top_p or dp:
         out.append(("MAX", torch.float32, (R,)))
     if top_k:
@@ -272,6 +289,8 @@ def collectives(B: int, S: int, *, temperature: bool, top_k: bool, top_p: bool,
         out += [("SUM", torch.int64, (R, 1 << radix_bits))] * passes
     elif dp:
         out.append(("SUM", torch.int64, (R,)))
+    if dp:
+        out.append(("SUM", torch.int64, (B * (S - 1),)))   # the residuals' masses
     out.append(("MAX", torch.int64, (R + 3 * B * (S - 1),) if dp else (R,)))
     return out
 
@@ -307,11 +326,11 @@ def verify_chain_tp(logits, block_tokens, num_drafts, temperature, top_k, top_p,
     if temperature is None:
         t = unpack_ids(comm.max_(_local_best(x, vocab_start)))[1].view(B, S)
     else:
-        sampled_b = temperature > 0
+        sampled_b = ref.is_sampled(temperature)
         inv_t = torch.where(sampled_b, 1.0 / temperature, torch.ones_like(temperature))
         rep = lambda v: None if v is None else v.view(B, 1).expand(B, S).reshape(R)
         sampled = rep(sampled_b)
-        scaled = x * rep(inv_t).unsqueeze(1)
+        scaled = scale_logits(x, rep(inv_t).unsqueeze(1), gid, comm)
         pos = (positions.view(B, 1) + torch.arange(S, device=dev).view(1, S) + 1).reshape(R)
         need = draft_probs is not None and S > 1
         rows = filter_rows(scaled, valid, vocab_start, vocab_size, sampled, rep(top_k),
@@ -331,15 +350,20 @@ def verify_chain_tp(logits, block_tokens, num_drafts, temperature, top_k, top_p,
             sentinel = torch.full((), _INT64_MIN, dtype=torch.int64, device=dev)
             pxk = torch.where(own, f32_key(p.gather(1, xi).squeeze(1)), sentinel)
             qxk = torch.where(own, f32_key(q.gather(1, xi).squeeze(1)), sentinel)
-            r = (p - q).clamp_min(0)
-            r_pos = (r > 0) & valid                       # NaN compares False
+            d = p - q
+            r_pos = (d > 0) & valid                       # NaN compares False
+            r = torch.where(r_pos, d, torch.zeros((), device=dev))
             r_score = torch.where(r_pos, torch.log(torch.where(r_pos, r, 1.0)) + first(rows.g),
                                   NEG_INF)
+            # The residual's exact fixed-point mass (the reference's rule: below
+            # RESIDUAL_EPS, or an out-of-vocab draft, the bonus is t from p).
+            r_mass = comm.sum_(ref.residual_mass(r).sum(-1))
+            use_r = (drafts >= 0) & (drafts < vocab_size) & (r_mass >= ref.residual_floor())
             # One MAX for tokens, residual winners and the owners' p(x), q(x).
             red = comm.max_(torch.cat([keys, _local_best(r_score, vocab_start), pxk, qxk]))
             t = unpack_ids(red[:R])[1].view(B, S)
             r_val, r_id = unpack_ids(red[R:R + n])
-            residual_tok = torch.where(r_val > NEG_INF, r_id, t[:, :-1].reshape(n))
+            residual_tok = torch.where(use_r & (r_val > NEG_INF), r_id, t[:, :-1].reshape(n))
             dec = lambda k: torch.where(k == _INT64_MIN, torch.zeros((), device=dev),
                                         key_f32(torch.where(k == _INT64_MIN, 0, k)))
             px, qx = dec(red[R + n:R + 2 * n]), dec(red[R + 2 * n:])

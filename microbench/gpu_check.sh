@@ -2,10 +2,14 @@
 # One-shot check on a fresh GPU machine (PyTorch and Triton installed, no network):
 #   1. builds the CUDA extension when nvcc is there (for the local GPU's arch),
 #   2. runs the test suite on the GPU,
-#   3. runs `python -m microbench all` at the default presets, with JSON/CSV output.
+#   3. runs `python -m microbench all` at the default presets, with JSON/CSV output,
+#   4. runs the kernels' tests under compute-sanitizer: memcheck over the per-op
+#      GPU tests and the fuzz test, racecheck over the CUDA kernels' tests; each
+#      must report 0 errors (issue 14: no index value reads or writes outside
+#      its tensors). Skipped without compute-sanitizer.
 # Logs, JSON and a summary go to OUTDIR. Every step has a timeout; the defaults
-# add up to under 8 minutes (override: BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT,
-# in seconds; PYTHON picks the interpreter).
+# add up to under 12 minutes (override: BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT,
+# MEMCHECK_TIMEOUT, RACECHECK_TIMEOUT, in seconds; PYTHON picks the interpreter).
 #
 # usage: microbench/gpu_check.sh OUTDIR
 set -u
@@ -21,6 +25,8 @@ PY=${PYTHON:-python}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-140}
 TEST_TIMEOUT=${TEST_TIMEOUT:-170}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-140}
+MEMCHECK_TIMEOUT=${MEMCHECK_TIMEOUT:-190}
+RACECHECK_TIMEOUT=${RACECHECK_TIMEOUT:-80}
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 status=0
@@ -73,6 +79,28 @@ PLOT=()
 step bench "$BENCH_TIMEOUT" "$PY" -m microbench all --quiet --budget $((BENCH_TIMEOUT - 45)) \
     --json "$OUT/bench.json" --csv "$OUT/bench.csv" ${PLOT[@]+"${PLOT[@]}"}
 grep -E "FAIL|ERROR|skipped|FAILED" "$OUT/bench.log" | head -20 | sed 's/^/  /' | tee -a "$SUMMARY"
+
+# 4. compute-sanitizer. PyTorch's caching allocator would hide an access past a tensor
+#    inside its pool: PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own
+#    allocation, so memcheck sees it. --error-exitcode makes any error fail the step.
+SAN=$(command -v compute-sanitizer || { [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ] \
+      && echo "$CUDA_HOME/bin/compute-sanitizer"; } || { [ -x /usr/local/cuda/bin/compute-sanitizer ] \
+      && echo /usr/local/cuda/bin/compute-sanitizer; })
+if [ -n "$SAN" ]; then
+    SAN_ARGS=(--error-exitcode 1 --target-processes all --print-limit 20)
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck "$MEMCHECK_TIMEOUT" "$SAN" --tool memcheck \
+        "${SAN_ARGS[@]}" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py \
+        tests/test_verify_chain_triton.py tests/test_inject_kv_triton.py tests/test_write_kv_triton.py \
+        tests/test_fuse_target_features_triton.py tests/test_block_attention_triton.py tests/test_fuzz.py \
+        -k "not compiles and not graph"
+    grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -n 3 | sed 's/^/  /' | tee -a "$SUMMARY"
+    step racecheck "$RACECHECK_TIMEOUT" "$SAN" --tool racecheck "${SAN_ARGS[@]}" \
+        "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py -k "gpu or cuda"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/racecheck.log" | tail -n 3 \
+        | sed 's/^/  /' | tee -a "$SUMMARY"
+else
+    note "sanitizer: skipped (no compute-sanitizer)"
+fi
 
 note "overall: $([ $status -eq 0 ] && echo OK || echo FAILED)"
 exit $status

@@ -395,7 +395,8 @@ def catalog(arch: int) -> List[tuple]:
         ks_row=Hkv * D, ks_head=D, k_scale_ptr=None,
         vc_ptr="*bf16", vc_table="*i64", stride_vl=cache_layer, vs_page=page * Hkv * D,
         vs_row=Hkv * D, vs_head=D, v_scale_ptr=None,
-        N=16, Hkv=Hkv, page_size=page, rot_half=D // 2, eps=1e-6,
+        N=16, Hkv=Hkv, page_size=page, num_slots=pages * page, max_pos=4096,
+        rot_half=D // 2, eps=1e-6,
         D=_c(D), BLOCK_M=_c(16), NEOX=_c(True), HAS_KNORM=_c(True), FP8=_c(False),
         FP8_MAX=_c(0.0), UNIFORM_K=_c(True), UNIFORM_V=_c(True)), num_warps=4)))
     out.append(("fuse_target_features.gemm", _inject_job("fuse_target_features", arch, None)))

@@ -553,3 +553,171 @@ def assert_compiles_to_tensor_cores(module, spec, arch):
     assert rep["spills"] == 0, rep
     assert rep["shared"] <= 227 * 1024
     return rep
+
+
+# ---------------- verify_chain: edge values (docs/DESIGN.md, "Edge values")
+
+INF = float("inf")
+
+
+def edge_verify_case(*, top_k=False, top_p=False, draft_probs=False, device="cpu"):
+    """One request per edge rule, V = 8, S = 3, as make_verify_case's kwargs.
+
+    Temperatures +inf (rows with -inf ids), 1e-40 (greedy: the T -> 0 limit),
+    just above / below SAMPLING_EPS, NaN and 0.9; rows with +inf logits (at ids
+    3 and 6) greedy, sampled and at T = +inf; huge finite logits whose scaled
+    value overflows. Drafts copy the greedy token of the previous row for most
+    requests, and include -1 and V; draft_probs close to p in some requests.
+    """
+    V, S = 8, 3
+    g = torch.Generator().manual_seed(14)
+    temps = [INF, 1e-40, 1e-5, 9.99e-6, NAN, 0.9, 1.0, INF, 0.0, 0.5, 0.9, INF]
+    B = len(temps)
+    logits = torch.randn(B, S, V, generator=g) * 2
+    logits[0, :, 0] = NEG_INF                                  # T = inf: uniform over ids 1..7
+    logits[0, 1, 4] = NAN
+    logits[1, :] = torch.tensor([0.0, 1, 5, 2, -1, 0, 0, 0])   # T = 1e-40: greedy id 2
+    for b in (6, 7, 8, 10):                                    # +inf at ids 3 and 6
+        logits[b, :, 3] = INF
+        logits[b, :, 6] = INF
+    logits[9, :, 2] = 3e38                                     # 3e38 / 0.5 overflows to +inf
+    logits[9, :, 5] = 3.1e38
+    logits[11, :, 1:] = NEG_INF                                # T = inf, one finite id
+    greedy = logits.nan_to_num(nan=NEG_INF).argmax(-1)
+    bt = torch.randint(0, V, (B, S), generator=g)
+    bt[:, 1:] = greedy[:, :-1]
+    bt[2, 1], bt[5, 1], bt[10, 2] = -1, V, -1
+    kw = dict(logits=logits.to(device), block_tokens=bt.to(device),
+              num_drafts=torch.full((B,), S - 1, dtype=torch.int32, device=device),
+              temperature=torch.tensor(temps, dtype=torch.float32, device=device),
+              seeds=torch.arange(B, dtype=torch.int64, device=device) * 7919,
+              positions=torch.arange(B, dtype=torch.int64, device=device) * 3)
+    if top_k:
+        kw["top_k"] = torch.tensor([3, 0, 2] * (B // 3), dtype=torch.int32, device=device)
+    if top_p:
+        kw["top_p"] = torch.tensor([0.5, 1.0, 0.9, 0.3] * (B // 4), device=device)
+    if draft_probs:
+        q = torch.softmax(torch.randn(B, S - 1, V, generator=g), -1)
+        near = torch.softmax(logits[:, :-1].nan_to_num(nan=NEG_INF).clamp(-1e30, 1e30), -1)
+        q[::2] = near[::2]                                     # q ~ p: residual is rounding noise
+        kw["draft_probs"] = q.to(device)
+    return kw
+
+
+def draft_repro(n=8, device="cpu"):
+    """Issue 14's repro: a placeholder draft -1 with q = softmax of row 0 (~ p).
+    ``n`` requests; L from seed 0 for the first 8 (one fixed row past 8)."""
+    V = 16
+    torch.manual_seed(0)
+    L = torch.randn(min(n, 8), 2, V)
+    if n > 8:
+        L = L[:1].expand(n, 2, V).clone()
+    q = torch.softmax(L[:, :1], -1)
+    return dict(logits=L.to(device), block_tokens=torch.tensor([[0, -1]] * n, device=device),
+                num_drafts=torch.ones(n, dtype=torch.int32, device=device),
+                temperature=torch.ones(n, device=device),
+                seeds=torch.arange(n, dtype=torch.int64, device=device),
+                positions=torch.zeros(n, dtype=torch.int64, device=device),
+                draft_probs=q.to(device))
+
+
+# ---------------- KV caches: edge values (docs/DESIGN.md, "Edge values")
+
+def kv_edge_inputs(N, num_slots, max_pos, device, seed=14):
+    """``(slots, positions, clean_slots, clean_positions)``, N >= 10.
+
+    ``slots``: distinct valid slots except one at num_slots, one at 2**40, one
+    at -2**40 and duplicates (tokens 5 and N-2 share a slot, tokens 6, 7 and
+    N-1 another); ``positions`` include -1, max_pos, +-2**40. The clean pair is
+    what the rules make of them: skipped / losing tokens at -1, positions
+    clamped; a backend must write exactly what it writes for the clean pair.
+    """
+    g = torch.Generator().manual_seed(seed)
+    slots = torch.randperm(num_slots, generator=g)[:N].to(torch.int64)
+    slots[1], slots[2], slots[3] = num_slots, 2 ** 40, -2 ** 40
+    slots[5] = slots[N - 2]
+    slots[6] = slots[7] = slots[N - 1]
+    pos = torch.randint(0, max_pos, (N,), generator=g)
+    pos[0], pos[4], pos[N - 1], pos[N - 2] = -1, max_pos, 2 ** 40, -2 ** 40
+    clean = slots.clone()
+    clean[[1, 2, 3, 5, 6, 7]] = -1
+    return slots.to(device), pos.to(device), clean.to(device), pos.clamp(0, max_pos - 1).to(device)
+
+
+def assert_kv_edge_rules(write, device, *, N=12, L=2, P=3, page=8, Hkv=2, D=64, max_pos=40,
+                         cache_dtype=torch.float16):
+    """``write(slots, positions, k_cache, v_cache)`` with the poisoned slots and
+    positions of :func:`kv_edge_inputs` stores exactly what it stores with the
+    clean ones, into sentinel-filled stacked caches, and nothing else."""
+    slots, pos, clean, cpos = kv_edge_inputs(N, P * page, max_pos, device)
+    caches = []
+    for s, p in ((slots, pos), (clean, cpos)):
+        torch.manual_seed(0)
+        kc, vc, _, _ = make_caches("stacked", L, P, page, Hkv, D, cache_dtype, device)
+        write(s, p, kc, vc)
+        caches.append((kc, vc))
+    for got, want in zip(caches[0], caches[1]):
+        iv = INT_VIEW[got.element_size()]
+        assert torch.equal(got.view(iv), want.view(iv))
+    # The winners' rows were written (not left at the sentinel).
+    torch.manual_seed(0)
+    kc0, _, _, _ = make_caches("stacked", L, P, page, Hkv, D, cache_dtype, device)
+    for t in (N - 2, N - 1):
+        s = int(clean[t])
+        iv = INT_VIEW[kc0.element_size()]
+        assert not torch.equal(caches[0][0][:, s // page, s % page].view(iv),
+                               kc0[:, s // page, s % page].view(iv))
+
+
+# ---------------- block_attention: edge values (docs/DESIGN.md, "Edge values")
+
+def window_cases(*, window=6, S=4, page=4, ctx_lens=(0, 3, 13, 22), block=True, dtype=torch.float16,
+                 device="cpu"):
+    """``(clean, freed, nan_kv, seen_by)`` for a sliding window.
+
+    ``freed``: ``clean`` with every page that holds no key inside any query
+    row's window freed: its table entry -1 or garbage, its data NaN.
+    ``nan_kv``: ``clean`` with K and V NaN at the oldest key of each request
+    that row 0 sees (rows >= 1 do not see it); ``seen_by[b]``: the rows that
+    see it (a list; empty for requests without such a key).
+    """
+    torch.manual_seed(7)
+    clean = make_attention_case(S=S, Hq=4, Hkv=2, D=64, page_size=page, ctx_lens=ctx_lens,
+                                block=block, dtype=dtype, device=device)
+    kc, vc, bt = clean["k_cache"], clean["v_cache"], clean["block_table"]
+    freed = dict(clean, k_cache=kc.clone(), v_cache=vc.clone(), block_table=bt.clone())
+    nan_kv = dict(clean, k_cache=kc.clone(), v_cache=vc.clone())
+    garbage = [-1, 2 ** 31 - 1, -7, kc.shape[0] + 5]
+    seen_by = []
+    for b, L in enumerate(ctx_lens):
+        q0 = L if block else L - S                    # position of query row 0
+        oldest = max(q0 - window + 1, 0)               # the oldest key any row sees
+        for j in range(_cdiv(L, page)):
+            if (j + 1) * page <= oldest:               # every key of page j is behind the window
+                pg = int(bt[b, j])
+                freed["k_cache"][pg] = NAN
+                freed["v_cache"][pg] = NAN
+                freed["block_table"][b, j] = garbage[(b + j) % len(garbage)]
+        if 0 < q0 - window + 1 < L:                    # a context key only row 0 sees
+            t = q0 - window + 1
+            pg, r = int(bt[b, t // page]), t % page
+            nan_kv["k_cache"][pg, r] = NAN
+            nan_kv["v_cache"][pg, r] = NAN
+            seen_by.append([0])
+        else:
+            seen_by.append([])
+    return clean, freed, nan_kv, seen_by
+
+
+def kv_edge_writer(op, backend, device):
+    """``write(slots, positions, k_cache, v_cache)`` for :func:`assert_kv_edge_rules`:
+    the public ``op`` ("inject_kv" or "write_kv") on fixed random inputs (N = 12)."""
+    cos_sin = make_cos_sin(40, 64, device)
+    if op == "write_kv":
+        k, v = torch.randn(2, 12, 2, 2, 64, device=device).to(torch.float16)
+        return lambda s, p, kc, vc: dflash_kernels.write_kv(k, v, None, p, s, kc, vc, cos_sin,
+                                                            backend=backend)
+    hidden = torch.randn(12, 32, device=device).to(torch.float16)
+    w = (torch.randn(2, 2, 2 * 64, 32, device=device) / 6).to(torch.float16)
+    return lambda s, p, kc, vc: dflash_kernels.inject_kv(hidden, w, None, p, s, kc, vc, cos_sin,
+                                                         backend=backend)

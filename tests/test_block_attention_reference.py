@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dflash_kernels.reference import block_attention as ref
-from helpers import NAN, attention_lens, make_attention_case, run_attention
+from helpers import NAN, attention_lens, make_attention_case, run_attention, window_cases
 
 
 def dense_truth(case, sm_scale, window):
@@ -163,3 +163,43 @@ def test_reference_has_no_data_dependent_ops():
     ref.block_attention(meta["q"], meta["k_cache"], meta["v_cache"], meta["block_table"],
                         meta["context_lens"], meta["k_block"], meta["v_block"], 0.125, 3,
                         None, None, out, lse)
+
+
+# ---------------------------------------------------------------------------
+# Edge values (docs/DESIGN.md, "Edge values")
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block", [True, False])
+def test_reference_never_reads_pages_behind_the_window(block):
+    window = 6
+    clean, freed, _, _ = window_cases(window=window, block=block)
+    want = run_attention(clean, "reference", window=window)
+    got = run_attention(freed, "reference", window=window)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+        assert not g.isnan().any()
+
+
+def test_reference_masked_nan_key_reaches_only_rows_that_see_it():
+    window = 6
+    clean, _, nan_kv, seen_by = window_cases(window=window)
+    want, _ = run_attention(clean, "reference", window=window)
+    got, _ = run_attention(nan_kv, "reference", window=window)
+    for b, rows in enumerate(seen_by):
+        for s in range(got.shape[1]):
+            if s in rows:
+                assert got[b, s].isnan().all()
+            else:
+                assert torch.equal(got[b, s], want[b, s])
+    assert any(seen_by)
+
+
+def test_reference_without_pages():
+    # num_pages = 0 with every length 0 (IndexError before); the block keys only.
+    case = make_attention_case(S=3, Hq=2, Hkv=1, D=64, ctx_lens=(0, 0))
+    case.update(k_cache=case["k_cache"][:0], v_cache=case["v_cache"][:0],
+                block_table=torch.full_like(case["block_table"], -1))
+    out, lse = run_attention(case, "reference")
+    want, want_lse = dense_truth(case, 1 / 8, 0)
+    torch.testing.assert_close(out.double(), want, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-4, rtol=1e-4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dflash_kernels.triton_backend import block_attention as tri
-from helpers import NAN, attention_lens, make_attention_case, run_attention
+from helpers import NAN, attention_lens, make_attention_case, run_attention, window_cases
 from microbench.compile import compile_report
 
 
@@ -234,3 +234,40 @@ def test_strided_context_lens_and_huge_window(device):
         assert_matches_reference(case, out, lse, sm_scale, 0)
         out, lse = run_triton(case, sm_scale, window or 0, num_splits=2)
         assert_matches_reference(case, out, lse, sm_scale, 0)
+
+
+# ---------------------------------------------------------------------------
+# Edge values (docs/DESIGN.md, "Edge values"): the reference's rules
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block", [True, False])
+def test_triton_never_reads_pages_behind_the_window(block, device):
+    window = 6
+    clean, freed, _, _ = window_cases(window=window, block=block, device=device)
+    want = run_attention(clean, "triton", window=window)
+    got = run_attention(freed, "triton", window=window)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+        assert not g.isnan().any()
+
+
+@pytest.mark.xfail(strict=False, reason="issue 14: Triton block_attention 0 x NaN")
+def test_triton_masked_nan_key_reaches_only_rows_that_see_it(device):
+    window = 6
+    clean, _, nan_kv, seen_by = window_cases(window=window, device=device)
+    want, _ = run_attention(clean, "triton", window=window)
+    got, _ = run_attention(nan_kv, "triton", window=window)
+    for b, rows in enumerate(seen_by):
+        for s in range(got.shape[1]):
+            if s not in rows:
+                assert torch.equal(got[b, s], want[b, s])
+
+
+def test_triton_without_pages_and_empty_shapes(device):
+    case = make_attention_case(S=3, Hq=2, Hkv=1, D=64, ctx_lens=(0, 0), device=device)
+    case.update(k_cache=case["k_cache"][:0], v_cache=case["v_cache"][:0],
+                block_table=torch.full_like(case["block_table"], -1))
+    got = run_attention(case, "triton")
+    want = run_attention(case, "reference")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-3)

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 import dflash_kernels
-from helpers import (FP8_MAX, INT_VIEW, make_caches, make_cos_sin, make_slots,
-                                   sentinel_fill, snapshot)
+from helpers import (FP8_MAX, INT_VIEW, assert_kv_edge_rules, edge_verify_case, make_caches,
+                     make_cos_sin, make_slots, sentinel_fill, snapshot)
 from helpers import make_verify_case as make_case, run_verify as run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -501,3 +501,33 @@ def test_write_kv_fp8_saturates(runner, request):
         assert torch.equal(kc[0, 0, 1, 0].float().cpu(), want)
         assert torch.equal(vc[0, 0, 1, 0].float().cpu(), want)
         assert kc.float().abs().sum().item() == D * m  # nothing else written
+
+
+# ---------------------------------------------------------------- edge values (docs/DESIGN.md)
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_verify_chain_edge_values(runner, request):
+    # Temperatures +inf / 1e-40 / around SAMPLING_EPS / NaN, +inf logits, scaled overflow.
+    kw = edge_verify_case()
+    got = run_cuda_verify(runner, request, kw)
+    assert_verify_equal(got, kw)
+    assert got[2][1] == 2 and got[2][6] == got[2][7] == got[2][8] == 3
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_write_kv_edge_slots_and_positions(runner, request):
+    # Slots outside the cache skipped, positions clamped, the last of duplicate slots
+    # wins (before: the emulated kernel mixed the rows of two writers).
+    device = "cuda" if runner == "gpu" else "cpu"
+    k, v = torch.randn(2, 12, 2, 2, 64, device=device).to(torch.float16)
+    cos_sin = make_cos_sin(40, 64, device)
+
+    def write(slots, pos, kc, vc):
+        if runner == "gpu":
+            dflash_kernels.write_kv(k, v, None, pos, slots, kc, vc, cos_sin, backend="cuda")
+        else:
+            emu_write_kv(request.getfixturevalue("emu"), k, v, None, pos, slots, list(kc),
+                         list(vc), cos_sin, 1e-6, True, 64, None, None)
+
+    for _ in range(3):  # the emulator's thread interleaving varies from run to run
+        assert_kv_edge_rules(write, device)

@@ -69,3 +69,17 @@ def test_fuse_on_a_non_current_gpu():
         got = dflash_kernels.fuse_target_features(feats, fc_weight, norm_weight, backend="triton")
     want = dflash_kernels.fuse_target_features(feats, fc_weight, norm_weight, backend="reference")
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_empty_shapes_direct_call():
+    # H = 0 divided by zero in the split choice; zero-width features (K = 0) too.
+    out = torch.empty(3, 0, dtype=torch.float16)
+    tri.fuse_target_features([torch.randn(3, 8).half()], torch.randn(0, 8).half(),
+                             torch.randn(0).half(), 1e-6, out)
+    out = torch.full((3, 16), 7.0, dtype=torch.float16)
+    tri.fuse_target_features([torch.randn(3, 0).half()], torch.randn(16, 0).half(),
+                             torch.randn(16).half(), 1e-6, out)
+    assert (out == 0).all()
+    out = torch.empty(0, 16, dtype=torch.float16)
+    tri.fuse_target_features([torch.randn(0, 8).half()], torch.randn(16, 8).half(),
+                             torch.randn(16).half(), 1e-6, out)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import dflash_kernels
-from helpers import (FP8_MAX, ProjRows, check_caches, make_caches, make_inject_inputs, model_rows,
-                     snapshot, tolerances)
+from helpers import (FP8_MAX, ProjRows, assert_kv_edge_rules, check_caches, kv_edge_writer,
+                     make_caches, make_inject_inputs, model_rows, snapshot, tolerances)
 
 
 def _inject_case(device, *, L, N, page, Hkv, D, H, layout, neox, rotary_dim, bias, knorm,
@@ -96,3 +96,8 @@ def test_no_valid_slot_leaves_caches_bit_identical(device):
                      rotary_dim=None, bias=True, knorm=True, n_invalid=5)
     for after, before in zip(c["k_list"] + c["v_list"], c["k_before"] + c["v_before"]):
         assert torch.equal(after.view(torch.int16), before.view(torch.int16))
+
+
+def test_inject_kv_edge_slots_and_positions():
+    # Slots outside the cache skipped, positions clamped, the last of duplicate slots wins.
+    assert_kv_edge_rules(kv_edge_writer("inject_kv", "reference", "cpu"), "cpu")

@@ -8,8 +8,8 @@ import torch
 
 import dflash_kernels
 from dflash_kernels.triton_backend import _kv_epilogue, inject_kv
-from helpers import (FP8_MAX, assert_compiles_to_tensor_cores, make_caches, make_inject_inputs,
-                     run_both, snapshot)
+from helpers import (FP8_MAX, assert_compiles_to_tensor_cores, assert_kv_edge_rules, kv_edge_writer,
+                     make_caches, make_inject_inputs, run_both, snapshot)
 
 
 INJECT_CASES = [
@@ -112,3 +112,8 @@ def test_compiles_to_tensor_cores_without_spills(arch, cache_dtype):
     rep = assert_compiles_to_tensor_cores("dflash_kernels.triton_backend.inject_kv", spec, arch)
     if cache_dtype == torch.float8_e4m3fn:
         assert "cvt.rn.satfinite.e4m3x2.f32" in rep["ptx"]     # saturating, round-to-nearest-even
+
+
+def test_inject_kv_edge_slots_and_positions(device):
+    # Slots outside the cache skipped, positions clamped, the last of duplicate slots wins.
+    assert_kv_edge_rules(kv_edge_writer("inject_kv", "triton", device), device)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from dflash_kernels import noise
-from helpers import (NEG_INF, assert_fits, assert_same_verify, draft_case, keyed_batch,
-                     make_verify_case, run_verify, softmax64)
+from dflash_kernels._rules import RESIDUAL_EPS, SAMPLING_EPS
+from helpers import (INF, NEG_INF, assert_fits, assert_same_verify, draft_case, draft_repro,
+                     edge_verify_case, keyed_batch, make_verify_case, run_verify, softmax64)
 
 
 # ---------------------------------------------------------------------------
@@ -42,7 +43,7 @@ def truth(kw):
     dp = None if dp is None else dp.float().cpu().numpy()
     acc, toks, bon, nsl = [], [], [], []
     for b in range(B):
-        sampled = T is not None and T[b] > 0
+        sampled = T is not None and np.float32(T[b]) >= np.float32(SAMPLING_EPS)
         t, prob, noise_rows = [], [], []
         for j in range(S):
             x = L[b, j].copy()
@@ -55,7 +56,12 @@ def truth(kw):
                 t.append(best)
                 continue
             inv = np.float32(1.0) / np.float32(T[b])
-            s = (x * inv).astype(np.float32)
+            with np.errstate(invalid="ignore", over="ignore"):
+                s = np.where(x == np.inf, x, (x * inv).astype(np.float32))
+            s[np.isnan(s)] = -np.inf
+            if (s == np.inf).any():        # point mass on the lowest +inf id
+                s = np.where(np.arange(V) == int(np.argmax(s == np.inf)), 0.0, -np.inf)
+                s = s.astype(np.float32)
             keep = np.ones(V, dtype=bool)
             if top_k is not None and 0 < top_k[b] < V:
                 kth = sorted(s.tolist(), reverse=True)[top_k[b] - 1]
@@ -89,8 +95,10 @@ def truth(kw):
                 if u * qx < px:
                     a += 1
                     continue
-                r = np.maximum(prob[j - 1] - dp[b, j - 1].astype(np.float64), 0.0)
-                if (r > 0).any():
+                with np.errstate(invalid="ignore"):
+                    r = prob[j - 1] - dp[b, j - 1].astype(np.float64)
+                r = np.where(r > 0, r, 0.0)
+                if ok and r.sum() >= RESIDUAL_EPS:
                     sc = np.where(r > 0, np.log(np.where(r > 0, r, 1.0)) + noise_rows[j - 1], -np.inf)
                     bonus = int(np.argmax(sc))
                 else:
@@ -256,3 +264,68 @@ def test_speculative_equals_plain_decoding(top_k, top_p):
     for b in range(B):
         a = int(res.accept_len[b])
         assert res.out_tokens[b, :a + 1].tolist() == plain[b, :a + 1].tolist()
+
+
+# ---------------------------------------------------------------------------
+# Edge values (docs/DESIGN.md, "Edge values")
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opts", [{}, dict(top_k=True), dict(top_p=True),
+                                  dict(top_k=True, top_p=True, draft_probs=True)])
+def test_edge_values_against_loops(opts):
+    kw = edge_verify_case(**opts)
+    res = run_verify("reference", kw)
+    assert_matches_truth(res, kw)
+    bonus = res.bonus.tolist()
+    assert bonus[1] == 2                        # T = 1e-40: greedy, the T -> 0 limit
+    assert bonus[6] == bonus[7] == bonus[8] == 3   # +inf ids 3, 6: the lowest, any T / top-k / top-p
+    assert bonus[9] == 2                        # scaled overflow to +inf: the lowest such id
+    assert bonus[11] == 0                       # T = inf with one finite id
+
+
+def test_infinite_temperature_is_uniform_over_finite_ids():
+    row = torch.tensor([[NEG_INF, 1.0, -3.0, 9.0, float("nan"), 0.5, 2.0, -1.0]])
+    res = run_verify("reference", keyed_batch(row, 4000, INF))
+    p = np.array([0, 1, 1, 1, 0, 1, 1, 1], dtype=np.float64) / 6
+    assert_fits(res.bonus, p, "T=inf")
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (2, 1.0), (0, 0.3), (5, 0.5)])
+def test_inf_logit_is_a_point_mass(top_k, top_p):
+    row = torch.tensor([[0.0, 50.0, INF, 1.0, INF, 3.0]])
+    res = run_verify("reference", keyed_batch(row, 64, 0.7, top_k=top_k, top_p=top_p))
+    assert (res.bonus == 2).all()
+
+
+def test_placeholder_draft_bonus_follows_p():
+    # Issue 14's repro: draft -1 is rejected and the bonus is t_0, a sample from p
+    # (before: a sample of the rounding noise of max(p - q, 0)).
+    kw = draft_repro(8)
+    res = run_verify("reference", kw)
+    assert res.accept_len.tolist() == [0] * 8
+    plain = dict(kw, draft_probs=None, num_drafts=torch.zeros(8, dtype=torch.int32))
+    assert res.bonus.tolist() == run_verify("reference", plain).bonus.tolist()   # t_0
+    kw = draft_repro(20000)
+    res = run_verify("reference", kw)
+    assert_fits(res.bonus, softmax64(kw["logits"][0, 0].numpy()), "placeholder draft")
+
+
+def test_residual_below_threshold_gives_sample_from_p():
+    # q = p except q[x] = p[x] + 5e-6 at a draft x of p ~ 1e-6: rejected at u > ~1/6,
+    # and the residual is noise (0 < mass << RESIDUAL_EPS): the bonus is t_0.
+    V, N = 16, 256
+    row = torch.zeros(2, V)
+    row[:, 5] = -14.0                           # p[5] ~ 1e-6 / 15
+    p = torch.softmax(row[0], -1)
+    noise_ = 1 + 3e-7 * torch.randn(V, generator=torch.Generator().manual_seed(3))
+    q = (p * noise_).float()                    # ulp-level differences: residual > 0 somewhere
+    q[5] += 5e-6
+    kw = keyed_batch(row, N, 1.0)
+    kw.update(block_tokens=torch.tensor([[0, 5]] * N), num_drafts=torch.ones(N, dtype=torch.int32),
+              draft_probs=q.view(1, 1, V).expand(N, 1, V))
+    res = run_verify("reference", kw)
+    rejected = res.accept_len == 0
+    assert rejected.sum() > N // 2
+    plain = run_verify("reference", dict(kw, draft_probs=None, num_drafts=torch.zeros(N, dtype=torch.int32)))
+    assert torch.equal(res.bonus[rejected], plain.bonus[rejected])
+    assert 0 < float(torch.clamp(p - q, min=0).sum()) < RESIDUAL_EPS

@@ -274,12 +274,13 @@ def test_bytes_per_step_table():
         plan = vp.collectives(B, S, **kw)
         rows[name] = (len(plan), vp.payload_bytes(plan))
     assert rows["greedy"] == (1, B * S * 8)
-    assert rows["top_k_top_p_dp"][0] == 10
+    # 1 (+inf rows) + 1 (max) + 4 + 4 (radix passes) + 1 (residual masses) + 1 (winners)
+    assert rows["top_k_top_p_dp"][0] == 12
     assert rows["top_k_top_p_dp"][1] < gather / 20        # 6.3 MB at radix 8 vs 155.7 MB
 
 
 def test_microbench_plan_rows():
     from microbench.tp import plan_row
     n, ours, gather = plan_row("top_k+top_p", 32, 16, 152064, 8, 4)
-    assert (n, gather) == (18, 32 * 16 * 152064 * 2 * 7 // 8)
-    assert ours == 512 * 4 + 8 * 512 * 16 * 4 + 8 * 512 * 16 * 8 + 512 * 8
+    assert (n, gather) == (19, 32 * 16 * 152064 * 2 * 7 // 8)
+    assert ours == 512 * 8 + 512 * 4 + 8 * 512 * 16 * 4 + 8 * 512 * 16 * 8 + 512 * 8

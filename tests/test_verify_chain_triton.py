@@ -12,7 +12,8 @@ import torch
 import triton
 
 from dflash_kernels.triton_backend import verify_chain as tv
-from helpers import (assert_fits, assert_same_verify, draft_case, keyed_batch, make_verify_case,
+from helpers import (assert_fits, assert_same_verify, draft_case, draft_repro, edge_verify_case,
+                     keyed_batch, make_verify_case,
                      run_verify, softmax64)
 from conftest import HAS_CUDA
 
@@ -282,3 +283,34 @@ def test_search_stress_tokens(V, sblock, device, monkeypatch):
               seeds=torch.randint(-2 ** 62, 2 ** 62, (B,), generator=g).to(device),
               positions=torch.randint(0, 2 ** 34, (B,), generator=g).to(device))
     check_against_reference(kw)
+
+
+# ---------------------------------------------------------------------------
+# Edge values (docs/DESIGN.md, "Edge values"): the reference's results exactly
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opts", [{}, dict(top_k=True), dict(top_p=True),
+                                  dict(draft_probs=True), dict(top_k=True, top_p=True, draft_probs=True)])
+def test_edge_values_match_reference(opts):
+    kw = edge_verify_case(**opts)
+    assert_same_verify(run_verify("triton", kw), run_verify("reference", kw))
+
+
+def test_placeholder_draft_repro_matches_reference():
+    # Issue 14: reference [7, 11, 13, 2, 0, 0, 0, 14] vs Triton [10, 3, 7, 2, 6, 0, 0, 14]
+    # before; now both give t_0, the sample from p (its fit: the reference tests).
+    for n in (8, 96):
+        kw = draft_repro(n)
+        assert_same_verify(run_verify("triton", kw), run_verify("reference", kw))
+
+
+def test_empty_batch_direct_call():
+    # torch.ops.dflash.verify_chain bypasses ops.py's early return.
+    z = torch.zeros(0, dtype=torch.int32)
+    for V in (50, 5000):
+        acc, toks = z.clone(), torch.zeros(0, 4, dtype=torch.int32)
+        tv.verify_chain(torch.randn(0, 4, V), torch.zeros(0, 4, dtype=torch.int64), z, None, None,
+                        None, None, None, None, None, acc, toks, z.clone(), None)
+        t = torch.ones(0)
+        tv.verify_chain(torch.randn(0, 4, V), torch.zeros(0, 4, dtype=torch.int64), z, t,
+                        z, t, z.long(), z.long(), torch.randn(0, 3, V), z, acc, toks, z.clone(), z.clone())

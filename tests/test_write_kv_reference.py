@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import dflash_kernels
-from helpers import (FP8_MAX, GivenRows, check_caches, make_caches, make_cos_sin, make_slots,
-                     model_rows, snapshot, tolerances)
+from helpers import (FP8_MAX, GivenRows, assert_kv_edge_rules, check_caches, kv_edge_writer,
+                     make_caches, make_cos_sin, make_slots, model_rows, snapshot, tolerances)
 
 
 @pytest.mark.parametrize("neox, rotary_dim, knorm, page, cache_dtype", [
@@ -34,3 +34,8 @@ def test_write_kv_reference_matches_loops(device, neox, rotary_dim, knorm, page,
     rtol, atol = tolerances(cache_dtype, torch.float16)
     check_caches(k_list, k_before, expect, 0, scales.get("k_scale"), page, rtol, atol)
     check_caches(v_list, v_before, expect, 1, scales.get("v_scale"), page, rtol, atol)
+
+
+def test_write_kv_edge_slots_and_positions():
+    # Slots outside the cache skipped, positions clamped, the last of duplicate slots wins.
+    assert_kv_edge_rules(kv_edge_writer("write_kv", "reference", "cpu"), "cpu")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dflash_kernels
-from helpers import FP8_MAX, make_cos_sin, make_slots, run_both
+from helpers import FP8_MAX, assert_kv_edge_rules, kv_edge_writer, make_cos_sin, make_slots, run_both
 
 
 WRITE_CASES = [
@@ -32,3 +32,8 @@ def test_write_kv_triton_matches_reference(device, L, N, page, D, layout, neox, 
              L=L, P=P, page=page, Hkv=Hkv, D=D, layout=layout, cache_dtype=cache_dtype,
              slots=slots, act=act, rope_style="neox" if neox else "gptj", rotary_dim=rotary_dim,
              **scales)
+
+
+def test_write_kv_edge_slots_and_positions(device):
+    # Slots outside the cache skipped, positions clamped, the last of duplicate slots wins.
+    assert_kv_edge_rules(kv_edge_writer("write_kv", "triton", device), device)

@@ -4,8 +4,9 @@ the cache dtype and the paged-cache scatter (SPEC.md, docs/DESIGN.md).
 All math is fp32: the GEMMs accumulate in fp32, the fp32 result goes through
 bias, RMSNorm and RoPE without intermediate rounding, and is rounded once, to
 the cache dtype (or quantized to fp8 with the scale). Runs on any device and
-never reads a device value on the host: rows with a negative slot are
-neutralised with masks of host-known size, not by branching.
+never reads a device value on the host: rows not written (slot outside the
+cache, or a later token with the same slot: docs/DESIGN.md, "Edge values")
+are neutralised with masks of host-known size, not by branching.
 """
 
 from __future__ import annotations
@@ -57,13 +58,32 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype, scale) -> torch.Tensor:
     return x.to(dtype)
 
 
-def scatter_rows(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
-    """``cache[slot // page, slot % page] = values[t]`` for every t with slot >= 0.
+def written_rows(slot_mapping: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """bool ``[N]``: the tokens whose row is stored (docs/DESIGN.md, "Edge values").
+
+    A slot outside ``[0, num_slots)`` is skipped; among tokens sharing a valid
+    slot the last one (highest index) wins. A stable sort puts each slot's
+    tokens in index order, so the winner is the one whose sorted successor
+    holds another slot: O(N log N), no host read, no data-dependent shape.
+    """
+    N = slot_mapping.shape[0]
+    ok = (slot_mapping >= 0) & (slot_mapping < num_slots)
+    key = torch.where(ok, slot_mapping, torch.full_like(slot_mapping, -1))
+    sk, idx = torch.sort(key, stable=True)
+    last = torch.ones(N, dtype=torch.bool, device=key.device)
+    last[:-1] = sk[:-1] != sk[1:]
+    return ok & torch.zeros_like(last).scatter(0, idx, last)
+
+
+def scatter_rows(cache: torch.Tensor, slot_mapping: torch.Tensor, valid: torch.Tensor,
+                 values: torch.Tensor) -> None:
+    """``cache[slot // page, slot % page] = values[t]`` for every t with ``valid[t]``
+    (:func:`written_rows`: its slot is in the cache and no later token has it).
 
     ``cache``: ``[P, page, Hkv, D]`` with any strides; ``values``: ``[N, Hkv, D]``
     in the cache dtype. The writes go through ``index_put_`` on the cache view.
-    Every row is written somewhere (no host-side selection): a row with a
-    negative slot is redirected to the slot of the first valid row and carries
+    Every row is written somewhere (no host-side selection): a row not
+    written is redirected to the slot of the first valid row and carries
     that row's value, so duplicate indices always carry identical bits; with no
     valid row at all, every row rewrites slot 0 with its own old bits. The
     copies are made on integer views, so NaN payloads survive bit for bit.
@@ -75,7 +95,6 @@ def scatter_rows(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.
     idt = _INT_VIEW[cache.element_size()]
     icache = cache.view(idt)
     ivals = values.reshape(N, *cache.shape[2:]).view(idt)
-    valid = slot_mapping >= 0
     first = torch.argmax(valid.to(torch.int32))                  # first valid row, or 0
     any_valid = valid[first]
     fallback_slot = torch.where(any_valid, slot_mapping[first], torch.zeros_like(slot_mapping[first]))
@@ -90,12 +109,15 @@ def scatter_rows(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.
 def write_layers(k_all, v_all, k_norm_weight, positions, slot_mapping, k_caches, v_caches,
                  cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale):
     """k_all, v_all: fp32 ``[N, L, Hkv, D]`` before norm / RoPE."""
-    # Skipped rows (padding) may carry any position: never index the table with it.
-    positions = torch.where(slot_mapping >= 0, positions, torch.zeros_like(positions))
+    # Positions outside the table are clamped into it (not wrapped); skipped rows
+    # (padding) may carry any position. Slots: written_rows.
+    positions = positions.clamp(0, max(cos_sin_cache.shape[0] - 1, 0))
+    kc0 = k_caches[0]
+    valid = written_rows(slot_mapping, kc0.shape[0] * kc0.shape[1])
     for layer, (kc, vc) in enumerate(zip(k_caches, v_caches)):
         k = k_all[:, layer]
         if k_norm_weight is not None:
             k = rms_norm(k, k_norm_weight[layer], eps)
         k = apply_rope(k, positions, cos_sin_cache, rotary_dim, rope_neox)
-        scatter_rows(kc, slot_mapping, to_cache_dtype(k, kc.dtype, k_scale))
-        scatter_rows(vc, slot_mapping, to_cache_dtype(v_all[:, layer], vc.dtype, v_scale))
+        scatter_rows(kc, slot_mapping, valid, to_cache_dtype(k, kc.dtype, k_scale))
+        scatter_rows(vc, slot_mapping, valid, to_cache_dtype(v_all[:, layer], vc.dtype, v_scale))

@@ -4,6 +4,11 @@ The executable form of the contract: gathers every request's context K/V from
 its pages with index tensors of host-known size (all ``max_pages * page_size``
 slots, page ids clamped and masked), appends the block keys when given, and
 runs a dense masked softmax in fp32. No host synchronisation.
+
+Edge values (docs/DESIGN.md): a context key that no query row of the block can
+see (past the length, or behind every row's window) is never read, so its
+block-table entry may be -1 or garbage (freed pages behind a sliding window);
+a key a row cannot see never reaches that row, not even as ``0 * NaN``.
 """
 
 from __future__ import annotations
@@ -12,11 +17,11 @@ import torch
 
 
 def _gather_pages(cache, block_table, tok, valid, scale):
-    """Context keys or values ``[B, T, Hkv, D]`` fp32, zero at invalid slots.
+    """Context keys or values ``[B, T, Hkv, D]`` fp32, zero at unread slots.
 
-    ``valid`` ``[B, T]`` marks slots below the context length. Block-table
+    ``valid`` ``[B, T]`` marks the slots some query row sees. Block-table
     entries are read only where valid (elsewhere page 0 is used) and clamped
-    to the cache, so garbage entries past the used pages are never followed.
+    to the cache, so garbage entries (unused or freed pages) are never followed.
     """
     num_pages, page_size = cache.shape[0], cache.shape[1]
     page_idx = (tok // page_size).expand_as(valid)
@@ -47,21 +52,20 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
     Rows with no visible key give zeros and ``lse = -inf``.
     """
     B, S, Hq, D = q.shape
+    if out.numel() == 0 and (lse is None or lse.numel() == 0):
+        return  # B, S or H = 0 (direct calls; ops.block_attention returns before)
     Hkv = k_cache.shape[2]
     g = Hq // Hkv
     dev = q.device
-    T = block_table.shape[1] * k_cache.shape[1]
+    # No pages: no context key (every length is clamped to 0).
+    T = block_table.shape[1] * k_cache.shape[1] if k_cache.shape[0] > 0 else 0
     # Lengths beyond the table (outside SPEC) are clamped so nothing past it is read.
     L = context_lens.long().clamp(0, T)                                  # [B]
     tok = torch.arange(T, device=dev)[None, :]                           # [1, T]
     valid = tok < L[:, None]                                             # [B, T]
-    k = _gather_pages(k_cache, block_table, tok, valid, k_scale)          # [B, T, Hkv, D]
-    v = _gather_pages(v_cache, block_table, tok, valid, v_scale)
     kpos = tok.expand(B, T)
     srow = torch.arange(S, device=dev)[None, :]                          # [1, S]
     if k_block is not None:
-        k = torch.cat([k, k_block.float()], dim=1)
-        v = torch.cat([v, v_block.float()], dim=1)
         kpos = torch.cat([kpos, L[:, None] + srow], dim=1)
         valid = torch.cat([valid, torch.ones((B, S), dtype=torch.bool, device=dev)], dim=1)
         qpos = L[:, None] + srow                                         # [B, S]
@@ -70,7 +74,8 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
     vis = valid[:, None, :].expand(B, S, kpos.shape[1])                  # [B, S, Tk]
     if window > 0:
         vis = vis & ((qpos[:, :, None] - kpos[:, None, :]).abs() < window)
-    if causal or mask_bits is not None:
+    masked = causal or mask_bits is not None
+    if masked:
         # Block key j sits at position q0 + j (q0 = qpos[:, 0]) in both block modes;
         # context keys (j < 0) are unaffected.
         jk = (kpos - qpos[:, :1])[:, None, :].expand(B, S, kpos.shape[1])   # [B, S, Tk]
@@ -81,6 +86,12 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
             words = mask_bits.long().gather(2, jc // 32)
             allow = ((words >> (jc % 32)) & 1) == 1
         vis = vis & ((jk < 0) | allow)
+    seen = vis[:, :, :T].any(1)                                          # [B, T]: read only these
+    k = _gather_pages(k_cache, block_table, tok, seen, k_scale)           # [B, T, Hkv, D]
+    v = _gather_pages(v_cache, block_table, tok, seen, v_scale)
+    if k_block is not None:
+        k = torch.cat([k, k_block.float()], dim=1)
+        v = torch.cat([v, v_block.float()], dim=1)
 
     qf = q.float().reshape(B, S, Hkv, g, D)
     scores = torch.einsum("bshgd,bthd->bhgst", qf, k) * sm_scale          # [B, Hkv, g, S, Tk]
@@ -90,8 +101,16 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)          # rows with no key
     p = torch.exp(scores - m)
     denom = p.sum(dim=-1, keepdim=True)
-    o = torch.einsum("bhgst,bthd->bhgsd", p, v)
-    o = torch.where(denom > 0, o / denom.clamp_min(1e-30), torch.zeros_like(o))
+    if window > 0 or masked:
+        # Rows see different keys: each row's P x V runs over V zeroed where it sees
+        # nothing, so a NaN another row may see never becomes 0 * NaN here.
+        o = torch.stack([torch.einsum("bhgt,bthd->bhgd", p[..., s, :],
+                                      torch.where(vis[:, s, :, None, None], v, 0.0))
+                         for s in range(S)], dim=3)
+    else:
+        o = torch.einsum("bhgst,bthd->bhgsd", p, v)
+    # Rows with no visible key give 0; a NaN a row sees stays NaN (denom NaN).
+    o = torch.where(denom == 0, torch.zeros_like(o), o / denom)
     out.copy_(o.permute(0, 3, 1, 2, 4).reshape(B, S, Hq, D))
     if lse is not None:
         row_lse = (m + torch.log(denom)).squeeze(-1)                     # log 0 = -inf

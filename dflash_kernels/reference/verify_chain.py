@@ -5,8 +5,10 @@ computed, then selected with ``torch.where`` / ``gather``; the first mismatch
 comes from a cumulative product.
 
 Details fixed here (beyond DESIGN.md):
-- a request is sampled iff ``temperature[b] > 0`` (NaN temperature: greedy);
-  ``inv_t = 1 / T`` is one fp32 division, ``scaled = logit * inv_t``;
+- a request is sampled iff ``temperature[b] >= SAMPLING_EPS`` (NaN: greedy);
+  ``inv_t = 1 / T`` is one fp32 division, ``scaled = logit * inv_t`` with
+  +inf logits kept +inf and NaN products (``-inf * 0`` at T = +inf) as -inf;
+  a row with a +inf scaled logit is a point mass on its lowest +inf id;
 - a token's probability mass is integer fixed point (:func:`token_mass`,
   ``round(exp(s - m) * 2**40)``), so the softmax normaliser ``Z`` and every
   top-p cumulative mass are exact integer sums, independent of summation
@@ -16,8 +18,8 @@ Details fixed here (beyond DESIGN.md):
   mass (over the top-k set) reaches ``T = clamp(ceil(top_p * Z), 1, Z)``
   (fp64 product): the sorted definition of DESIGN.md with exact masses;
 - ``num_drafts`` is clamped to ``[0, S-1]``; a draft id outside ``[0, V)``
-  never matches (point mass) and has ``p(x) = q(x) = 0`` (rejected) under the
-  ``draft_probs`` rule.
+  never matches (point mass) and is rejected under the ``draft_probs`` rule,
+  with the bonus drawn from p; so is a residual of mass below RESIDUAL_EPS.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import noise
+from .._rules import RESIDUAL_EPS, SAMPLING_EPS
 
 NEG_INF = float("-inf")
 # Fraction bits of the fixed-point token mass: exp(s - m) <= 1 becomes an integer <= 2**40,
@@ -124,6 +127,28 @@ def softmax_kept(scaled: Tensor, keep: Tensor) -> Tensor:
     return probs(masked, m, token_mass(masked, m).sum(-1, keepdim=True))
 
 
+def is_sampled(temperature: Tensor) -> Tensor:
+    """bool ``[B]``: the requests that sample (fp32 ``T >= SAMPLING_EPS``; NaN: greedy)."""
+    return temperature >= SAMPLING_EPS
+
+
+def scale_logits(x: Tensor, inv_t: Tensor) -> Tensor:
+    """``x * inv_t`` (x without NaN) under the edge rules of docs/DESIGN.md.
+
+    +inf logits stay +inf (at T = +inf too), NaN products (``-inf * 0``) are
+    -inf, and a row holding a +inf (a +inf logit, or overflow at a tiny T) is
+    replaced by a point mass on its lowest +inf id (0 there, -inf elsewhere),
+    so that top-k, top-p, the softmax and the Gumbel-max all pick that id.
+    """
+    s = torch.where(x == float("inf"), x, x * inv_t)
+    s = s.masked_fill(torch.isnan(s), NEG_INF)
+    is_inf = s == float("inf")
+    first = is_inf.to(torch.int8).argmax(-1, keepdim=True)
+    ids = torch.arange(s.shape[-1], device=s.device)
+    point = torch.where(ids == first, 0.0, NEG_INF)
+    return torch.where(is_inf.any(-1, keepdim=True), point, s)
+
+
 def target_tokens(logits: Tensor, temperature, top_k, top_p, seeds, positions, row_pos=None):
     """Per row (b, j): ``(t, scaled, keep, gumbel)``; ``t`` int64 ``[B, S]``.
 
@@ -139,9 +164,9 @@ def target_tokens(logits: Tensor, temperature, top_k, top_p, seeds, positions, r
     t = x.argmax(-1)
     if temperature is None:
         return t, None, None, None
-    sampled = temperature > 0
+    sampled = is_sampled(temperature)
     inv_t = torch.where(sampled, 1.0 / temperature, torch.ones_like(temperature))
-    scaled = x * inv_t.view(B, 1, 1)
+    scaled = scale_logits(x, inv_t.view(B, 1, 1))
     keep = kept_set(scaled, sampled, top_k, top_p)
     if row_pos is None:
         rows = torch.arange(S, device=logits.device, dtype=torch.int64)
@@ -170,14 +195,29 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
         zero = torch.zeros((), device=dev)
         px = torch.where(in_vocab, p.gather(-1, xi).squeeze(-1), zero)
         qx = torch.where(in_vocab, q.gather(-1, xi).squeeze(-1), zero)
-        # Residual max(p - q, 0) at every row; only the first rejected one is used.
-        r = (p - q).clamp_min(0)
-        r_pos = r > 0                                         # NaN compares False
+        # Residual max(p - q, 0) at every row (NaN as 0); only the first rejected one is
+        # used. A draft outside the vocabulary, or a residual of mass < RESIDUAL_EPS
+        # (rounding noise of p ~ q), gives t_{j-1}, the sample from p. The mass is
+        # summed in fixed point (exact in any order, as the vocab-parallel path sums it).
+        d = p - q
+        r_pos = d > 0                                         # NaN compares False
+        r = torch.where(r_pos, d, zero)
         r_score = torch.where(r_pos, torch.log(torch.where(r_pos, r, 1.0)) + g[:, :-1], NEG_INF)
-        residual_tok = torch.where(r_pos.any(-1), r_score.argmax(-1), t[:, :-1])
+        use_r = in_vocab & (residual_mass(r).sum(-1) >= residual_floor())
+        residual_tok = torch.where(use_r, r_score.argmax(-1), t[:, :-1])
         dp = (px, qx, residual_tok)
     finish(V, block_tokens, num_drafts, temperature, seeds, positions, seq_lens, t, dp,
            accept_len, out_tokens, bonus, new_seq_lens)
+
+
+def residual_mass(r: Tensor) -> Tensor:
+    """int64 fixed-point ``round(r * 2**MASS_BITS)`` of residual probabilities ``r`` in [0, 1]."""
+    return torch.round(r * float(2 ** MASS_BITS)).to(torch.int64)
+
+
+def residual_floor() -> int:
+    """RESIDUAL_EPS in the units of :func:`residual_mass`."""
+    return round(RESIDUAL_EPS * 2 ** MASS_BITS)
 
 
 def finish(V, block_tokens, num_drafts, temperature, seeds, positions, seq_lens, t, dp,
@@ -201,7 +241,7 @@ def finish(V, block_tokens, num_drafts, temperature, seeds, positions, seq_lens,
     use_dp = None
     if dp is not None:
         px, qx, residual_tok = dp
-        use_dp = temperature > 0
+        use_dp = is_sampled(temperature)
         u = noise.uniform(seeds.view(B, 1), positions.view(B, 1) + cols.view(1, -1), 0,
                           noise.STREAM_ACCEPT)
         accept = torch.where(use_dp.view(B, 1), u * qx < px, accept)

@@ -63,6 +63,13 @@ def check_caches(k_caches, v_caches):
         raise ValueError("v_caches: expected the dtype of k_caches")
 
 
+def bounds_args(k_caches, cos_sin_cache):
+    """(num_slots, max_pos): the slot range a kernel writes and the rows of the
+    cos/sin table it reads (an empty table, rejected by ops.py, reads row 0)."""
+    c = k_caches[0]
+    return c.shape[0] * c.shape[1], max(cos_sin_cache.shape[0], 1)
+
+
 def cache_kernel_args(k_caches, v_caches):
     """(K cache args, V cache args, uniform K, uniform V) in the epilogue's order:
     base, pointer table, layer stride, page / row / head strides."""
@@ -93,14 +100,31 @@ def fp8_args(cache_dtype) -> dict:
 # --------------------------------------------------------------------------
 
 @triton.jit
-def program_rows(slot_ptr, stride_slot, N, Hkv, BLOCK_M: tl.constexpr):
-    """This program's (layer, kv, head, rows, slots of the rows; -1 past N). Grid
-    axis 0 tiles the tokens (fastest: the token tiles of one weight tile run
-    together, for L2 reuse), axis 1 is (layer, K|V, head)."""
+def program_rows(slot_ptr, stride_slot, N, Hkv, num_slots, BLOCK_M: tl.constexpr):
+    """This program's (layer, kv, head, rows, slots of the rows; -1 where the row
+    is not written). Grid axis 0 tiles the tokens (fastest: the token tiles of
+    one weight tile run together, for L2 reuse), axis 1 is (layer, K|V, head).
+
+    Not written (docs/DESIGN.md, "Edge values"): rows past N, slots outside
+    ``[0, num_slots)``, and a token whose slot a later token also holds (the
+    last one wins, so two programs never store one row). That rule costs an
+    O(N) scan per program: ``cdiv(N - m0, BLOCK_M)`` tiles of BLOCK_M int64
+    slot loads (L2-resident) and BLOCK_M^2 compares, m0 the program's first
+    row; one tile at decode sizes (N <= BLOCK_M).
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
     slot = tl.load(slot_ptr + rows * stride_slot, mask=rows < N, other=-1)
+    slot = tl.where((slot >= 0) & (slot < num_slots), slot, -1)
+    dup = rows < 0
+    for off in range(m0, N, BLOCK_M):
+        later = off + tl.arange(0, BLOCK_M)
+        s2 = tl.load(slot_ptr + later * stride_slot, mask=later < N, other=-1)
+        hit = (s2[None, :] == slot[:, None]) & (later[None, :] > rows[:, None])
+        dup = dup | (tl.max(hit.to(tl.int32), axis=1) > 0)
+    slot = tl.where(dup, -1, slot)
     return pid_n // (2 * Hkv), (pid_n // Hkv) % 2, pid_n % Hkv, rows, slot
 
 
@@ -164,7 +188,7 @@ def store_rows(a, b, base, slot, row_ok, col_a, col_b, head, page_size, s_page, 
 
 @triton.jit
 def epilogue(a, b, is_k, rows, N, layer, head, j, col_a, col_b, slot, pos_ptr, stride_pos,
-             knw_ptr, stride_knl, cs_ptr, stride_cs, rot_half, eps,
+             knw_ptr, stride_knl, cs_ptr, stride_cs, max_pos, rot_half, eps,
              kc_ptr, kc_table, stride_kl, ks_page, ks_row, ks_head, k_scale_ptr,
              vc_ptr, vc_table, stride_vl, vs_page, vs_row, vs_head, v_scale_ptr, page_size,
              D: tl.constexpr, HAS_KNORM: tl.constexpr, FP8: tl.constexpr,
@@ -175,6 +199,8 @@ def epilogue(a, b, is_k, rows, N, layer, head, j, col_a, col_b, slot, pos_ptr, s
     if is_k:
         # Positions of skipped rows may be anything: never read the table with them.
         pos = tl.load(pos_ptr + rows * stride_pos, mask=row_ok, other=0)
+        # Positions outside the cos/sin table are clamped into it (not wrapped).
+        pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)
         a, b = norm_rope(a, b, col_a, col_b, j, pos, row_ok, knw_ptr, layer * stride_knl,
                          cs_ptr, stride_cs, rot_half, eps, D, HAS_KNORM)
         base = layer_base(kc_ptr, kc_table, layer, stride_kl, UNIFORM_K)

@@ -118,7 +118,7 @@ def fuse_target_features(features: list, fc_weight, norm_weight, eps: float, out
     # Read at a unit stride; ops.py checks only its shape.
     norm_weight = norm_weight.contiguous()
     N, H = out.shape
-    if N == 0:
+    if N == 0 or H == 0:  # nothing to write (direct calls; ops.py returns before)
         return
     family = arch_family(arch(out.device))
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = CONFIGS[family]
@@ -130,8 +130,9 @@ def fuse_target_features(features: list, fc_weight, norm_weight, eps: float, out
     k_tiles = t
     m_tiles, n_tiles = triton.cdiv(N, BLOCK_M), triton.cdiv(H, BLOCK_N)
     splits = _fuse_split(m_tiles, n_tiles, k_tiles, out.device)
-    tiles_per_split = triton.cdiv(k_tiles, splits)
-    splits = triton.cdiv(k_tiles, tiles_per_split)
+    # At least one split of one tile: with zero-width features (K = 0) it stores zeros.
+    tiles_per_split = max(1, triton.cdiv(k_tiles, splits))
+    splits = max(1, triton.cdiv(k_tiles, tiles_per_split))
     ws = torch.empty((splits, N, H), dtype=torch.float32, device=out.device)
     block_h = min(_NORM_BLOCK_H[family], triton.next_power_of_2(H))
     with on_device(out):

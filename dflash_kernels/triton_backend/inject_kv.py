@@ -15,8 +15,8 @@ import triton.language as tl
 
 from ._common import TL_DTYPES, arch, arch_family, on_device
 from ._common import compile_spec as _spec
-from ._kv_epilogue import (cache_kernel_args, check_caches, epilogue, fp8_args, head_columns,
-                           knorm_args, program_rows)
+from ._kv_epilogue import (bounds_args, cache_kernel_args, check_caches, epilogue, fp8_args,
+                           head_columns, knorm_args, program_rows)
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages) keyed on (arch family, D); a table,
 # not autotuning, so that the interpreter and CUDA-graph capture never benchmark.
@@ -35,12 +35,12 @@ def _inject_kv_kernel(
     knw_ptr, stride_knl, pos_ptr, stride_pos, slot_ptr, stride_slot, cs_ptr, stride_cs,
     kc_ptr, kc_table, stride_kl, ks_page, ks_row, ks_head, k_scale_ptr,
     vc_ptr, vc_table, stride_vl, vs_page, vs_row, vs_head, v_scale_ptr,
-    N, H, Hkv, page_size, rot_half, eps,
+    N, H, Hkv, page_size, num_slots, max_pos, rot_half, eps,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NEOX: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_KNORM: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
     UNIFORM_K: tl.constexpr, UNIFORM_V: tl.constexpr,
 ):
-    layer, kv, head, rows, slot = program_rows(slot_ptr, stride_slot, N, Hkv, BLOCK_M)
+    layer, kv, head, rows, slot = program_rows(slot_ptr, stride_slot, N, Hkv, num_slots, BLOCK_M)
     # In a dense [B*S] layout most rows are rejected drafts: skip the whole GEMM.
     if tl.max(slot, axis=0) < 0:
         return
@@ -70,7 +70,7 @@ def _inject_kv_kernel(
         acc_b += tl.load(b_head + col_b).to(tl.float32)[None, :]
 
     epilogue(acc_a, acc_b, kv == 0, rows, N, layer, head, j, col_a, col_b, slot, pos_ptr, stride_pos,
-             knw_ptr, stride_knl, cs_ptr, stride_cs, rot_half, eps,
+             knw_ptr, stride_knl, cs_ptr, stride_cs, max_pos, rot_half, eps,
              kc_ptr, kc_table, stride_kl, ks_page, ks_row, ks_head, k_scale_ptr,
              vc_ptr, vc_table, stride_vl, vs_page, vs_row, vs_head, v_scale_ptr, page_size,
              D, HAS_KNORM, FP8, FP8_MAX, UNIFORM_K, UNIFORM_V)
@@ -101,7 +101,8 @@ def inject_kv(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping
             positions, positions.stride(0), slot_mapping, slot_mapping.stride(0),
             cos_sin_cache, cos_sin_cache.stride(0),
             *kargs, k_scale, *vargs, v_scale,
-            N, H, Hkv, k_caches[0].shape[1], rotary_dim // 2, eps,
+            N, H, Hkv, k_caches[0].shape[1], *bounds_args(k_caches, cos_sin_cache),
+            rotary_dim // 2, eps,
             D=D, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, NEOX=rope_neox, HAS_BIAS=kv_bias is not None,
             HAS_KNORM=k_norm_weight is not None, **fp8_args(k_caches[0].dtype),
             UNIFORM_K=kuni, UNIFORM_V=vuni, num_warps=num_warps, num_stages=num_stages)

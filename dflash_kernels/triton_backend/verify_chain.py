@@ -29,8 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .._rules import RESIDUAL_EPS, SAMPLING_EPS
 from . import noise as tnoise
 from ._common import num_sms, on_device
+
+_SAMPLING_EPS = tl.constexpr(SAMPLING_EPS)
+_RESIDUAL_EPS = tl.constexpr(RESIDUAL_EPS)
 
 
 @triton.jit
@@ -48,11 +52,29 @@ def _value_of(key):
 
 
 @triton.jit
-def _load_scaled(row_ptr, offs, end, inv_t):
-    """Scaled fp32 logits, NaN and lanes past ``end`` as -inf."""
-    x = tl.load(row_ptr + offs, mask=offs < end, other=float("-inf")).to(tl.float32)
+def _scale(x, inv_t):
+    """``x * inv_t`` under the edge rules (docs/DESIGN.md): NaN logits and NaN
+    products (``-inf * 0`` at T = +inf) as -inf, +inf logits stay +inf. A +inf
+    score then wins every Gumbel-max and threshold (lowest id on ties): the row
+    is a point mass on its lowest +inf id, as in the reference."""
     x = tl.where(x != x, float("-inf"), x)
-    return x * inv_t
+    s = tl.where(x == float("inf"), x, x * inv_t)
+    return tl.where(s != s, float("-inf"), s)
+
+
+@triton.jit
+def _temperature(temp_ptr, b):
+    """(sampled, 1/T) of request b: sampled iff T >= SAMPLING_EPS (NaN: greedy)."""
+    t = tl.load(temp_ptr + b)
+    sampled = t >= _SAMPLING_EPS
+    return sampled, tl.where(sampled, tl.math.div_rn(1.0, tl.where(sampled, t, 1.0)), 1.0)
+
+
+@triton.jit
+def _load_scaled(row_ptr, offs, end, inv_t):
+    """Scaled fp32 logits (:func:`_scale`), lanes past ``end`` as -inf."""
+    x = tl.load(row_ptr + offs, mask=offs < end, other=float("-inf")).to(tl.float32)
+    return _scale(x, inv_t)
 
 
 @triton.jit
@@ -165,9 +187,7 @@ def _verify_rows_kernel(
     z_run = tl.full((), 0.0, tl.float32)
     thr = tl.full((), NEG, tl.float32)
     if HAS_TEMP:
-        t = tl.load(temp_ptr + b)
-        sampled = t > 0
-        inv_t = tl.where(sampled, tl.math.div_rn(1.0, tl.where(sampled, t, 1.0)), 1.0)
+        sampled, inv_t = _temperature(temp_ptr, b)
         k0, k1 = tnoise.seed_key(tl.load(seed_ptr + b))
         if HAS_TREE:
             depth = _tree_depth(par_ptr + b.to(tl.int64) * stride_pb, j)
@@ -295,9 +315,7 @@ def _verify_finish_kernel(
     k1 = 0
     pos = 0
     if HAS_TEMP:
-        t = tl.load(temp_ptr + b)
-        sampled = t > 0
-        inv_t = tl.where(sampled, tl.math.div_rn(1.0, tl.where(sampled, t, 1.0)), 1.0)
+        sampled, inv_t = _temperature(temp_ptr, b)
         k0, k1 = tnoise.seed_key(tl.load(seed_ptr + b))
         pos = tl.load(pos_ptr + b)
 
@@ -314,10 +332,11 @@ def _verify_finish_kernel(
                 xc = tl.minimum(tl.maximum(x, 0), V - 1)
                 mx, z = _reduce_norm(pm_ptr, pz_ptr, rp, NSPLIT, NSPLIT_P2)
                 lp = logits_ptr + b.to(tl.int64) * stride_lb + tl.cast(j - 1, tl.int64) * stride_ls
-                sx = tl.load(lp + xc).to(tl.float32)
-                sx = tl.where(sx != sx, float("-inf"), sx) * inv_t
+                sx = _scale(tl.load(lp + xc).to(tl.float32), inv_t)
                 kept = in_vocab & (sx >= tl.load(thr_ptr + rp)) & (z > 0)
                 px = tl.where(kept, tl.exp(sx - tl.where(kept, mx, 0.0)) / tl.where(kept, z, 1.0), 0.0)
+                # A +inf row is a point mass on its lowest +inf id, which is t_{j-1}.
+                px = tl.where(mx == float("inf"), (x == t_prev).to(tl.float32), px)
                 dq = dp_ptr + b.to(tl.int64) * stride_db + tl.cast(j - 1, tl.int64) * stride_ds
                 qx = tl.where(in_vocab, tl.load(dq + xc).to(tl.float32), 0.0)
                 pj_lo, pj_hi = tnoise.position_words(pos + j)
@@ -330,9 +349,12 @@ def _verify_finish_kernel(
     ra = b * S + a
     bonus = _reduce_token(pval_ptr, pidx_ptr, ra, NSPLIT, NSPLIT_P2)
     if HAS_DP:
-        if sampled & (a < nd):
+        x_rej = tl.load(bt_row + tl.minimum(a + 1, S - 1)).to(tl.int64)
+        mx, z = _reduce_norm(pm_ptr, pz_ptr, ra, NSPLIT, NSPLIT_P2)
+        # An out-of-vocab draft, or a +inf row (p a point mass on t_a: its residual is
+        # that id or empty), gives t_a, the sample from p, without a residual pass.
+        if sampled & (a < nd) & (x_rej >= 0) & (x_rej < V) & (mx < float("inf")):
             # Residual max(p - q, 0) of the first rejected row, Gumbel-max with the row's noise.
-            mx, z = _reduce_norm(pm_ptr, pz_ptr, ra, NSPLIT, NSPLIT_P2)
             mx_safe = tl.where(z > 0, mx, 0.0)
             z_safe = tl.where(z > 0, z, 1.0)
             thr = tl.load(thr_ptr + ra)
@@ -341,23 +363,25 @@ def _verify_finish_kernel(
             pa_lo, pa_hi = tnoise.position_words(pos + a + 1)
             best_v = tl.full((BLOCK,), float("-inf"), tl.float32)
             best_i = tl.arange(0, BLOCK)
-            any_pos = tl.zeros((BLOCK,), tl.int32)
+            mass = tl.zeros((BLOCK,), tl.float32)
             for off in range(0, V, BLOCK):
                 offs = off + tl.arange(0, BLOCK)
                 s = _load_scaled(lp, offs, V, inv_t)
                 p = tl.where(s >= thr, tl.exp(s - mx_safe) / z_safe, 0.0)  # z = 0: all s = -inf
                 q = tl.load(dq + offs, mask=offs < V, other=0.0).to(tl.float32)
-                res = tl.maximum(p - q, 0.0)
-                pos_r = res > 0
+                d = p - q
+                pos_r = d > 0  # NaN compares False
+                res = tl.where(pos_r, d, 0.0)
                 g = tnoise.bits_to_gumbel(tnoise.random_bits(k0, k1, offs, pa_lo, pa_hi, 0))
                 score = tl.where(pos_r, tl.log(tl.where(pos_r, res, 1.0)) + g, float("-inf"))
                 upd = score > best_v
                 best_v = tl.where(upd, score, best_v)
                 best_i = tl.where(upd, offs, best_i)
-                any_pos = any_pos | pos_r.to(tl.int32)
+                mass += res
             bv = tl.max(best_v, axis=0)
             res_tok = tl.min(tl.where(best_v == bv, best_i, 2147483647), axis=0)
-            bonus = tl.where(tl.max(any_pos, axis=0) > 0, res_tok, bonus)
+            # A residual of mass < RESIDUAL_EPS is rounding noise of p ~ q: bonus from p.
+            bonus = tl.where(tl.sum(mass, axis=0) >= _RESIDUAL_EPS, res_tok, bonus)
     bonus = tl.minimum(tl.maximum(bonus, 0), V - 1)
 
     c = tl.arange(0, S_P2)
@@ -434,6 +458,8 @@ def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False
     B, S, V = logits.shape
     dev = logits.device
     rows = B * S
+    if rows == 0:  # nothing to write (ops.verify_chain returns before; direct calls too)
+        return
     block = block_size(V)
     nsplit = num_splits(rows, V, dev)
     chunk = triton.cdiv(triton.cdiv(V, block), nsplit) * block

@@ -8,8 +8,8 @@ import triton
 import triton.language as tl
 
 from ._common import on_device
-from ._kv_epilogue import (cache_kernel_args, check_caches, epilogue, fp8_args, head_columns,
-                           knorm_args, program_rows)
+from ._kv_epilogue import (bounds_args, cache_kernel_args, check_caches, epilogue, fp8_args,
+                           head_columns, knorm_args, program_rows)
 
 # Token rows per program, the same on every architecture: the kernel has no
 # GEMM, hence no MMA tile shape to match.
@@ -23,11 +23,11 @@ def _write_kv_kernel(
     knw_ptr, stride_knl, pos_ptr, stride_pos, slot_ptr, stride_slot, cs_ptr, stride_cs,
     kc_ptr, kc_table, stride_kl, ks_page, ks_row, ks_head, k_scale_ptr,
     vc_ptr, vc_table, stride_vl, vs_page, vs_row, vs_head, v_scale_ptr,
-    N, Hkv, page_size, rot_half, eps,
+    N, Hkv, page_size, num_slots, max_pos, rot_half, eps,
     D: tl.constexpr, BLOCK_M: tl.constexpr, NEOX: tl.constexpr, HAS_KNORM: tl.constexpr,
     FP8: tl.constexpr, FP8_MAX: tl.constexpr, UNIFORM_K: tl.constexpr, UNIFORM_V: tl.constexpr,
 ):
-    layer, kv, head, rows, slot = program_rows(slot_ptr, stride_slot, N, Hkv, BLOCK_M)
+    layer, kv, head, rows, slot = program_rows(slot_ptr, stride_slot, N, Hkv, num_slots, BLOCK_M)
     if tl.max(slot, axis=0) < 0:
         return
     row_ok = (rows < N) & (slot >= 0)
@@ -40,7 +40,7 @@ def _write_kv_kernel(
     a = tl.load(src + col_a[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
     b = tl.load(src + col_b[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
     epilogue(a, b, kv == 0, rows, N, layer, head, j, col_a, col_b, slot, pos_ptr, stride_pos,
-             knw_ptr, stride_knl, cs_ptr, stride_cs, rot_half, eps,
+             knw_ptr, stride_knl, cs_ptr, stride_cs, max_pos, rot_half, eps,
              kc_ptr, kc_table, stride_kl, ks_page, ks_row, ks_head, k_scale_ptr,
              vc_ptr, vc_table, stride_vl, vs_page, vs_row, vs_head, v_scale_ptr, page_size,
              D, HAS_KNORM, FP8, FP8_MAX, UNIFORM_K, UNIFORM_V)
@@ -62,7 +62,8 @@ def write_kv(k, v, k_norm_weight, positions, slot_mapping, k_caches: list, v_cac
             knw, knw_stride, positions, positions.stride(0), slot_mapping, slot_mapping.stride(0),
             cos_sin_cache, cos_sin_cache.stride(0),
             *kargs, k_scale, *vargs, v_scale,
-            N, Hkv, k_caches[0].shape[1], rotary_dim // 2, eps,
+            N, Hkv, k_caches[0].shape[1], *bounds_args(k_caches, cos_sin_cache),
+            rotary_dim // 2, eps,
             D=D, BLOCK_M=BLOCK_M, NEOX=rope_neox, HAS_KNORM=k_norm_weight is not None,
             **fp8_args(k_caches[0].dtype), UNIFORM_K=kuni, UNIFORM_V=vuni,
             num_warps=4 if D <= 128 else 8)
