@@ -10,7 +10,6 @@ collectives must be exactly :func:`vocab_parallel.collectives`. Every spawn
 is joined with a deadline, then terminated: no process outlives its test.
 """
 
-import os
 import time
 
 import pytest
@@ -21,9 +20,9 @@ import dflash_kernels
 from dflash_kernels import vocab_parallel as vp
 from dflash_kernels.reference import verify_chain as ref
 import tp_worker
+from tp_worker import spawn
 from helpers import make_verify_case as make_case, run_verify as run
 
-SPAWN_TIMEOUT_S = 150
 NINF, NAN = float("-inf"), float("nan")
 
 # Shard borders per world size (last = padded width); V is the true vocab.
@@ -98,41 +97,6 @@ def build_cases(world):
     cases.append((V, borders, make_case(1, 5, V, draft_probs=True, sampled="all",
                                         match_frac=0.9, gen_seed=world)))                 # B = 1
     return cases
-
-
-def _context():
-    # fork by default: a spawned (or forkserver) rank re-imports torch and dflash_kernels,
-    # measured 30-38 s per world size on this shared 2-core machine (fork: 1.5-4 s). The
-    # parent never starts a process group, and ranks run single-threaded.
-    # DFLASH_TP_TEST_START=spawn runs the same tests with spawned ranks.
-    return mp.get_context(os.environ.get("DFLASH_TP_TEST_START", "fork"))
-
-
-def spawn(world, cases, tmp_path, target=tp_worker.worker, timeout_s=SPAWN_TIMEOUT_S):
-    case_file = str(tmp_path / "cases.pt")
-    torch.save(cases, case_file)
-    procs = [_context().Process(target=target, args=(r, world, str(tmp_path / "store"), case_file,
-                                                str(tmp_path)), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s
-    try:
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-    finally:
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.terminate()
-        for p in alive:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    assert not alive, f"world {world}: ranks still running after {timeout_s} s (killed)"
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * world, f"world {world}: exit codes {codes}"
-    return [torch.load(str(tmp_path / f"{r}.pt")) for r in range(world)]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
