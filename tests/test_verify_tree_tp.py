@@ -240,3 +240,29 @@ def test_validation():
     for extra, name in bad:
         with pytest.raises(ValueError, match=name):
             dflash_kernels.verify_tree(logits, tt, par, **kw, **extra)
+
+
+def test_microbench_cli_routes_tp(monkeypatch):
+    # `python -m microbench verify --tp N [--tree]` reaches microbench.tp with the flags.
+    import microbench.tp
+    from microbench.cli import main
+    seen = []
+    monkeypatch.setattr(microbench.tp, "main", lambda args: seen.append(args) or 0)
+    assert main(["verify", "--tp", "3", "--tree", "--modes", "greedy,top_p"]) == 0
+    assert (seen[0].tp, seen[0].tree, seen[0].modes) == (3, True, ["greedy", "top_p"])
+    assert main(["verify", "--tree"]) == 2                 # --tree without --tp
+    assert main(["inject_kv", "--tp", "2"]) == 2
+    assert len(seen) == 1
+
+
+def test_microbench_tree_inputs_and_plan():
+    from microbench.tp import TREE_MODES, make_inputs, plan_row
+    assert "draft_probs" not in TREE_MODES and "all" not in TREE_MODES
+    kw = make_inputs("greedy", 2, 7, 50, 0, tree=True)
+    assert kw["parents"].tolist()[0] == [-1, 0, 0, 1, 1, 2, 2]
+    res = dflash_kernels.verify_tree(kw.pop("logits"), kw.pop("tree_tokens"), kw.pop("parents"),
+                                     **kw)
+    # Every node carries its parent's argmax: greedy walks the leftmost path to a leaf.
+    assert res.accepted_nodes[:, :3].tolist() == [[1, 3, -1]] * 2
+    n, ours, gather = plan_row("top_k+top_p", 32, 16, 152064, 8, 8)
+    assert (n, ours) == (10, 512 * 4 + 4 * 512 * 256 * 4 + 4 * 512 * 256 * 8 + 512 * 8)
