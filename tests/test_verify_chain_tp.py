@@ -21,7 +21,7 @@ from dflash_kernels import vocab_parallel as vp
 from dflash_kernels.reference import verify_chain as ref
 import tp_worker
 from tp_worker import spawn
-from helpers import make_verify_case as make_case, run_verify as run
+from helpers import layout_cases, make_verify_case as make_case, run_verify as run, stress_sampler
 
 NINF, NAN = float("-inf"), float("nan")
 
@@ -64,34 +64,23 @@ def _stress(V, borders, gen_seed):
     """Sampled rows with top-k / top-p corner values (k = 1, V-1, ties, top_p <= 0, tiny, ~1)."""
     g = torch.Generator().manual_seed(gen_seed)
     B, S = 8, 2
-    levels = torch.randint(-4, 3, (V,), generator=g).float()
-    holes = torch.randn(V, generator=g) * 2
-    holes[::2] = NAN
-    holes[1::5] = NINF
-    rows = [levels, levels, levels, holes, levels, holes, torch.full((V,), NINF), levels]
-    logits = torch.stack(rows)[:, None, :].expand(B, S, V).contiguous()
-    kw = dict(logits=logits,
+    rows, filters = stress_sampler(V, g)
+    kw = dict(logits=rows[:, None, :].expand(B, S, V).contiguous(),
               block_tokens=torch.randint(0, V, (B, S), generator=g),
-              num_drafts=torch.ones(B, dtype=torch.int32),
-              temperature=torch.tensor([1.0, 0.7, 1.3, 1.0, 1.0, 0.9, 1.0, 1.0]),
-              top_k=torch.tensor([1, V - 1, int((levels == 2).sum()), 3, 0, 0, 5, V // 2],
-                                 dtype=torch.int32),
-              top_p=torch.tensor([1.0, 0.99, 1.0, 0.8, 0.0, 1 - 1e-6, 0.5, -1.0]),
+              num_drafts=torch.ones(B, dtype=torch.int32), **filters,
               seeds=torch.randint(-2 ** 62, 2 ** 62, (B,), generator=g),
               positions=torch.randint(0, 2 ** 34, (B,), generator=g))
     return kw
 
 
 def build_cases(world):
-    cases = []
-    for li, (V, borders) in enumerate(LAYOUTS[world]):
-        for mi, mode in enumerate(MODES):
-            dtype = (torch.float32, torch.float16, torch.bfloat16)[(li + mi) % 3]
-            kw = make_case(4, 3, V, dtype=dtype, special_rows=True, gen_seed=100 * world + 10 * li + mi,
-                           **mode)
-            _border_ties(kw, borders, V)
-            cases.append((V, borders, kw))
-        cases.append((V, borders, _stress(V, borders, world + li)))
+    def one(V, borders, mode, dtype, i):
+        kw = make_case(4, 3, V, dtype=dtype, special_rows=True, gen_seed=100 * world + i, **mode)
+        _border_ties(kw, borders, V)
+        return kw
+
+    cases = layout_cases(LAYOUTS[world], MODES, one,
+                         lambda V, borders, li: _stress(V, borders, world + li))
     V, borders = LAYOUTS[world][0]
     cases.append((V, borders, make_case(3, 1, V, top_k=True, top_p=True, gen_seed=world)))   # S = 1
     cases.append((V, borders, make_case(1, 5, V, draft_probs=True, sampled="all",

@@ -20,7 +20,8 @@ from dflash_kernels import vocab_parallel as vp
 from dflash_kernels.reference.tree_mask import tree_structure
 from dflash_kernels.reference.verify_chain import target_tokens
 from tp_worker import call_tree, spawn
-from tree_cases import random_parents
+from helpers import layout_cases, stress_sampler
+from tree_cases import random_parents, tree_sampler
 
 NINF, NAN = float("-inf"), float("nan")
 KINDS = ("chain", "bushy", "star", "deep", "short")
@@ -54,28 +55,6 @@ def _border_ties(logits, borders, V):
     logits[2, 0] = torch.arange(V, dtype=torch.float32).remainder(5).to(logits.dtype)
     logits[3, 0] = -2.0
     logits[3, 0, b:] = 3.0
-
-
-def _sampler(B, V, g, sampled, top_k, top_p):
-    kw = {}
-    if sampled == "none":
-        return kw
-    temp = 0.3 + 1.5 * torch.rand(B, generator=g)
-    if sampled == "mixed":
-        temp[torch.rand(B, generator=g) < 0.3] = 0.0
-        temp[0] = 0.9
-    kw["temperature"] = temp
-    kw["seeds"] = torch.randint(-2 ** 62, 2 ** 62, (B,), generator=g)
-    kw["positions"] = torch.randint(0, 2 ** 34, (B,), generator=g)
-    if top_k:
-        k = torch.randint(1, min(V, 30) + 1, (B,), generator=g, dtype=torch.int32)
-        k[::3] = 0
-        kw["top_k"] = k
-    if top_p:
-        p = 0.2 + 0.75 * torch.rand(B, generator=g)
-        p[1::3] = 1.0
-        kw["top_p"] = p
-    return kw
 
 
 def _node_tokens(kw, V, g, rng, match_frac):
@@ -112,7 +91,9 @@ def make_case(B, N, V, *, kinds=KINDS, dtype=torch.float32, sampled="none", top_
     parents = torch.tensor([random_parents(N, kinds[b % len(kinds)], rng) for b in range(B)],
                            dtype=torch.int32)
     kw = dict(logits=logits, parents=parents)
-    kw.update(_sampler(B, V, g, sampled, top_k, top_p))
+    kw.update(tree_sampler(B, V, g, sampled, top_k, top_p))
+    if sampled == "mixed":
+        kw["temperature"][0] = 0.9          # request 0 (a chain) samples
     if num_nodes:
         kw["num_nodes"] = torch.randint(0, N + 2, (B,), generator=g, dtype=torch.int32)
     kw["seq_lens"] = torch.randint(0, 1000, (B,), generator=g, dtype=torch.int32)
@@ -122,35 +103,25 @@ def make_case(B, N, V, *, kinds=KINDS, dtype=torch.float32, sampled="none", top_
 
 def _stress(V, gen_seed):
     """Sampled requests with top-k / top-p corner values (k = 1, V-1, the tied count, off;
-    top_p <= 0, tiny, ~1, off) on tied and NaN-holed rows, over bushy trees."""
+    top_p <= 0, tiny, ~1, off) on tied and NaN-holed rows, over small bushy trees and chains."""
     g = torch.Generator().manual_seed(gen_seed)
     B, N = 8, 4
-    levels = torch.randint(-4, 3, (V,), generator=g).float()
-    holes = torch.randn(V, generator=g) * 2
-    holes[::2] = NAN
-    holes[1::5] = NINF
-    rows = [levels, levels, levels, holes, levels, holes, torch.full((V,), NINF), levels]
-    kw = dict(logits=torch.stack(rows)[:, None, :].expand(B, N, V).contiguous(),
+    rows, filters = stress_sampler(V, g)
+    kw = dict(logits=rows[:, None, :].expand(B, N, V).contiguous(),
               parents=torch.tensor([[-1, 0, 0, 1]] * 4 + [[-1, 0, 1, 2]] * 4, dtype=torch.int32),
-              temperature=torch.tensor([1.0, 0.7, 1.3, 1.0, 1.0, 0.9, 1.0, 1.0]),
-              top_k=torch.tensor([1, V - 1, int((levels == 2).sum()), 3, 0, 0, 5, V // 2],
-                                 dtype=torch.int32),
-              top_p=torch.tensor([1.0, 0.99, 1.0, 0.8, 0.0, 1 - 1e-6, 0.5, -1.0]),
               seeds=torch.randint(-2 ** 62, 2 ** 62, (B,), generator=g),
-              positions=torch.randint(0, 2 ** 34, (B,), generator=g))
+              positions=torch.randint(0, 2 ** 34, (B,), generator=g), **filters)
     kw["tree_tokens"] = _node_tokens(kw, V, g, np.random.default_rng(gen_seed), 0.9)
     return kw
 
 
 def build_cases(world):
-    cases = []
-    for li, (V, borders) in enumerate(LAYOUTS[world]):
-        for mi, mode in enumerate(MODES):
-            dtype = (torch.float32, torch.float16, torch.bfloat16)[(li + mi) % 3]
-            kw = make_case(5, 7, V, dtype=dtype, borders=borders, num_nodes=mi == 2,
-                           gen_seed=100 * world + 10 * li + mi, **mode)
-            cases.append((V, borders, kw))
-        cases.append((V, borders, _stress(V, world + li)))
+    cases = layout_cases(
+        LAYOUTS[world], MODES,
+        lambda V, borders, mode, dtype, i: make_case(5, 7, V, dtype=dtype, borders=borders,
+                                                     num_nodes=i % 10 == 2,
+                                                     gen_seed=100 * world + i, **mode),
+        lambda V, borders, li: _stress(V, world + li))
     V, borders = LAYOUTS[world][0]
     cases.append((V, borders, make_case(3, 6, V, kinds=("chain",), sampled="all", top_k=True,
                                         top_p=True, gen_seed=world)))
@@ -264,5 +235,9 @@ def test_microbench_tree_inputs_and_plan():
                                      **kw)
     # Every node carries its parent's argmax: greedy walks the leftmost path to a leaf.
     assert res.accepted_nodes[:, :3].tolist() == [[1, 3, -1]] * 2
-    n, ours, gather = plan_row("top_k+top_p", 32, 16, 152064, 8, 8)
-    assert (n, ours) == (10, 512 * 4 + 4 * 512 * 256 * 4 + 4 * 512 * 256 * 8 + 512 * 8)
+    # docs/tensor_parallel.md's verify_tree table (B 32, N 64, world 8).
+    R = 32 * 64
+    assert plan_row("greedy", 32, 64, 152064, 8, 8)[:2] == (1, R * 8)
+    assert plan_row("top_k+top_p", 32, 64, 152064, 8, 8)[:2] == (
+        10, R * 4 + 4 * R * 256 * 4 + 4 * R * 256 * 8 + R * 8) == (10, 25_190_400)
+    assert plan_row("top_k+top_p", 32, 64, 152064, 8, 4)[:2] == (18, 3_170_304)
