@@ -755,7 +755,8 @@ def verify_tree(
     temperature: Optional[Tensor] = None, top_k: Optional[Tensor] = None,
     top_p: Optional[Tensor] = None, seeds: Optional[Tensor] = None,
     positions: Optional[Tensor] = None, seq_lens: Optional[Tensor] = None, out=None,
-    backend: Optional[str] = None,
+    backend: Optional[str] = None, tp_group=None, vocab_start: int = 0,
+    vocab_size: Optional[int] = None,
 ) -> TreeVerifyOutput:
     """Sample-then-match acceptance of a draft tree, plus a bonus token.
 
@@ -776,6 +777,9 @@ def verify_tree(
             (``positions[b]``: the anchor's absolute position).
         seq_lens: int32 ``[B]``; gives ``new_seq_lens = seq_lens + accept_len + 1``.
         out: optional :class:`TreeVerifyOutput` (or 5-tuple) of buffers.
+        tp_group, vocab_start, vocab_size: vocab-parallel verification, as
+            :func:`verify_chain` (``logits`` this rank's shard; ``tree_tokens``
+            global ids; ``V`` below is then ``vocab_size``).
 
     Returns:
         :class:`TreeVerifyOutput`; every token id in ``[0, V)``, NaN logits count as -inf.
@@ -787,6 +791,11 @@ def verify_tree(
         raise ValueError("tree_tokens: expected at least one node slot (the root)")
     check_tensor("parents", parents, dtypes=(torch.int32,), device=dev, shape=(B, N))
     logits = _check_tree_logits(logits, B, N, dev)
+    if tp_group is not None:
+        from .vocab_parallel import check_tp_args
+        check_tp_args(vocab_start, vocab_size, logits.shape[2], backend)
+    elif vocab_start != 0 or vocab_size is not None:
+        raise ValueError("vocab_start, vocab_size: only used with tp_group")
     if num_nodes is not None:
         check_tensor("num_nodes", num_nodes, dtypes=(torch.int32,), device=dev, shape=(B,))
     _check_sampling(B, dev, temperature, top_k, top_p, seeds, positions)
@@ -795,6 +804,13 @@ def verify_tree(
     outs = _check_verify_tree_out(out, B, N, dev, seq_lens)
     tree_tokens, parents, num_nodes, temperature, top_k, top_p, seeds, positions, seq_lens = _dense(
         tree_tokens, parents, num_nodes, temperature, top_k, top_p, seeds, positions, seq_lens)
+    if tp_group is not None:
+        # As verify_chain: the shard protocol calls the collectives itself, outside the custom op.
+        from .vocab_parallel import verify_tree_tp
+        verify_tree_tp(logits, tree_tokens, parents, num_nodes, temperature, top_k, top_p, seeds,
+                       positions, seq_lens, *outs, group=tp_group, vocab_start=vocab_start,
+                       vocab_size=vocab_size)
+        return TreeVerifyOutput(*outs)
     _run("verify_tree", dev.type, backend, logits, tree_tokens, parents, num_nodes, temperature,
          top_k, top_p, seeds, positions, seq_lens, *outs)
     return TreeVerifyOutput(*outs)

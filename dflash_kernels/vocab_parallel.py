@@ -24,8 +24,8 @@ the single-device op on the concatenated (unpadded) logits:
 
 No host sync, no data-dependent shapes: the collectives are in-place
 all_reduces of per-row buffers, capturable in CUDA graphs with NCCL.
-A tree row is a chain row (per-row seed and position): :func:`filter_rows`,
-:func:`token_keys` and :func:`unpack_ids` are what ``verify_tree`` reuses.
+A tree row is a chain row (per-row seed and position): ``verify_tree`` reuses
+:func:`row_winners` with the node positions, then the reference's walk.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .reference import verify_chain as ref
+from .reference.tree_mask import tree_structure
+from .reference.verify_tree import walk
 
 __all__ = ["RADIX_BITS", "Comm", "collectives", "filter_rows", "token_keys", "unpack_ids",
            "verify_chain_tp", "f32_key", "key_f32", "payload_bytes", "check_tp_args"]
@@ -263,6 +265,44 @@ def token_keys(x: Tensor, rows: Optional[Rows], sampled: Optional[Tensor],
     return _local_best(torch.where(sampled.unsqueeze(1), score, x), vocab_start)
 
 
+def shard_rows(logits: Tensor, vocab_start: int, vocab_size: int) -> Tuple[Tensor, Tensor]:
+    """fp32 ``[R, Vl]`` rows of a ``[B, S, Vl]`` logits shard (NaN and padded ids -inf)
+    and bool ``[Vl]`` valid (global id ``< vocab_size``)."""
+    B, S, Vl = logits.shape
+    gid = torch.arange(vocab_start, vocab_start + Vl, device=logits.device, dtype=torch.int64)
+    valid = gid < vocab_size
+    x = logits.float().reshape(B * S, Vl)
+    return x.masked_fill(torch.isnan(x) | ~valid, NEG_INF), valid
+
+
+def row_winners(x: Tensor, valid: Tensor, temperature, top_k, top_p, seeds, pos, comm: Comm, *,
+                vocab_start: int, vocab_size: int, need_mass: bool, bits: int):
+    """Local packed winners int64 ``[R]`` of the target token of every row of B
+    requests (``R = B*S``, rows request-major, from :func:`shard_rows`), and the
+    filtered :class:`Rows` (None without ``temperature``). MAX-reduce the
+    winners, then :func:`unpack_ids`.
+
+    Per-request arguments are ``[B]``; ``pos`` int64 ``[B, S]`` is the position
+    of the token each row decides (chain: ``positions + j + 1``; tree:
+    ``positions + depth(i) + 1``), None without ``temperature``.
+    Collectives: one MAX (rows holding +inf, :func:`scale_logits`), then those
+    of :func:`filter_rows` (none when greedy).
+    """
+    if temperature is None:
+        return _local_best(x, vocab_start), None
+    B, S = pos.shape
+    R = B * S
+    sampled_b = ref.is_sampled(temperature)
+    inv_t = torch.where(sampled_b, 1.0 / temperature, torch.ones_like(temperature))
+    rep = lambda v: None if v is None else v.view(B, 1).expand(B, S).reshape(R)  # noqa: E731
+    sampled = rep(sampled_b)
+    gid = torch.arange(vocab_start, vocab_start + x.shape[1], device=x.device, dtype=torch.int64)
+    scaled = scale_logits(x, rep(inv_t).unsqueeze(1), gid, comm)
+    rows = filter_rows(scaled, valid, vocab_start, vocab_size, sampled, rep(top_k), rep(top_p),
+                       rep(seeds), pos.reshape(R), comm, need_mass=need_mass, bits=bits)
+    return token_keys(x, rows, sampled, vocab_start), rows
+
+
 # --------------------------------------------------------------------------
 # verify_chain
 # --------------------------------------------------------------------------
@@ -272,6 +312,7 @@ def collectives(B: int, S: int, *, temperature: bool, top_k: bool, top_p: bool,
     """The all_reduces one ``verify_chain`` call makes, in order: ``(op, dtype, shape)``.
 
     Host-known: depends only on which optional arguments are given and B, S.
+    ``verify_tree`` with N node slots makes those of ``(B, N)`` without ``draft_probs``.
     """
     R = B * S
     radix_bits = radix_bits or RADIX_BITS
@@ -318,55 +359,79 @@ def verify_chain_tp(logits, block_tokens, num_drafts, temperature, top_k, top_p,
     B, S, Vl = logits.shape
     dev = logits.device
     R = B * S
-    gid = torch.arange(vocab_start, vocab_start + Vl, device=dev, dtype=torch.int64)
-    valid = gid < vocab_size
-    x = logits.float().reshape(R, Vl)
-    x = x.masked_fill(torch.isnan(x) | ~valid, NEG_INF)
+    x, valid = shard_rows(logits, vocab_start, vocab_size)
+    need = temperature is not None and draft_probs is not None and S > 1
+    pos = None
+    if temperature is not None:
+        pos = positions.view(B, 1) + torch.arange(S, device=dev).view(1, S) + 1
+    keys, rows = row_winners(x, valid, temperature, top_k, top_p, seeds, pos, comm,
+                             vocab_start=vocab_start, vocab_size=vocab_size, need_mass=need,
+                             bits=radix_bits)
     dp = None
-    if temperature is None:
-        t = unpack_ids(comm.max_(_local_best(x, vocab_start)))[1].view(B, S)
+    if not need:
+        t = unpack_ids(comm.max_(keys))[1].view(B, S)
     else:
-        sampled_b = ref.is_sampled(temperature)
-        inv_t = torch.where(sampled_b, 1.0 / temperature, torch.ones_like(temperature))
-        rep = lambda v: None if v is None else v.view(B, 1).expand(B, S).reshape(R)
-        sampled = rep(sampled_b)
-        scaled = scale_logits(x, rep(inv_t).unsqueeze(1), gid, comm)
-        pos = (positions.view(B, 1) + torch.arange(S, device=dev).view(1, S) + 1).reshape(R)
-        need = draft_probs is not None and S > 1
-        rows = filter_rows(scaled, valid, vocab_start, vocab_size, sampled, rep(top_k),
-                           rep(top_p), rep(seeds), pos, comm, need_mass=need, bits=radix_bits)
-        keys = token_keys(x, rows, sampled, vocab_start)
-        if not need:
-            t = unpack_ids(comm.max_(keys))[1].view(B, S)
-        else:
-            n = B * (S - 1)
-            first = lambda v: v.view(B, S, *v.shape[1:])[:, :-1].reshape(n, *v.shape[1:])
-            masked = torch.where(first(rows.keep), first(scaled), NEG_INF)
-            p = ref.probs(masked, first(rows.m), first(rows.Z))            # [n, Vl]
-            q = draft_probs.float().reshape(n, Vl)
-            drafts = block_tokens[:, 1:].to(torch.int64).reshape(n)
-            own = (drafts >= vocab_start) & (drafts < vocab_start + Vl) & (drafts < vocab_size)
-            xi = (drafts - vocab_start).clamp(0, Vl - 1).unsqueeze(1)
-            sentinel = torch.full((), _INT64_MIN, dtype=torch.int64, device=dev)
-            pxk = torch.where(own, f32_key(p.gather(1, xi).squeeze(1)), sentinel)
-            qxk = torch.where(own, f32_key(q.gather(1, xi).squeeze(1)), sentinel)
-            d = p - q
-            r_pos = (d > 0) & valid                       # NaN compares False
-            r = torch.where(r_pos, d, torch.zeros((), device=dev))
-            r_score = torch.where(r_pos, torch.log(torch.where(r_pos, r, 1.0)) + first(rows.g),
-                                  NEG_INF)
-            # The residual's exact fixed-point mass (the reference's rule: below
-            # RESIDUAL_EPS, or an out-of-vocab draft, the bonus is t from p).
-            r_mass = comm.sum_(ref.residual_mass(r).sum(-1))
-            use_r = (drafts >= 0) & (drafts < vocab_size) & (r_mass >= ref.residual_floor())
-            # One MAX for tokens, residual winners and the owners' p(x), q(x).
-            red = comm.max_(torch.cat([keys, _local_best(r_score, vocab_start), pxk, qxk]))
-            t = unpack_ids(red[:R])[1].view(B, S)
-            r_val, r_id = unpack_ids(red[R:R + n])
-            residual_tok = torch.where(use_r & (r_val > NEG_INF), r_id, t[:, :-1].reshape(n))
-            dec = lambda k: torch.where(k == _INT64_MIN, torch.zeros((), device=dev),
-                                        key_f32(torch.where(k == _INT64_MIN, 0, k)))
-            px, qx = dec(red[R + n:R + 2 * n]), dec(red[R + 2 * n:])
-            dp = (px.view(B, S - 1), qx.view(B, S - 1), residual_tok.view(B, S - 1))
+        n = B * (S - 1)
+        first = lambda v: v.view(B, S, *v.shape[1:])[:, :-1].reshape(n, *v.shape[1:])
+        masked = torch.where(first(rows.keep), first(rows.scaled), NEG_INF)
+        p = ref.probs(masked, first(rows.m), first(rows.Z))            # [n, Vl]
+        q = draft_probs.float().reshape(n, Vl)
+        drafts = block_tokens[:, 1:].to(torch.int64).reshape(n)
+        own = (drafts >= vocab_start) & (drafts < vocab_start + Vl) & (drafts < vocab_size)
+        xi = (drafts - vocab_start).clamp(0, Vl - 1).unsqueeze(1)
+        sentinel = torch.full((), _INT64_MIN, dtype=torch.int64, device=dev)
+        pxk = torch.where(own, f32_key(p.gather(1, xi).squeeze(1)), sentinel)
+        qxk = torch.where(own, f32_key(q.gather(1, xi).squeeze(1)), sentinel)
+        d = p - q
+        r_pos = (d > 0) & valid                       # NaN compares False
+        r = torch.where(r_pos, d, torch.zeros((), device=dev))
+        r_score = torch.where(r_pos, torch.log(torch.where(r_pos, r, 1.0)) + first(rows.g),
+                              NEG_INF)
+        # The residual's exact fixed-point mass (the reference's rule: below
+        # RESIDUAL_EPS, or an out-of-vocab draft, the bonus is t from p).
+        r_mass = comm.sum_(ref.residual_mass(r).sum(-1))
+        use_r = (drafts >= 0) & (drafts < vocab_size) & (r_mass >= ref.residual_floor())
+        # One MAX for tokens, residual winners and the owners' p(x), q(x).
+        red = comm.max_(torch.cat([keys, _local_best(r_score, vocab_start), pxk, qxk]))
+        t = unpack_ids(red[:R])[1].view(B, S)
+        r_val, r_id = unpack_ids(red[R:R + n])
+        residual_tok = torch.where(use_r & (r_val > NEG_INF), r_id, t[:, :-1].reshape(n))
+        dec = lambda k: torch.where(k == _INT64_MIN, torch.zeros((), device=dev),
+                                    key_f32(torch.where(k == _INT64_MIN, 0, k)))
+        px, qx = dec(red[R + n:R + 2 * n]), dec(red[R + 2 * n:])
+        dp = (px.view(B, S - 1), qx.view(B, S - 1), residual_tok.view(B, S - 1))
     ref.finish(vocab_size, block_tokens, num_drafts, temperature, seeds, positions, seq_lens,
                t, dp, accept_len, out_tokens, bonus, new_seq_lens)
+
+
+# --------------------------------------------------------------------------
+# verify_tree
+# --------------------------------------------------------------------------
+
+def verify_tree_tp(logits, tree_tokens, parents, num_nodes, temperature, top_k, top_p, seeds,
+                   positions, seq_lens, accept_len, accepted_nodes, out_tokens, bonus,
+                   new_seq_lens, *, group, vocab_start: int, vocab_size: int,
+                   radix_bits: Optional[int] = None) -> None:
+    """verify_tree on a vocab shard: same arguments as the reference backend
+    (``logits [B, N, Vl]``, the shard of global ids ``vocab_start ..``),
+    outputs bit for bit those of the single-device op on the concatenated
+    logits ``[..., :vocab_size]``, on every rank.
+
+    Node rows are chain rows whose noise sits at ``positions[b] + depth(i) + 1``;
+    only their winners (and the filters' per-row partials) cross ranks, then
+    every rank walks the tree itself. Collectives: :func:`collectives` of
+    ``(B, N)`` without ``draft_probs``. ``group`` as :func:`verify_chain_tp`.
+    """
+    comm = Comm(group)
+    B, N, _ = logits.shape
+    if B == 0:
+        return          # every rank sees the same B: none reduces anything (as verify_chain)
+    used, par, depth, _ = tree_structure(parents, num_nodes, ancestors=False)
+    x, valid = shard_rows(logits, vocab_start, vocab_size)
+    pos = None if temperature is None else positions.view(B, 1) + depth + 1
+    keys, _ = row_winners(x, valid, temperature, top_k, top_p, seeds, pos, comm,
+                          vocab_start=vocab_start, vocab_size=vocab_size, need_mass=False,
+                          bits=radix_bits or RADIX_BITS)
+    t = unpack_ids(comm.max_(keys))[1].view(B, N)
+    walk(vocab_size, tree_tokens, used, par, t, seq_lens, accept_len, accepted_nodes, out_tokens,
+         bonus, new_seq_lens)

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-commands", action="store_true", help="print a command that reproduces each row")
     p.add_argument("--tp", type=int, metavar="N", help="verify: vocab-parallel verify_chain on N local "
                                                       "ranks vs the logits all-gather (microbench/tp.py)")
+    p.add_argument("--tree", action="store_true", default=None,
+                   help="with --tp: verify_tree over a binary tree instead of verify_chain")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing implementations")
     return p
@@ -116,9 +118,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .sass import main as sass_main   # the compile report: no GPU, no timings
 
         return sass_main(rest[1:])
+    if rest[:1] == ["verify"]:
+        rest[0] = "verify_chain"        # `verify --tp N`: the name docs/tensor_parallel.md uses
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(rest)
     except SystemExit as exc:       # argparse printed the usage error (or --help)
         return int(exc.code or 0)
 
@@ -127,9 +131,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{parser.prog}: error: {msg}", file=sys.stderr)
         return 2
 
+    if args.tree and args.tp is None:
+        return usage_error("--tree: only with --tp (the vocab-parallel mode)")
     if args.tp is not None:
-        if args.suite != "verify":
-            return usage_error("--tp: only with the verify suite")
+        if args.suite != "verify_chain":
+            return usage_error("--tp: only with the verify (verify_chain) suite")
         from .tp import main as tp_main
         return tp_main(args)
 

@@ -1,5 +1,6 @@
-"""``python -m microbench verify --tp N`` (or ``python -m microbench.tp --tp N``):
-vocab-parallel verify_chain on N local ranks against the all-gather of the logits.
+"""``python -m microbench verify --tp N [--tree]`` (or ``python -m microbench.tp --tp N``):
+vocab-parallel verify_chain (``--tree``: verify_tree over a binary tree of S node
+slots) on N local ranks against the all-gather of the logits.
 
 Per sampling mode: the collectives one call makes, the bytes it all-reduces per
 rank, against the bf16 logits all-gather engines do today, both as counted
@@ -31,11 +32,15 @@ MODES = {
     "draft_probs": dict(temperature=True, draft_probs=True),
     "all": dict(temperature=True, top_k=True, top_p=True, draft_probs=True),
 }
+# verify_tree takes no draft_probs.
+TREE_MODES = [m for m, f in MODES.items() if not f.get("draft_probs")]
 REF_SHAPE = (32, 16, 152064)
 
 
 def plan_row(mode: str, B: int, S: int, V: int, world: int, radix_bits: int):
-    """(collectives, all-reduced bytes per rank, bf16 all-gather bytes received per rank)."""
+    """(collectives, all-reduced bytes per rank, bf16 all-gather bytes received per rank).
+
+    The same for verify_tree with S node slots (its modes have no draft_probs)."""
     from dflash_kernels import vocab_parallel as vp
     flags = dict(temperature=False, top_k=False, top_p=False, draft_probs=False)
     flags.update(MODES[mode])
@@ -44,13 +49,20 @@ def plan_row(mode: str, B: int, S: int, V: int, world: int, radix_bits: int):
     return len(plan), vp.payload_bytes(plan), gather
 
 
-def make_inputs(mode: str, B: int, S: int, V: int, seed: int):
+def make_inputs(mode: str, B: int, S: int, V: int, seed: int, tree: bool = False):
+    """kwargs of one call; ``tree``: verify_tree over the binary tree ``parents[i] = (i-1)//2``."""
     import torch
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(B, S, V, generator=g) * 3
     bt = torch.randint(0, V, (B, S), generator=g)
-    bt[:, 1:] = logits[:, :-1].argmax(-1)                # accept-heavy drafts
-    kw = dict(logits=logits, block_tokens=bt, num_drafts=torch.full((B,), S - 1, dtype=torch.int32))
+    if tree:
+        par = (torch.arange(S) - 1).div(2, rounding_mode="floor").to(torch.int32)
+        bt[:, 1:] = logits[:, par[1:].long()].argmax(-1)    # accept-heavy: the parent's argmax
+        kw = dict(logits=logits, tree_tokens=bt, parents=par.expand(B, S).contiguous())
+    else:
+        bt[:, 1:] = logits[:, :-1].argmax(-1)                # accept-heavy drafts
+        kw = dict(logits=logits, block_tokens=bt,
+                  num_drafts=torch.full((B,), S - 1, dtype=torch.int32))
     flags = MODES[mode]
     if flags.get("temperature"):
         kw["temperature"] = torch.full((B,), 0.8)
@@ -85,10 +97,13 @@ def _rank(rank, world, init_file, conf, out_file):
     width = -(-V // (64 * world)) * 64                  # vLLM: a multiple of 64 per partition
     lo = rank * width
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    tree = conf["tree"]
+    op = dflash_kernels.verify_tree if tree else dflash_kernels.verify_chain
+    tensor_args = ("tree_tokens", "parents") if tree else ("block_tokens",)
     rows = []
     try:
         for mode in conf["modes"]:
-            kw = make_inputs(mode, B, S, V, conf["seed"])
+            kw = make_inputs(mode, B, S, V, conf["seed"], tree)
             full = {k: v.to(dev) for k, v in kw.items()}
             pad = world * width - V
             shard = dict(full)
@@ -97,14 +112,14 @@ def _rank(rank, world, init_file, conf, out_file):
             if "draft_probs" in full:
                 shard["draft_probs"] = torch.nn.functional.pad(full["draft_probs"], (0, pad))[
                     ..., lo:lo + width].contiguous()
-            logits, bt = shard.pop("logits"), shard.pop("block_tokens")
-            call = lambda: dflash_kernels.verify_chain(logits, bt, **shard, tp_group=dist.group.WORLD,
-                                                       vocab_start=lo, vocab_size=V)
+            logits, rest = shard.pop("logits"), [shard.pop(n) for n in tensor_args]
+            call = lambda: op(logits, *rest, **shard, tp_group=dist.group.WORLD,
+                              vocab_start=lo, vocab_size=V)
             res = call()
             ok = True
             if rank == 0:
-                want = dflash_kernels.verify_chain(full.pop("logits"), full.pop("block_tokens"),
-                                                   **full, backend="reference")
+                want = op(full.pop("logits"), *[full.pop(n) for n in tensor_args], **full,
+                          backend="reference")
                 ok = all(torch.equal(a, b) for a, b in zip(res, want) if a is not None)
             log = []
             vp.collective_log = log
@@ -135,15 +150,15 @@ def _rank(rank, world, init_file, conf, out_file):
 
 
 def run(world: int, shape, modes: List[str], reps: int, seed: int, radix_bits: int,
-        timeout_s: float = 600) -> int:
+        timeout_s: float = 600, tree: bool = False) -> int:
     import torch
     import torch.multiprocessing as mp
 
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
     label = "GPU (NCCL)" if backend == "nccl" else "CPU (gloo, local processes: not GPU figures)"
     B, S, V = shape
-    print(f"vocab-parallel verify_chain, world {world}, {label}; B {B}, S {S}, V {V}; "
-          f"radix {radix_bits} bits")
+    what = f"verify_tree (binary tree, N {S})" if tree else f"verify_chain, S {S}"
+    print(f"vocab-parallel {what}, world {world}, {label}; B {B}, V {V}; radix {radix_bits} bits")
     print("\nCounted from the plan (per call, per rank; all-gather = bf16 logits received):")
     print(f"{'mode':<12} {'colls':>5} {'ours @run':>12} {'gather @run':>12} "
           f"{'ours @32x16x152064':>19} {'gather':>12} {'ratio':>7}")
@@ -154,7 +169,7 @@ def run(world: int, shape, modes: List[str], reps: int, seed: int, radix_bits: i
               f"{gat_r / ours_r:>6.0f}x")
     with tempfile.TemporaryDirectory() as tmp:
         conf = dict(backend=backend, shape=shape, modes=modes, reps=reps, seed=seed,
-                    radix_bits=radix_bits)
+                    radix_bits=radix_bits, tree=tree)
         out = os.path.join(tmp, "rows.pt")
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_rank, args=(r, world, os.path.join(tmp, "store"), conf, out),
@@ -179,8 +194,8 @@ def run(world: int, shape, modes: List[str], reps: int, seed: int, radix_bits: i
         bad += not r["ok"]
         print(f"{r['mode']:<12} {'ok' if r['ok'] else 'FAIL':>6} {r['collectives']:>5} "
               f"{_mb(r['bytes']):>10} {r['t_ours'] * 1e3:>9.2f} {r['t_gather'] * 1e3:>10.2f}")
-    print("(ours: the whole verify_chain call, partials + collectives + finish; gather: the "
-          "all_gather_into_tensor alone, before any verification)")
+    print(f"(ours: the whole {'verify_tree' if tree else 'verify_chain'} call, partials + "
+          "collectives + finish; gather: the all_gather_into_tensor alone, before any verification)")
     return 1 if bad else 0
 
 
@@ -193,9 +208,12 @@ def main(args=None, argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m microbench.tp")
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--s", type=int, default=None, help="rows per request (default 16; 8 on CPU)")
+    p.add_argument("--s", type=int, default=None, help="rows (tree: node slots) per request "
+                                                        "(default 16; 8 on CPU)")
     p.add_argument("--v", type=int, default=152064)
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=None, help="default: every mode (--tree: all without "
+                                                   "draft_probs)")
+    p.add_argument("--tree", action="store_true", help="verify_tree over a binary tree of S slots")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--radix-bits", type=int, default=8, choices=(4, 8))
     p.add_argument("--seed", type=int, default=0)
@@ -215,12 +233,16 @@ def main(args=None, argv: Optional[List[str]] = None) -> int:
         return 2
     B = args.batch or (32 if gpu else 4)
     S = args.s or (16 if gpu else 8)
-    modes = [m for m in args.modes.split(",") if m]
-    if any(m not in MODES for m in modes):
-        print(f"--modes: expected some of {', '.join(MODES)}", file=sys.stderr)
+    known = TREE_MODES if args.tree else list(MODES)
+    modes = args.modes or known
+    if isinstance(modes, str):
+        modes = modes.split(",")                    # microbench.cli gives a list already
+    modes = [m for m in modes if m]
+    if any(m not in known for m in modes):
+        print(f"--modes: expected some of {', '.join(known)}", file=sys.stderr)
         return 2
     return run(args.tp, (B, S, args.v), modes, args.reps or (20 if gpu else 5), args.seed,
-               args.radix_bits)
+               args.radix_bits, tree=args.tree)
 
 
 if __name__ == "__main__":

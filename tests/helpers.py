@@ -429,6 +429,36 @@ def make_verify_case(B, S, V, *, dtype=torch.float32, sampled="mixed", top_k=Fal
     return kw
 
 
+def stress_sampler(V, g):
+    """8 logit rows ``[8, V]`` (tied levels, NaN / -inf holes, all -inf) and their sampler
+    kwargs (temperature, top_k, top_p) with top-k / top-p corner values: k = 1, V-1, the
+    count of the tied maximum, off; top_p <= 0, tiny, ~1, off. Seeds and positions are
+    the caller's."""
+    levels = torch.randint(-4, 3, (V,), generator=g).float()
+    holes = torch.randn(V, generator=g) * 2
+    holes[::2] = NAN
+    holes[1::5] = NEG_INF
+    rows = torch.stack([levels, levels, levels, holes, levels, holes, torch.full((V,), NEG_INF),
+                        levels])
+    return rows, dict(temperature=torch.tensor([1.0, 0.7, 1.3, 1.0, 1.0, 0.9, 1.0, 1.0]),
+                      top_k=torch.tensor([1, V - 1, int((levels == 2).sum()), 3, 0, 0, 5, V // 2],
+                                         dtype=torch.int32),
+                      top_p=torch.tensor([1.0, 0.99, 1.0, 0.8, 0.0, 1 - 1e-6, 0.5, -1.0]))
+
+
+def layout_cases(layouts, modes, make, stress):
+    """Vocab-parallel test cases ``(V, borders, kwargs)``: ``make(V, borders, mode, dtype, i)``
+    for every layout x mode (dtype cycling fp32 / fp16 / bf16, ``i = 10 * layout + mode``),
+    then ``stress(V, borders, layout)`` once per layout."""
+    cases = []
+    for li, (V, borders) in enumerate(layouts):
+        for mi, mode in enumerate(modes):
+            dtype = (torch.float32, torch.float16, torch.bfloat16)[(li + mi) % 3]
+            cases.append((V, borders, make(V, borders, mode, dtype, 10 * li + mi)))
+        cases.append((V, borders, stress(V, borders, li)))
+    return cases
+
+
 def run_verify(backend, kw):
     """Call the public op with outputs pre-filled with garbage."""
     B, S = kw["block_tokens"].shape

@@ -482,7 +482,7 @@ def test_direct_calls_with_empty_shapes(backend):
             kb = torch.randn(B, S, Hkv, 64).to(F16)
             ops.block_attention(q, kc, kc.clone(), torch.full((B, 2), -1, dtype=I32),
                                 torch.zeros(B, dtype=I32), kb, kb.clone(), 0.125, 0, None, None,
-                                out, lse, backend)
+                                out, lse, False, None, backend)
             assert not out.isnan().any() and not lse.isnan().any()
         for N, H, K in ((0, 64, 64), (3, 0, 64), (3, 64, 0)):
             out = torch.full((N, H), 7.0).to(F16)

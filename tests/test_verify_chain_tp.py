@@ -10,7 +10,6 @@ collectives must be exactly :func:`vocab_parallel.collectives`. Every spawn
 is joined with a deadline, then terminated: no process outlives its test.
 """
 
-import os
 import time
 
 import pytest
@@ -21,9 +20,9 @@ import dflash_kernels
 from dflash_kernels import vocab_parallel as vp
 from dflash_kernels.reference import verify_chain as ref
 import tp_worker
-from helpers import make_verify_case as make_case, run_verify as run
+from tp_worker import spawn
+from helpers import layout_cases, make_verify_case as make_case, run_verify as run, stress_sampler
 
-SPAWN_TIMEOUT_S = 150
 NINF, NAN = float("-inf"), float("nan")
 
 # Shard borders per world size (last = padded width); V is the true vocab.
@@ -65,74 +64,28 @@ def _stress(V, borders, gen_seed):
     """Sampled rows with top-k / top-p corner values (k = 1, V-1, ties, top_p <= 0, tiny, ~1)."""
     g = torch.Generator().manual_seed(gen_seed)
     B, S = 8, 2
-    levels = torch.randint(-4, 3, (V,), generator=g).float()
-    holes = torch.randn(V, generator=g) * 2
-    holes[::2] = NAN
-    holes[1::5] = NINF
-    rows = [levels, levels, levels, holes, levels, holes, torch.full((V,), NINF), levels]
-    logits = torch.stack(rows)[:, None, :].expand(B, S, V).contiguous()
-    kw = dict(logits=logits,
+    rows, filters = stress_sampler(V, g)
+    kw = dict(logits=rows[:, None, :].expand(B, S, V).contiguous(),
               block_tokens=torch.randint(0, V, (B, S), generator=g),
-              num_drafts=torch.ones(B, dtype=torch.int32),
-              temperature=torch.tensor([1.0, 0.7, 1.3, 1.0, 1.0, 0.9, 1.0, 1.0]),
-              top_k=torch.tensor([1, V - 1, int((levels == 2).sum()), 3, 0, 0, 5, V // 2],
-                                 dtype=torch.int32),
-              top_p=torch.tensor([1.0, 0.99, 1.0, 0.8, 0.0, 1 - 1e-6, 0.5, -1.0]),
+              num_drafts=torch.ones(B, dtype=torch.int32), **filters,
               seeds=torch.randint(-2 ** 62, 2 ** 62, (B,), generator=g),
               positions=torch.randint(0, 2 ** 34, (B,), generator=g))
     return kw
 
 
 def build_cases(world):
-    cases = []
-    for li, (V, borders) in enumerate(LAYOUTS[world]):
-        for mi, mode in enumerate(MODES):
-            dtype = (torch.float32, torch.float16, torch.bfloat16)[(li + mi) % 3]
-            kw = make_case(4, 3, V, dtype=dtype, special_rows=True, gen_seed=100 * world + 10 * li + mi,
-                           **mode)
-            _border_ties(kw, borders, V)
-            cases.append((V, borders, kw))
-        cases.append((V, borders, _stress(V, borders, world + li)))
+    def one(V, borders, mode, dtype, i):
+        kw = make_case(4, 3, V, dtype=dtype, special_rows=True, gen_seed=100 * world + i, **mode)
+        _border_ties(kw, borders, V)
+        return kw
+
+    cases = layout_cases(LAYOUTS[world], MODES, one,
+                         lambda V, borders, li: _stress(V, borders, world + li))
     V, borders = LAYOUTS[world][0]
     cases.append((V, borders, make_case(3, 1, V, top_k=True, top_p=True, gen_seed=world)))   # S = 1
     cases.append((V, borders, make_case(1, 5, V, draft_probs=True, sampled="all",
                                         match_frac=0.9, gen_seed=world)))                 # B = 1
     return cases
-
-
-def _context():
-    # fork by default: a spawned (or forkserver) rank re-imports torch and dflash_kernels,
-    # measured 30-38 s per world size on this shared 2-core machine (fork: 1.5-4 s). The
-    # parent never starts a process group, and ranks run single-threaded.
-    # DFLASH_TP_TEST_START=spawn runs the same tests with spawned ranks.
-    return mp.get_context(os.environ.get("DFLASH_TP_TEST_START", "fork"))
-
-
-def spawn(world, cases, tmp_path, target=tp_worker.worker, timeout_s=SPAWN_TIMEOUT_S):
-    case_file = str(tmp_path / "cases.pt")
-    torch.save(cases, case_file)
-    procs = [_context().Process(target=target, args=(r, world, str(tmp_path / "store"), case_file,
-                                                str(tmp_path)), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s
-    try:
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-    finally:
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.terminate()
-        for p in alive:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    assert not alive, f"world {world}: ranks still running after {timeout_s} s (killed)"
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * world, f"world {world}: exit codes {codes}"
-    return [torch.load(str(tmp_path / f"{r}.pt")) for r in range(world)]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -16,7 +16,7 @@ import torch
 from scipy import stats
 
 import dflash_kernels as dk
-from tree_cases import random_parents
+from tree_cases import random_parents, tree_sampler
 from dflash_kernels import noise
 
 NEG_INF = float("-inf")
@@ -146,21 +146,7 @@ def make_case(B, N, V, *, kinds=KINDS, dtype=torch.float32, sampled="none", top_
                            dtype=torch.int32)
     kw = dict(logits=logits.to(dtype), parents=parents,
               tree_tokens=torch.zeros(B, N, dtype=token_dtype))
-    if sampled != "none":
-        temp = 0.3 + 1.5 * torch.rand(B, generator=g)
-        if sampled == "mixed":
-            temp[torch.rand(B, generator=g) < 0.3] = 0.0
-        kw["temperature"] = temp
-        kw["seeds"] = torch.randint(-2 ** 62, 2 ** 62, (B,), generator=g)
-        kw["positions"] = torch.randint(0, 2 ** 34, (B,), generator=g)
-        if top_k:
-            k = torch.randint(1, min(V, 12) + 1, (B,), generator=g, dtype=torch.int32)
-            k[::3] = 0
-            kw["top_k"] = k
-        if top_p:
-            p = 0.3 + 0.65 * torch.rand(B, generator=g)
-            p[1::3] = 1.0
-            kw["top_p"] = p
+    kw.update(tree_sampler(B, V, g, sampled, top_k, top_p))
     if seq_lens:
         kw["seq_lens"] = torch.randint(0, 1000, (B,), generator=g, dtype=torch.int32)
     tokens = torch.randint(0, V, (B, N), generator=g)

@@ -1,5 +1,6 @@
-"""Rank side of tests/test_verify_chain_tp.py: kept free of pytest / scipy so that the
-forkserver preloads only torch and dflash_kernels (one import for every rank of every test)."""
+"""Rank side of tests/test_verify_chain_tp.py and tests/test_verify_tree_tp.py, and the
+harness that starts the ranks (:func:`spawn`): kept free of pytest / scipy so that a spawned
+rank imports only torch and dflash_kernels."""
 
 import os
 import time
@@ -7,6 +8,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import dflash_kernels
 from dflash_kernels import vocab_parallel as vp
@@ -34,13 +36,29 @@ def shard_kw(V, borders, kw, rank):
 
 
 def call(kw, **extra):
-    """verify_chain with garbage-prefilled outputs; returns the 4 outputs."""
+    """verify_chain (or verify_tree, when ``kw`` has ``parents``) with garbage-prefilled
+    outputs; returns the outputs."""
+    if "parents" in kw:
+        return call_tree(kw, **extra)
     B, S = kw["block_tokens"].shape
     out = tuple(torch.full(shape, -777, dtype=torch.int32) for shape in ((B,), (B, S), (B,)))
     out += (torch.full((B,), -777, dtype=torch.int32) if kw.get("seq_lens") is not None else None,)
     kw = dict(kw)
     logits, bt = kw.pop("logits"), kw.pop("block_tokens")
     res = dflash_kernels.verify_chain(logits, bt, out=out, **kw, **extra)
+    assert all(a is b for a, b in zip(res, out))
+    return tuple(res)
+
+
+def call_tree(kw, **extra):
+    """verify_tree with garbage-prefilled outputs; returns the 5 outputs."""
+    B, N = kw["tree_tokens"].shape
+    full = lambda *shape: torch.full(shape, -777, dtype=torch.int32)  # noqa: E731
+    out = (full(B), full(B, N), full(B, N), full(B),
+           full(B) if kw.get("seq_lens") is not None else None)
+    kw = dict(kw)
+    logits, tt, par = kw.pop("logits"), kw.pop("tree_tokens"), kw.pop("parents")
+    res = dflash_kernels.verify_tree(logits, tt, par, out=out, **kw, **extra)
     assert all(a is b for a, b in zip(res, out))
     return tuple(res)
 
@@ -66,3 +84,43 @@ def worker(rank, world, init_file, case_file, out_dir):
 def hang(rank, world, init_file, case_file, out_dir):
     """A rank that never finishes (tests the harness's deadline)."""
     time.sleep(3600)
+
+
+SPAWN_TIMEOUT_S = 150
+
+
+def _context():
+    # fork by default: a spawned (or forkserver) rank re-imports torch and dflash_kernels,
+    # measured 30-38 s per world size on this shared 2-core machine (fork: 1.5-4 s). The
+    # parent never starts a process group, and ranks run single-threaded.
+    # DFLASH_TP_TEST_START=spawn runs the same tests with spawned ranks.
+    return mp.get_context(os.environ.get("DFLASH_TP_TEST_START", "fork"))
+
+
+def spawn(world, cases, tmp_path, target=worker, timeout_s=SPAWN_TIMEOUT_S):
+    """Run ``target`` on ``world`` ranks over ``cases`` ((V, borders, kwargs) each); returns
+    every rank's results. Joined with a deadline, then terminated: no rank outlives the call."""
+    case_file = str(tmp_path / "cases.pt")
+    torch.save(cases, case_file)
+    procs = [_context().Process(target=target, args=(r, world, str(tmp_path / "store"), case_file,
+                                                str(tmp_path)), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            p.terminate()
+        for p in alive:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    assert not alive, f"world {world}: ranks still running after {timeout_s} s (killed)"
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"world {world}: exit codes {codes}"
+    return [torch.load(str(tmp_path / f"{r}.pt")) for r in range(world)]

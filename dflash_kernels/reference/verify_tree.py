@@ -20,10 +20,23 @@ def verify_tree(logits, tree_tokens, parents, num_nodes, temperature, top_k, top
                 new_seq_lens) -> None:
     """Writes accept_len / accepted_nodes / out_tokens / bonus / new_seq_lens (docs/tree.md)."""
     B, N, V = logits.shape
-    dev = logits.device
     used, par, depth, _ = tree_structure(parents, num_nodes, ancestors=False)
     row_pos = None if temperature is None else positions.view(B, 1) + depth + 1
     t = target_tokens(logits, temperature, top_k, top_p, seeds, positions, row_pos)[0]
+    walk(V, tree_tokens, used, par, t, seq_lens, accept_len, accepted_nodes, out_tokens, bonus,
+         new_seq_lens)
+
+
+def walk(V, tree_tokens, used, par, t, seq_lens, accept_len, accepted_nodes, out_tokens, bonus,
+         new_seq_lens) -> None:
+    """The walk and the outputs from the per-node target tokens.
+
+    ``t`` int64 ``[B, N]`` (ids in ``[0, V)``); ``used`` / ``par`` from
+    :func:`tree_structure`. Shared with the vocab-parallel path, whose ``t``
+    is the same bits.
+    """
+    B, N = tree_tokens.shape
+    dev = tree_tokens.device
     tok = tree_tokens.to(torch.int64)
     idx = torch.arange(N, device=dev, dtype=torch.int64).view(1, N)
     cur = torch.zeros((B,), dtype=torch.int64, device=dev)

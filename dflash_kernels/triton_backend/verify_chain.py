@@ -458,8 +458,6 @@ def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False
     B, S, V = logits.shape
     dev = logits.device
     rows = B * S
-    if rows == 0:  # nothing to write (ops.verify_chain returns before; direct calls too)
-        return
     block = block_size(V)
     nsplit = num_splits(rows, V, dev)
     chunk = triton.cdiv(triton.cdiv(V, block), nsplit) * block
@@ -492,6 +490,8 @@ def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False
 def _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
             draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens) -> None:
     B, S, V = logits.shape
+    if B * S == 0:  # nothing to write (ops.verify_chain returns before; direct calls too)
+        return
     has_temp = temperature is not None
     has_dp = has_temp and draft_probs is not None and S > 1
     rp = rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=has_dp)
