@@ -147,7 +147,7 @@ def test_compiles_to_tensor_cores_without_spills(arch, mma, smem_limit, dtype, g
     rep = compile_report("dflash_kernels.triton_backend.block_attention", "_block_attention_kernel",
                          spec["signature"], spec["constexprs"], arch,
                          num_warps=spec["num_warps"], num_stages=spec["num_stages"],
-                         divisibility=spec["divisibility"])
+                         divisibility=spec["divisibility"], options=spec["options"])
     assert mma in rep["ptx"]
     assert rep["spills"] == 0, rep["registers"]
     assert rep["shared"] <= smem_limit

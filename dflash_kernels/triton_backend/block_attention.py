@@ -40,17 +40,31 @@ def _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale):
 
 @triton.jit
 def _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
-               sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE: tl.constexpr):
-    """K and V tiles ``[len(tok), D]`` of cached tokens ``tok`` (0 where not ``tok_ok``)."""
+               sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE: tl.constexpr, KV_VEC: tl.constexpr):
+    """K and V tiles ``[len(tok), D]`` of cached tokens ``tok`` (0 where not ``tok_ok``).
+
+    ``KV_VEC`` > 1 (host-checked, ``kv_vec``: K and V with the same strides,
+    unit last stride, the others and both base pointers multiples of
+    ``KV_VEC`` elements = 16 bytes) tells the compiler each token row is
+    contiguous and 16-byte aligned: without it V (unlike K) comes out as one
+    1- or 2-byte synchronous load per element. V then reuses K's offsets
+    (fewer 64-bit registers: 2 CTAs/SM at page 1).
+    """
     # Page ids only for tokens in range, clamped: garbage entries past the
     # used pages are never followed.
     page = tl.load(BT + b * sbt_b + (tok // PAGE) * sbt_p, mask=tok_ok, other=0)
     page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
     row = (tok % PAGE).to(tl.int64)
-    k = tl.load(KC + (page * sk_p + row * sk_r + h * sk_h)[:, None] + d64[None, :] * sk_d,
-                mask=tok_ok[:, None], other=0.0)
-    v = tl.load(VC + (page * sv_p + row * sv_r + h * sv_h)[:, None] + d64[None, :] * sv_d,
-                mask=tok_ok[:, None], other=0.0)
+    k_row = page * sk_p + row * sk_r + h * sk_h
+    if KV_VEC > 1:
+        k_off = k_row[:, None] + d64[None, :]
+        k_off = tl.max_contiguous(tl.multiple_of(k_off, [1, KV_VEC]), [1, KV_VEC])
+        v_off = k_off
+    else:
+        k_off = k_row[:, None] + d64[None, :] * sk_d
+        v_off = (page * sv_p + row * sv_r + h * sv_h)[:, None] + d64[None, :] * sv_d
+    k = tl.load(KC + k_off, mask=tok_ok[:, None], other=0.0)
+    v = tl.load(VC + v_off, mask=tok_ok[:, None], other=0.0)
     return k, v
 
 
@@ -70,6 +84,7 @@ def _block_attention_kernel(
     NUM_M_BLOCKS: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_FP8: tl.constexpr,
     HAS_LSE: tl.constexpr, MASK_MODE: tl.constexpr = 0, MASK_W: tl.constexpr = 1,
+    KV_VEC: tl.constexpr = 1,
 ):
     # MASK_MODE: which block keys block row i sees: 0 all, 1 j <= i, 2 bit j of MB[b, i]
     # (int32 [B, S, MASK_W] packed words). Without k_block and with a mask, the block's
@@ -131,7 +146,7 @@ def _block_attention_kernel(
         tok = n0 + tl.arange(0, BLOCK_N)
         tok_ok = tok < end
         k, v = _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
-                          sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE)
+                          sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, KV_VEC)
         if IS_FP8:
             k = k.to(q.dtype)
             v = (v.to(tl.float32) * v_scale).to(q.dtype)
@@ -157,7 +172,7 @@ def _block_attention_kernel(
                 j_ok = j_ok & (tok >= 0)
                 kb, vb = _gather_kv(KC, VC, BT, b, h, tl.maximum(tok, 0), j_ok, d64, num_pages,
                                     sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
-                                    PAGE)
+                                    PAGE, KV_VEC)
                 if IS_FP8:
                     kb = kb.to(q.dtype)
                     vb = (vb.to(tl.float32) * v_scale).to(q.dtype)
@@ -240,8 +255,9 @@ def max_block_m(D: int) -> int:
     return 64 if D == 256 else 128
 
 
-def kernel_config(arch: Optional[int], D: int, block_m: int) -> dict:
-    """BLOCK_N, num_warps, num_stages for (architecture, head dim, row tile).
+def kernel_config(arch: Optional[int], D: int, block_m: int, page_size: int = 16) -> dict:
+    """BLOCK_N, num_warps, num_stages (and a register cap) for (architecture,
+    head dim, row tile, page size).
 
     A fixed table (the interpreter cannot benchmark autotune candidates).
     Hopper and Blackwell have 227 KB of shared memory, so deeper pipelines fit.
@@ -252,10 +268,21 @@ def kernel_config(arch: Optional[int], D: int, block_m: int) -> dict:
     # Each thread holds gathered K/V row pointers as well as its share of the
     # accumulator; 8 warps keep 64-row tiles clear of spills on sm_90/sm_100.
     warps = 8 if block_m >= (64 if big_smem or D == 256 else 128) else 4
-    if D == 64:
-        return dict(BLOCK_N=64, num_warps=warps, num_stages=3 if big_smem else 2)
-    if D == 128:
-        return dict(BLOCK_N=64, num_warps=warps, num_stages=3 if big_smem else 2)
+    if D <= 128:
+        cfg = dict(BLOCK_N=64, num_warps=warps, num_stages=3 if big_smem else 2)
+        if arch == 90 and page_size == 1 and warps == 8:
+            # Capped at 128 registers this variant spills (8 bf16, 80 fp8);
+            # uncapped it takes 165-175 (1 CTA/SM). One warpgroup (4 warps,
+            # the whole 64-row wgmma) fits in 225-227 registers: 2 CTAs/SM,
+            # the same shared memory and bytes in flight per CTA.
+            cfg["num_warps"] = 4
+        elif big_smem and warps == 8 and block_m <= 64:
+            # 2 CTAs/SM of 256 threads need <= 128 registers each; uncapped the
+            # 16-byte K/V copies take up to 158 (fp8). The cap compiles with 0
+            # spills (tests/test_compile_report.py); 128-row tiles (g = 8)
+            # need ~228 (1 CTA/SM either way) and would spill under it.
+            cfg["maxnreg"] = 128
+        return cfg
     return dict(BLOCK_N=32, num_warps=warps, num_stages=2)
 
 
@@ -278,7 +305,7 @@ def plan(arch: Optional[int], sms: Optional[int], B: int, S: int, Hq: int, Hkv: 
     g = Hq // Hkv
     block_m = min(max(16, triton.next_power_of_2(S * g)), max_block_m(D))
     m_blocks = triton.cdiv(S * g, block_m)
-    cfg = kernel_config(arch, D, block_m)
+    cfg = kernel_config(arch, D, block_m, page_size)
     span = max_pages * page_size
     if window:
         # Keys a block can see lie within window - 1 of its S positions.
@@ -287,6 +314,19 @@ def plan(arch: Optional[int], sms: Optional[int], B: int, S: int, Hq: int, Hkv: 
         num_splits = num_splits_for(sms, B, Hkv, m_blocks, span, cfg["BLOCK_N"])
     return dict(cfg, BLOCK_M=block_m, NUM_M_BLOCKS=m_blocks, NUM_SPLITS=int(num_splits),
                 BLOCK_S=max(16, triton.next_power_of_2(S)))
+
+
+def kv_vec(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """Elements per 16 bytes if K and V share strides and every token row is
+    contiguous and 16-byte aligned (unit last stride, other strides and base
+    pointers multiples of 16 bytes), else 1: the kernel's ``KV_VEC`` (host
+    facts, no device read)."""
+    vec = 16 // k_cache.element_size()
+    st = k_cache.stride()
+    if (v_cache.stride() != st or st[3] != 1 or any(x % vec for x in st[:3])
+            or k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16):
+        return 1
+    return vec
 
 
 _INT_ARGS = ("window", "max_slots", "num_pages", "batch", "sq_b", "sq_s", "sq_h",
@@ -311,14 +351,16 @@ def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: in
                  NUM_M_BLOCKS=p["NUM_M_BLOCKS"], NUM_SPLITS=p["NUM_SPLITS"],
                  HAS_BLOCK=has_block, HAS_WINDOW=window > 0,
                  IS_FP8=cache_dtype != dtype, HAS_LSE=return_lse,
-                 MASK_MODE={"full": 0, "causal": 1, "bits": 2}[block_mask], MASK_W=(S + 31) // 32)
+                 MASK_MODE={"full": 0, "causal": 1, "bits": 2}[block_mask], MASK_W=(S + 31) // 32,
+                 KV_VEC=16 // cache_dtype.itemsize)
     sig.update({n: "constexpr" for n in const})
     # What a real launch derives from 16-byte aligned tensors whose head and
     # token strides are multiples of D (the block-table stride is arbitrary).
     hints = {n: 16 for n, t in sig.items() if t.startswith("*")}
     hints.update({n: 16 for n in _INT_ARGS if n.startswith("s") and n != "sbt_b"})
+    options = {"maxnreg": p["maxnreg"]} if "maxnreg" in p else {}
     return dict(signature=sig, constexprs=const, num_warps=p["num_warps"],
-                num_stages=p["num_stages"], divisibility=hints)
+                num_stages=p["num_stages"], divisibility=hints, options=options)
 
 
 def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
@@ -372,7 +414,9 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
             NUM_M_BLOCKS=cfg["NUM_M_BLOCKS"], NUM_SPLITS=ns,
             HAS_BLOCK=has_block, HAS_WINDOW=window > 0, IS_FP8=is_fp8, HAS_LSE=lse is not None,
             MASK_MODE=2 if mask_bits is not None else int(bool(causal)), MASK_W=(S + 31) // 32,
+            KV_VEC=kv_vec(k_cache, v_cache),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
         )
         if ns > 1:
             n_rows = B * S * Hq
