@@ -164,7 +164,6 @@ def test_attention_kv_loads_16_bytes(rows, name, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", ATTN)
-@_xfail("issue 12: the loop waits for every copy (DEPBAR.LE SB0, 0x0): 1 tile in flight")
 def test_attention_two_tiles_in_flight(rows, name, arch):
     assert (_main(rows[(name, arch)])["tiles_in_flight"] or 0) >= 2
 

@@ -23,8 +23,23 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale):
-    """Online-softmax update with one key tile; scores in the log2 domain."""
+def _attend_tile(acc, m_i, l_i, nan_seen, q, k, v, visible, qk_scale, PARTIAL: tl.constexpr):
+    """Online-softmax update with one key tile; scores in the log2 domain.
+
+    ``PARTIAL``: some rows may not see some in-range keys (block mask). Then a
+    non-finite V element of a key a row cannot see would reach that row as
+    0 x NaN in P x V; such elements are zeroed for the product and
+    ``nan_seen`` [BLOCK_M, D] marks the (row, column) pairs whose visible keys
+    held one (the reference gives NaN there). Keys past the range are loaded
+    as 0 and need none of this.
+    """
+    if PARTIAL:
+        v_f = v.to(tl.float32)
+        bad = (v_f - v_f) != 0.0            # NaN or +-inf
+        v = tl.where(bad, 0.0, v_f).to(v.dtype)
+        # Exact 0/1 counts: which visible keys of each row were bad, per column.
+        hits = tl.dot(visible.to(tl.float16), bad.to(tl.float16))
+        nan_seen = nan_seen | (hits > 0.0)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -35,7 +50,7 @@ def _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale):
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
+    return acc, m_new, l_i, nan_seen
 
 
 @triton.jit
@@ -141,6 +156,7 @@ def _block_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    nan_seen = tl.zeros([BLOCK_M, D], tl.int1)
 
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
@@ -154,7 +170,10 @@ def _block_attention_kernel(
         if HAS_WINDOW:
             dist = qpos[:, None] - tok[None, :]
             visible = visible & (dist < window) & (dist > -window)
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k, v, visible, ctx_scale)
+        # Not PARTIAL with a window: in the loop it costs 56 spills and 1 CTA/SM
+        # on sm_90a (docs/block_attention.md), so 0 x NaN there is still open.
+        acc, m_i, l_i, nan_seen = _attend_tile(acc, m_i, l_i, nan_seen, q, k, v, visible,
+                                               ctx_scale, False)
 
     if HAS_BLOCK or CACHED_BLOCK:
         if split == NUM_SPLITS - 1:
@@ -187,11 +206,14 @@ def _block_attention_kernel(
                 word = tl.load(MB + (b * S + s_idx)[:, None] * MASK_W + (j // 32)[None, :],
                                mask=row_ok[:, None] & j_ok[None, :], other=0)
                 visible = visible & (((word >> (j % 32)[None, :]) & 1) != 0)
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kb, vb, visible, b_scale)
+            acc, m_i, l_i, nan_seen = _attend_tile(acc, m_i, l_i, nan_seen, q, kb, vb, visible,
+                                                   b_scale, MASK_MODE != 0)
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     o = acc / l_safe[:, None]
+    if MASK_MODE != 0:
+        o = tl.where(nan_seen, float("nan"), o)
     if NUM_SPLITS == 1:
         tl.store(O + (b * so_b + s_idx * so_s + head * so_h)[:, None] + d[None, :],
                  o.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -255,9 +277,10 @@ def max_block_m(D: int) -> int:
     return 64 if D == 256 else 128
 
 
-def kernel_config(arch: Optional[int], D: int, block_m: int, page_size: int = 16) -> dict:
+def kernel_config(arch: Optional[int], D: int, block_m: int, page_size: int = 16,
+                  cache_bytes: int = 2) -> dict:
     """BLOCK_N, num_warps, num_stages (and a register cap) for (architecture,
-    head dim, row tile, page size).
+    head dim, row tile, page size, cache element size).
 
     A fixed table (the interpreter cannot benchmark autotune candidates).
     Hopper and Blackwell have 227 KB of shared memory, so deeper pipelines fit.
@@ -269,11 +292,21 @@ def kernel_config(arch: Optional[int], D: int, block_m: int, page_size: int = 16
     # accumulator; 8 warps keep 64-row tiles clear of spills on sm_90/sm_100.
     warps = 8 if block_m >= (64 if big_smem or D == 256 else 128) else 4
     if D <= 128:
-        cfg = dict(BLOCK_N=64, num_warps=warps, num_stages=3 if big_smem else 2)
+        cfg = dict(BLOCK_N=64, num_warps=warps, num_stages=2)
+        if big_smem:
+            # The block-table load feeds the K/V addresses, so the pipeliner
+            # splits the stages along that chain: 3 stages put the page ids
+            # one tile ahead and K/V one tile ahead (the loop then waits for
+            # every copy, 1 tile in flight); 5 put K/V two tiles ahead.
+            cfg["num_stages"] = 5
+        if big_smem and arch != 90 and cache_bytes == 2:
+            # sm_100 needs 114 KB for 3 buffers of 64-token bf16 tiles: 1 CTA/SM.
+            # 32-token tiles: 66 KB, 2 CTAs/SM, 2 tiles in flight each.
+            cfg["BLOCK_N"] = 32
         if arch == 90 and page_size == 1 and warps == 8:
             # Capped at 128 registers this variant spills (8 bf16, 80 fp8);
             # uncapped it takes 165-175 (1 CTA/SM). One warpgroup (4 warps,
-            # the whole 64-row wgmma) fits in 225-227 registers: 2 CTAs/SM,
+            # the whole 64-row wgmma) fits in 226-229 registers: 2 CTAs/SM,
             # the same shared memory and bytes in flight per CTA.
             cfg["num_warps"] = 4
         elif big_smem and warps == 8 and block_m <= 64:
@@ -300,12 +333,13 @@ def num_splits_for(sms: Optional[int], B: int, Hkv: int, m_blocks: int, span: in
 
 
 def plan(arch: Optional[int], sms: Optional[int], B: int, S: int, Hq: int, Hkv: int, D: int,
-         page_size: int, max_pages: int, window: int, num_splits: Optional[int] = None) -> dict:
+         page_size: int, max_pages: int, window: int, num_splits: Optional[int] = None,
+         cache_bytes: int = 2) -> dict:
     """Launch configuration from host-known sizes (never from context_lens values)."""
     g = Hq // Hkv
     block_m = min(max(16, triton.next_power_of_2(S * g)), max_block_m(D))
     m_blocks = triton.cdiv(S * g, block_m)
-    cfg = kernel_config(arch, D, block_m, page_size)
+    cfg = kernel_config(arch, D, block_m, page_size, cache_bytes)
     span = max_pages * page_size
     if window:
         # Keys a block can see lie within window - 1 of its S positions.
@@ -340,7 +374,8 @@ def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: in
     """Signature, constexprs, num_warps, num_stages and divisibility hints of the
     main kernel's default launch for ``sm_{arch}`` (for compile checks without a
     GPU; unit last strides). ``block_mask``: "full", "causal" or "bits"."""
-    p = plan(arch, None, 1, S, Hq, Hkv, D, page_size, 1, window, num_splits)
+    p = plan(arch, None, 1, S, Hq, Hkv, D, page_size, 1, window, num_splits,
+             cache_dtype.itemsize)
     act, cache = "*" + TL_DTYPES[dtype], "*" + TL_DTYPES[cache_dtype]
     sig = dict(Q=act, KC=cache, VC=cache, BT="*i32", CL="*i32", KB=act, VB=act, KS="*fp32",
                VS="*fp32", O=act, LSE="*fp32", PO="*fp32", PLSE="*fp32", MB="*i32",
@@ -386,7 +421,7 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
         window = 0
     g = Hq // Hkv
     cfg = plan(arch(q.device), num_sms(q.device), B, S, Hq, Hkv, D, page, block_table.shape[1],
-               window, num_splits)
+               window, num_splits, k_cache.element_size())
     ns = cfg["NUM_SPLITS"]
     has_block = k_block is not None
     is_fp8 = k_cache.dtype != q.dtype
