@@ -345,7 +345,7 @@ def catalog(arch: int) -> List[tuple]:
             s = ba.compile_spec(arch, torch.bfloat16, cdt, S=16, Hq=32, Hkv=8, D=128, page_size=page)
             out.append((f"block_attention.{cache}.page{page}", TritonJob(
                 f"{_TB}.block_attention", "_block_attention_kernel", s["signature"],
-                s["constexprs"], s["num_warps"], s["num_stages"], s["divisibility"])))
+                s["constexprs"], s["num_warps"], s["num_stages"], s["divisibility"], s["options"])))
     # The split merge at B 1, ctx 4k on an H200 (16 splits), 512 rows.
     nsp = ba.plan(arch, SMS[arch], 1, 16, 32, 8, 128, 16, 256, 0)["NUM_SPLITS"]
     out.append(("block_attention.merge", launch_job(

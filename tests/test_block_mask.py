@@ -199,6 +199,7 @@ def test_masked_kernel_compiles_without_spills(arch, mma, has_block):
                             has_block=has_block, block_mask="bits")
     rep = compile_report("dflash_kernels.triton_backend.block_attention", "_block_attention_kernel",
                          spec["signature"], spec["constexprs"], arch, spec["num_warps"],
-                         spec["num_stages"], divisibility=spec["divisibility"])
+                         spec["num_stages"], divisibility=spec["divisibility"],
+                         options=spec["options"])
     assert rep["spills"] == 0, rep
     assert mma in rep["ptx"]

@@ -147,21 +147,14 @@ def test_attention_today(rows, name, arch):
     assert not r["uses_tma"]
 
 
-def _attn_params(xfails):
-    return [pytest.param(n, a, marks=_xfail(xfails[(n, a)])) if (n, a) in xfails else (n, a)
-            for n in ATTN for a in ARCHS]
-
-
-@pytest.mark.parametrize("name, arch", _attn_params(
-    {("block_attention.fp8.page16", 90): "issue 12: fp8 needs 153 registers on sm_90a (1 CTA/SM)",
-     ("block_attention.fp8.page1", 90): "issue 12: fp8 needs 151 registers on sm_90a (1 CTA/SM)"}))
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ATTN)
 def test_attention_two_ctas_per_sm(rows, name, arch):
-    assert rows[(name, arch)]["ctas_per_sm"] >= 2
+    assert rows[(name, arch)]["ctas_per_sm"] >= 2 and rows[(name, arch)]["spills"] == 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", ATTN)
-@_xfail("issue 12: V is loaded with 2-byte (bf16) / 1-byte (fp8) LDG, not 16 bytes wide")
 def test_attention_kv_loads_16_bytes(rows, name, arch):
     # Every load narrower than 16 bytes in the main loop must be a 4-byte block-table entry.
     lp = _main(rows[(name, arch)])
@@ -171,7 +164,6 @@ def test_attention_kv_loads_16_bytes(rows, name, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", ATTN)
-@_xfail("issue 12: the loop waits for every copy (DEPBAR.LE SB0, 0x0): 1 tile in flight")
 def test_attention_two_tiles_in_flight(rows, name, arch):
     assert (_main(rows[(name, arch)])["tiles_in_flight"] or 0) >= 2
 

@@ -101,16 +101,15 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)          # rows with no key
     p = torch.exp(scores - m)
     denom = p.sum(dim=-1, keepdim=True)
-    if window > 0 or masked:
-        # Rows see different keys: each row's P x V runs over V zeroed where it sees
-        # nothing, so a NaN another row may see never becomes 0 * NaN here.
-        o = torch.stack([torch.einsum("bhgt,bthd->bhgd", p[..., s, :],
-                                      torch.where(vis[:, s, :, None, None], v, 0.0))
-                         for s in range(S)], dim=3)
-    else:
-        o = torch.einsum("bhgst,bthd->bhgsd", p, v)
-    # Rows with no visible key give 0; a NaN a row sees stays NaN (denom NaN).
+    # A non-finite V element must reach only the rows that see its key: in the
+    # product its p = 0 elsewhere, and 0 x NaN = NaN. Zero it for the product
+    # and mark NaN the (row, column) pairs whose visible keys held one.
+    bad = ~torch.isfinite(v)                                             # [B, Tk, Hkv, D]
+    o = torch.einsum("bhgst,bthd->bhgsd", p, torch.where(bad, torch.zeros((), device=dev), v))
+    seen = torch.einsum("bst,bthd->bhsd", vis.float(), bad.float()) > 0   # [B, Hkv, S, D]
+    # Rows with no visible key give 0; a NaN key a row sees makes it NaN (denom NaN).
     o = torch.where(denom == 0, torch.zeros_like(o), o / denom)
+    o = torch.where(seen[:, :, None], torch.full((), float("nan"), device=dev), o)
     out.copy_(o.permute(0, 3, 1, 2, 4).reshape(B, S, Hq, D))
     if lse is not None:
         row_lse = (m + torch.log(denom)).squeeze(-1)                     # log 0 = -inf

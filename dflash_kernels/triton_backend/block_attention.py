@@ -23,8 +23,23 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale):
-    """Online-softmax update with one key tile; scores in the log2 domain."""
+def _attend_tile(acc, m_i, l_i, nan_seen, q, k, v, visible, qk_scale, PARTIAL: tl.constexpr):
+    """Online-softmax update with one key tile; scores in the log2 domain.
+
+    ``PARTIAL``: some rows may not see some in-range keys (block mask). Then a
+    non-finite V element of a key a row cannot see would reach that row as
+    0 x NaN in P x V; such elements are zeroed for the product and
+    ``nan_seen`` [BLOCK_M, D] marks the (row, column) pairs whose visible keys
+    held one (the reference gives NaN there). Keys past the range are loaded
+    as 0 and need none of this.
+    """
+    if PARTIAL:
+        v_f = v.to(tl.float32)
+        bad = (v_f - v_f) != 0.0            # NaN or +-inf
+        v = tl.where(bad, 0.0, v_f).to(v.dtype)
+        # Exact 0/1 counts: which visible keys of each row were bad, per column.
+        hits = tl.dot(visible.to(tl.float16), bad.to(tl.float16))
+        nan_seen = nan_seen | (hits > 0.0)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -35,22 +50,36 @@ def _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale):
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
+    return acc, m_new, l_i, nan_seen
 
 
 @triton.jit
 def _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
-               sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE: tl.constexpr):
-    """K and V tiles ``[len(tok), D]`` of cached tokens ``tok`` (0 where not ``tok_ok``)."""
+               sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE: tl.constexpr, KV_VEC: tl.constexpr):
+    """K and V tiles ``[len(tok), D]`` of cached tokens ``tok`` (0 where not ``tok_ok``).
+
+    ``KV_VEC`` > 1 (host-checked, ``kv_vec``: K and V with the same strides,
+    unit last stride, the others and both base pointers multiples of
+    ``KV_VEC`` elements = 16 bytes) tells the compiler each token row is
+    contiguous and 16-byte aligned: without it V (unlike K) comes out as one
+    1- or 2-byte synchronous load per element. V then reuses K's offsets
+    (fewer 64-bit registers: 2 CTAs/SM at page 1).
+    """
     # Page ids only for tokens in range, clamped: garbage entries past the
     # used pages are never followed.
     page = tl.load(BT + b * sbt_b + (tok // PAGE) * sbt_p, mask=tok_ok, other=0)
     page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
     row = (tok % PAGE).to(tl.int64)
-    k = tl.load(KC + (page * sk_p + row * sk_r + h * sk_h)[:, None] + d64[None, :] * sk_d,
-                mask=tok_ok[:, None], other=0.0)
-    v = tl.load(VC + (page * sv_p + row * sv_r + h * sv_h)[:, None] + d64[None, :] * sv_d,
-                mask=tok_ok[:, None], other=0.0)
+    k_row = page * sk_p + row * sk_r + h * sk_h
+    if KV_VEC > 1:
+        k_off = k_row[:, None] + d64[None, :]
+        k_off = tl.max_contiguous(tl.multiple_of(k_off, [1, KV_VEC]), [1, KV_VEC])
+        v_off = k_off
+    else:
+        k_off = k_row[:, None] + d64[None, :] * sk_d
+        v_off = (page * sv_p + row * sv_r + h * sv_h)[:, None] + d64[None, :] * sv_d
+    k = tl.load(KC + k_off, mask=tok_ok[:, None], other=0.0)
+    v = tl.load(VC + v_off, mask=tok_ok[:, None], other=0.0)
     return k, v
 
 
@@ -70,6 +99,7 @@ def _block_attention_kernel(
     NUM_M_BLOCKS: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_FP8: tl.constexpr,
     HAS_LSE: tl.constexpr, MASK_MODE: tl.constexpr = 0, MASK_W: tl.constexpr = 1,
+    KV_VEC: tl.constexpr = 1,
 ):
     # MASK_MODE: which block keys block row i sees: 0 all, 1 j <= i, 2 bit j of MB[b, i]
     # (int32 [B, S, MASK_W] packed words). Without k_block and with a mask, the block's
@@ -126,12 +156,13 @@ def _block_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    nan_seen = tl.zeros([BLOCK_M, D], tl.int1)
 
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
         tok_ok = tok < end
         k, v = _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
-                          sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE)
+                          sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, KV_VEC)
         if IS_FP8:
             k = k.to(q.dtype)
             v = (v.to(tl.float32) * v_scale).to(q.dtype)
@@ -139,7 +170,10 @@ def _block_attention_kernel(
         if HAS_WINDOW:
             dist = qpos[:, None] - tok[None, :]
             visible = visible & (dist < window) & (dist > -window)
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k, v, visible, ctx_scale)
+        # Not PARTIAL with a window: in the loop it costs 56 spills and 1 CTA/SM
+        # on sm_90a (docs/block_attention.md), so 0 x NaN there is still open.
+        acc, m_i, l_i, nan_seen = _attend_tile(acc, m_i, l_i, nan_seen, q, k, v, visible,
+                                               ctx_scale, False)
 
     if HAS_BLOCK or CACHED_BLOCK:
         if split == NUM_SPLITS - 1:
@@ -157,7 +191,7 @@ def _block_attention_kernel(
                 j_ok = j_ok & (tok >= 0)
                 kb, vb = _gather_kv(KC, VC, BT, b, h, tl.maximum(tok, 0), j_ok, d64, num_pages,
                                     sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
-                                    PAGE)
+                                    PAGE, KV_VEC)
                 if IS_FP8:
                     kb = kb.to(q.dtype)
                     vb = (vb.to(tl.float32) * v_scale).to(q.dtype)
@@ -172,11 +206,14 @@ def _block_attention_kernel(
                 word = tl.load(MB + (b * S + s_idx)[:, None] * MASK_W + (j // 32)[None, :],
                                mask=row_ok[:, None] & j_ok[None, :], other=0)
                 visible = visible & (((word >> (j % 32)[None, :]) & 1) != 0)
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kb, vb, visible, b_scale)
+            acc, m_i, l_i, nan_seen = _attend_tile(acc, m_i, l_i, nan_seen, q, kb, vb, visible,
+                                                   b_scale, MASK_MODE != 0)
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     o = acc / l_safe[:, None]
+    if MASK_MODE != 0:
+        o = tl.where(nan_seen, float("nan"), o)
     if NUM_SPLITS == 1:
         tl.store(O + (b * so_b + s_idx * so_s + head * so_h)[:, None] + d[None, :],
                  o.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -240,8 +277,10 @@ def max_block_m(D: int) -> int:
     return 64 if D == 256 else 128
 
 
-def kernel_config(arch: Optional[int], D: int, block_m: int) -> dict:
-    """BLOCK_N, num_warps, num_stages for (architecture, head dim, row tile).
+def kernel_config(arch: Optional[int], D: int, block_m: int, page_size: int = 16,
+                  cache_bytes: int = 2) -> dict:
+    """BLOCK_N, num_warps, num_stages (and a register cap) for (architecture,
+    head dim, row tile, page size, cache element size).
 
     A fixed table (the interpreter cannot benchmark autotune candidates).
     Hopper and Blackwell have 227 KB of shared memory, so deeper pipelines fit.
@@ -252,10 +291,31 @@ def kernel_config(arch: Optional[int], D: int, block_m: int) -> dict:
     # Each thread holds gathered K/V row pointers as well as its share of the
     # accumulator; 8 warps keep 64-row tiles clear of spills on sm_90/sm_100.
     warps = 8 if block_m >= (64 if big_smem or D == 256 else 128) else 4
-    if D == 64:
-        return dict(BLOCK_N=64, num_warps=warps, num_stages=3 if big_smem else 2)
-    if D == 128:
-        return dict(BLOCK_N=64, num_warps=warps, num_stages=3 if big_smem else 2)
+    if D <= 128:
+        cfg = dict(BLOCK_N=64, num_warps=warps, num_stages=2)
+        if big_smem:
+            # The block-table load feeds the K/V addresses, so the pipeliner
+            # splits the stages along that chain: 3 stages put the page ids
+            # one tile ahead and K/V one tile ahead (the loop then waits for
+            # every copy, 1 tile in flight); 5 put K/V two tiles ahead.
+            cfg["num_stages"] = 5
+        if big_smem and arch != 90 and cache_bytes == 2:
+            # sm_100 needs 114 KB for 3 buffers of 64-token bf16 tiles: 1 CTA/SM.
+            # 32-token tiles: 66 KB, 2 CTAs/SM, 2 tiles in flight each.
+            cfg["BLOCK_N"] = 32
+        if arch == 90 and page_size == 1 and warps == 8:
+            # Capped at 128 registers this variant spills (8 bf16, 80 fp8);
+            # uncapped it takes 165-175 (1 CTA/SM). One warpgroup (4 warps,
+            # the whole 64-row wgmma) fits in 226-229 registers: 2 CTAs/SM,
+            # the same shared memory and bytes in flight per CTA.
+            cfg["num_warps"] = 4
+        elif big_smem and warps == 8 and block_m <= 64:
+            # 2 CTAs/SM of 256 threads need <= 128 registers each; uncapped the
+            # 16-byte K/V copies take up to 158 (fp8). The cap compiles with 0
+            # spills (tests/test_compile_report.py); 128-row tiles (g = 8)
+            # need ~228 (1 CTA/SM either way) and would spill under it.
+            cfg["maxnreg"] = 128
+        return cfg
     return dict(BLOCK_N=32, num_warps=warps, num_stages=2)
 
 
@@ -273,12 +333,13 @@ def num_splits_for(sms: Optional[int], B: int, Hkv: int, m_blocks: int, span: in
 
 
 def plan(arch: Optional[int], sms: Optional[int], B: int, S: int, Hq: int, Hkv: int, D: int,
-         page_size: int, max_pages: int, window: int, num_splits: Optional[int] = None) -> dict:
+         page_size: int, max_pages: int, window: int, num_splits: Optional[int] = None,
+         cache_bytes: int = 2) -> dict:
     """Launch configuration from host-known sizes (never from context_lens values)."""
     g = Hq // Hkv
     block_m = min(max(16, triton.next_power_of_2(S * g)), max_block_m(D))
     m_blocks = triton.cdiv(S * g, block_m)
-    cfg = kernel_config(arch, D, block_m)
+    cfg = kernel_config(arch, D, block_m, page_size, cache_bytes)
     span = max_pages * page_size
     if window:
         # Keys a block can see lie within window - 1 of its S positions.
@@ -287,6 +348,19 @@ def plan(arch: Optional[int], sms: Optional[int], B: int, S: int, Hq: int, Hkv: 
         num_splits = num_splits_for(sms, B, Hkv, m_blocks, span, cfg["BLOCK_N"])
     return dict(cfg, BLOCK_M=block_m, NUM_M_BLOCKS=m_blocks, NUM_SPLITS=int(num_splits),
                 BLOCK_S=max(16, triton.next_power_of_2(S)))
+
+
+def kv_vec(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """Elements per 16 bytes if K and V share strides and every token row is
+    contiguous and 16-byte aligned (unit last stride, other strides and base
+    pointers multiples of 16 bytes), else 1: the kernel's ``KV_VEC`` (host
+    facts, no device read)."""
+    vec = 16 // k_cache.element_size()
+    st = k_cache.stride()
+    if (v_cache.stride() != st or st[3] != 1 or any(x % vec for x in st[:3])
+            or k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16):
+        return 1
+    return vec
 
 
 _INT_ARGS = ("window", "max_slots", "num_pages", "batch", "sq_b", "sq_s", "sq_h",
@@ -300,7 +374,8 @@ def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: in
     """Signature, constexprs, num_warps, num_stages and divisibility hints of the
     main kernel's default launch for ``sm_{arch}`` (for compile checks without a
     GPU; unit last strides). ``block_mask``: "full", "causal" or "bits"."""
-    p = plan(arch, None, 1, S, Hq, Hkv, D, page_size, 1, window, num_splits)
+    p = plan(arch, None, 1, S, Hq, Hkv, D, page_size, 1, window, num_splits,
+             cache_dtype.itemsize)
     act, cache = "*" + TL_DTYPES[dtype], "*" + TL_DTYPES[cache_dtype]
     sig = dict(Q=act, KC=cache, VC=cache, BT="*i32", CL="*i32", KB=act, VB=act, KS="*fp32",
                VS="*fp32", O=act, LSE="*fp32", PO="*fp32", PLSE="*fp32", MB="*i32",
@@ -311,14 +386,16 @@ def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: in
                  NUM_M_BLOCKS=p["NUM_M_BLOCKS"], NUM_SPLITS=p["NUM_SPLITS"],
                  HAS_BLOCK=has_block, HAS_WINDOW=window > 0,
                  IS_FP8=cache_dtype != dtype, HAS_LSE=return_lse,
-                 MASK_MODE={"full": 0, "causal": 1, "bits": 2}[block_mask], MASK_W=(S + 31) // 32)
+                 MASK_MODE={"full": 0, "causal": 1, "bits": 2}[block_mask], MASK_W=(S + 31) // 32,
+                 KV_VEC=16 // cache_dtype.itemsize)
     sig.update({n: "constexpr" for n in const})
     # What a real launch derives from 16-byte aligned tensors whose head and
     # token strides are multiples of D (the block-table stride is arbitrary).
     hints = {n: 16 for n, t in sig.items() if t.startswith("*")}
     hints.update({n: 16 for n in _INT_ARGS if n.startswith("s") and n != "sbt_b"})
+    options = {"maxnreg": p["maxnreg"]} if "maxnreg" in p else {}
     return dict(signature=sig, constexprs=const, num_warps=p["num_warps"],
-                num_stages=p["num_stages"], divisibility=hints)
+                num_stages=p["num_stages"], divisibility=hints, options=options)
 
 
 def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
@@ -344,7 +421,7 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
         window = 0
     g = Hq // Hkv
     cfg = plan(arch(q.device), num_sms(q.device), B, S, Hq, Hkv, D, page, block_table.shape[1],
-               window, num_splits)
+               window, num_splits, k_cache.element_size())
     ns = cfg["NUM_SPLITS"]
     has_block = k_block is not None
     is_fp8 = k_cache.dtype != q.dtype
@@ -372,7 +449,9 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
             NUM_M_BLOCKS=cfg["NUM_M_BLOCKS"], NUM_SPLITS=ns,
             HAS_BLOCK=has_block, HAS_WINDOW=window > 0, IS_FP8=is_fp8, HAS_LSE=lse is not None,
             MASK_MODE=2 if mask_bits is not None else int(bool(causal)), MASK_W=(S + 31) // 32,
+            KV_VEC=kv_vec(k_cache, v_cache),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
         )
         if ns > 1:
             n_rows = B * S * Hq
