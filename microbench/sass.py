@@ -370,7 +370,7 @@ def catalog(arch: int) -> List[tuple]:
         out.append((f"verify_chain.rows.{name}", launch_job(vmod, "_verify_rows_kernel", dict(
             rows_common, HAS_TEMP=_c(temp), HAS_TOPK=_c(topk), HAS_TOPP=_c(topp), NEED_MZ=_c(False),
             BLOCK=_c(tv.BLOCK_V), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
-            HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0)),
+            HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0), PRUNE=_c(tv.PRUNE)),
             num_warps=4, options=dict(enable_fp_fusion=False))))
     # The finish kernel with draft_probs (its residual pass streams one row).
     out.append(("verify_chain.finish", launch_job(vmod, "_verify_finish_kernel", dict(
