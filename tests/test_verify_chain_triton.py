@@ -63,7 +63,8 @@ def test_forced_vocab_splits(nsplit, device, monkeypatch):
     # Several splits per row regardless of the batch, so the partial reduction
     # (ties across splits, all -inf rows) and the per-split noise offsets are exercised.
     monkeypatch.setattr(tv, "num_splits",
-                        lambda rows, V, dev: min(nsplit, triton.cdiv(V, tv.block_size(V))))
+                        lambda rows, V, dev, greedy=False:
+                        min(nsplit, triton.cdiv(V, tv.block_size(V, greedy))))
     kw = make_verify_case(4, 3, 2500, draft_probs=True, special_rows=True, match_frac=0.4,
                           gen_seed=nsplit, device=device)
     logits = kw["logits"].clone()

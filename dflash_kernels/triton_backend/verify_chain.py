@@ -409,9 +409,16 @@ KWAY = 16
 SEARCH_BLOCK_V = 128
 
 
-def block_size(V: int) -> int:
-    """Vocab tile: BLOCK_V, or the next power of two of a small vocabulary."""
-    return min(BLOCK_V, max(16, triton.next_power_of_2(V)))
+# Greedy-only calls (temperature None) on a wider tile: 4x LDG.128 per thread per
+# iteration (8 KB per 4-warp CTA in flight instead of 2 KB), so that at B*S = 16 the
+# ~2.3 CTAs per SM keep >= 16 KB per SM in flight (docs/verify_chain.md, "Greedy").
+GREEDY_BLOCK_V = 4096
+
+
+def block_size(V: int, greedy: bool = False) -> int:
+    """Vocab tile: BLOCK_V (GREEDY_BLOCK_V for greedy-only calls), or the next power of
+    two of a small vocabulary."""
+    return min(GREEDY_BLOCK_V if greedy else BLOCK_V, max(16, triton.next_power_of_2(V)))
 
 
 def search_block(V: int, device: torch.device) -> int:
@@ -420,9 +427,9 @@ def search_block(V: int, device: torch.device) -> int:
     return min(block_size(V), SEARCH_BLOCK_V) if device.type == "cuda" else block_size(V)
 
 
-def num_splits(rows: int, V: int, device: torch.device) -> int:
+def num_splits(rows: int, V: int, device: torch.device, greedy: bool = False) -> int:
     """Vocab splits per row from host-known sizes: enough programs to fill the GPU."""
-    n_blocks = triton.cdiv(V, block_size(V))
+    n_blocks = triton.cdiv(V, block_size(V, greedy))
     sms = num_sms(device)
     if sms is not None:
         target, cap = 4 * sms, 64
@@ -465,13 +472,13 @@ def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False
     B, S, V = logits.shape
     dev = logits.device
     rows = B * S
-    block = block_size(V)
-    nsplit = num_splits(rows, V, dev)
+    has_temp = temperature is not None
+    block = block_size(V, greedy=not has_temp)
+    nsplit = num_splits(rows, V, dev, greedy=not has_temp)
     chunk = triton.cdiv(triton.cdiv(V, block), nsplit) * block
     f32 = dict(dtype=torch.float32, device=dev)
     pval = torch.empty(rows * nsplit, **f32)
     pidx = torch.empty(rows * nsplit, dtype=torch.int32, device=dev)
-    has_temp = temperature is not None
     if need_mz:
         pm = torch.empty(rows * nsplit, **f32)
         pz = torch.empty(rows * nsplit, **f32)
