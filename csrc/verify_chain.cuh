@@ -68,6 +68,24 @@ DFLASH_DEVICE float score_of(float logit, int32_t id, const RowKey& key) {
   return s;
 }
 
+// Test hook: the host emulator also builds the unpruned loop (tests/test_cuda_ops.py).
+#ifndef DFLASH_VERIFY_PRUNE
+#define DFLASH_VERIFY_PRUNE 1
+#endif
+
+// Above every fp32 Gumbel value -logf(-logf(u)): u <= 1 - 2^-24 gives g ~= 16.636.
+constexpr float kGumbelMax = 17.f;
+
+// Exact pruning of a sampled row: fp32 addition rounds monotonically, so when
+// logit * (1/T) + kGumbelMax is already below the best score so far, so is
+// logit * (1/T) + g for any noise g, and the element cannot win: its Philox and
+// two logs are skipped. A -inf best so far never prunes (the lowest-id rule of
+// an all -inf split still sees every id).
+DFLASH_DEVICE bool cannot_win(float logit, const RowKey& key, float best_s) {
+  const float x = isnan(logit) ? -INFINITY : logit;
+  return __fadd_rn(__fmul_rn(x, key.inv_t), kGumbelMax) < best_s;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     split_argmax_kernel(const VerifyChainParams p) {
@@ -97,23 +115,34 @@ __global__ void __launch_bounds__(kThreads)
   int32_t best_i = INT_MAX;
   // Ids grow along each thread's walk, so a strict > keeps the lowest id on ties.
   auto consider = [&](float logit, int32_t id) {
+    if (DFLASH_VERIFY_PRUNE && key.sampled && cannot_win(logit, key, best_s)) return;
     const float s = score_of(logit, id, key);
     if (beats(s, id, best_s, best_i)) {
       best_s = s;
       best_i = id;
     }
   };
+  auto consider_vec = [&](const uint4& raw, int32_t base) {
+    const T* vals = reinterpret_cast<const T*>(&raw);
+    DFLASH_UNROLL
+    for (int e = 0; e < static_cast<int>(16 / sizeof(T)); ++e) consider(to_float(vals[e]), base + e);
+  };
 
   int32_t scalar_begin = begin;
   if (p.vectorized) {
     constexpr int kVec = 16 / sizeof(T);
+    constexpr int32_t kStep = kThreads * kVec;
     const int32_t vec_end = begin + (end - begin) / kVec * kVec;
-    for (int32_t base = begin + threadIdx.x * kVec; base < vec_end; base += kThreads * kVec) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(logits + base));
-      const T* vals = reinterpret_cast<const T*>(&raw);
-      DFLASH_UNROLL
-      for (int e = 0; e < kVec; ++e) consider(to_float(vals[e]), base + e);
+    int32_t base = begin + threadIdx.x * kVec;
+    // Two 16-byte loads issued before either is consumed: 32 B per thread in flight.
+    // Each thread still walks its ids in increasing order (base, base + kStep, ...).
+    for (; base + kStep < vec_end; base += 2 * kStep) {
+      const uint4 raw0 = __ldg(reinterpret_cast<const uint4*>(logits + base));
+      const uint4 raw1 = __ldg(reinterpret_cast<const uint4*>(logits + base + kStep));
+      consider_vec(raw0, base);
+      consider_vec(raw1, base + kStep);
     }
+    if (base < vec_end) consider_vec(__ldg(reinterpret_cast<const uint4*>(logits + base)), base);
     scalar_begin = vec_end;
   }
   for (int32_t id = scalar_begin + threadIdx.x; id < end; id += kThreads) {

@@ -367,10 +367,15 @@ def catalog(arch: int) -> List[tuple]:
     variants = {"greedy": (False, False, False), "sampled": (True, False, False),
                 "topk_topp": (True, True, True)}
     for name, (temp, topk, topp) in variants.items():
+        # Greedy-only calls take the wide tile and its own split count (rows_pass).
+        blk = tv.BLOCK_V if temp else tv.GREEDY_BLOCK_V
+        nsv = _verify_nsplit(arch, B * S, V, blk)
+        chunk_v = -(-(-(-V // blk)) // nsv) * blk
         out.append((f"verify_chain.rows.{name}", launch_job(vmod, "_verify_rows_kernel", dict(
-            rows_common, HAS_TEMP=_c(temp), HAS_TOPK=_c(topk), HAS_TOPP=_c(topp), NEED_MZ=_c(False),
-            BLOCK=_c(tv.BLOCK_V), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
-            HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0)),
+            rows_common, CHUNK=chunk_v, NSPLIT=nsv, HAS_TEMP=_c(temp), HAS_TOPK=_c(topk),
+            HAS_TOPP=_c(topp), NEED_MZ=_c(False),
+            BLOCK=_c(blk), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
+            HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0), PRUNE=_c(tv.PRUNE)),
             num_warps=4, options=dict(enable_fp_fusion=False))))
     # The finish kernel with draft_probs (its residual pass streams one row).
     out.append(("verify_chain.finish", launch_job(vmod, "_verify_finish_kernel", dict(
@@ -400,11 +405,11 @@ def catalog(arch: int) -> List[tuple]:
         D=_c(D), BLOCK_M=_c(16), NEOX=_c(True), HAS_KNORM=_c(True), FP8=_c(False),
         FP8_MAX=_c(0.0), UNIFORM_K=_c(True), UNIFORM_V=_c(True)), num_warps=4)))
     out.append(("fuse_target_features.gemm", _inject_job("fuse_target_features", arch, None)))
-    # The norm: N 16, H 4096, 9 split-K partials (the GEMM's split at N 16 on 132 SMs).
+    # The norm: N 16, H 4096, 8 split-K partials (the GEMM's split at N 16 on 132 SMs x 2).
     out.append(("fuse_target_features.norm", launch_job(
         f"{_TB}.fuse_target_features",
         "_fuse_norm_kernel", dict(ws_ptr="*fp32", nw_ptr="*bf16", out_ptr="*bf16",
-                                  stride_out=4096, N=16, H=4096, num_splits=9, eps=1e-6,
+                                  stride_out=4096, N=16, H=4096, num_splits=8, eps=1e-6,
                                   BLOCK_H=_c(1024)), num_warps=4)))
     return out
 

@@ -459,6 +459,30 @@ def layout_cases(layouts, modes, make, stress):
     return cases
 
 
+def pruning_rows(V, tile, gen_seed=0):
+    """Adversarial sampled rows [7, V] (fp32, T = 1): flat (nothing pruned), peaked at the
+    start (everything after the first ``tile`` pruned) and at the end (nothing pruned before
+    it), NaN / -inf lanes, all -inf, tiles graded around the noise bound (~16.6), and a
+    row whose winner lies past the first tile with logits only 3 above it (a bound below
+    the noise's spread would prune it)."""
+    g = torch.Generator().manual_seed(gen_seed)
+    x = torch.randn(7, V, generator=g)
+    x[0] = 1.0
+    x[1, 3] = 40.0
+    x[2, V - 1] = 40.0
+    x[3, ::5] = float("nan")
+    x[3, 1024:3000] = NEG_INF
+    x[3, 100] = 30.0
+    x[4] = NEG_INF
+    b = tile
+    x[5, :b] = 0.1 * x[5, :b]
+    for t, d in enumerate([-10.0, -14.0, -16.5, -16.7, -17.0, -17.5, -20.0, -3.0]):
+        x[5, (t + 1) * b:(t + 2) * b] = d + 1e-3 * x[5, (t + 1) * b:(t + 2) * b]
+    x[6, :b] = 0.0
+    x[6, b:] = 3.0
+    return x
+
+
 def run_verify(backend, kw):
     """Call the public op with outputs pre-filled with garbage."""
     B, S = kw["block_tokens"].shape

@@ -29,7 +29,7 @@ import torch
 import dflash_kernels
 from helpers import (FP8_MAX, INT_VIEW, assert_kv_edge_rules, edge_verify_case, make_caches,
                      make_cos_sin, make_slots, sentinel_fill, snapshot)
-from helpers import make_verify_case as make_case, run_verify as run
+from helpers import make_verify_case as make_case, pruning_rows, run_verify as run
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -68,15 +68,14 @@ def _cuda_include():
     return None
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _build_emu(tmp_path_factory, *defines):
     cxx = shutil.which("g++")
     inc = _cuda_include()
     if cxx is None or inc is None:
         pytest.skip("host emulation needs g++ and the CUDA toolkit headers (cuda_fp8.h)")
     so = tmp_path_factory.mktemp("emu") / "dflash_emulate.so"
     res = subprocess.run([cxx, "-std=c++20", "-O2", "-fno-strict-aliasing", "-fPIC", "-shared",
-                          "-Wall", "-Werror",
+                          "-Wall", "-Werror", *defines,
                           f"-I{inc}", f"-I{CSRC}", str(CSRC / "testing" / "emulate.cpp"),
                           "-o", str(so), "-lpthread"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -89,6 +88,17 @@ def emu(tmp_path_factory):
     lib.emu_misaligned_vector_accesses.restype = ctypes.c_int64
     lib.emu_misaligned_vector_accesses.argtypes = []
     return lib
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _build_emu(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def emu_unpruned(tmp_path_factory):
+    """The split-argmax without the exact pruning of sampled rows (every element's noise)."""
+    return _build_emu(tmp_path_factory, "-DDFLASH_VERIFY_PRUNE=0")
 
 
 class _NoMisalignedVectorAccess:
@@ -202,6 +212,28 @@ def test_verify_chain_matches_reference(runner, request, B, S, V, dtype, sampled
     else:
         kw["block_tokens"] = kw["block_tokens"].to(torch.int32)
     assert_verify_equal(run_cuda_verify(runner, request, kw), kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verify_chain_pruned_equals_unpruned(request, dtype):
+    """Exact pruning of sampled rows (cannot_win): the pruned and unpruned split-argmax give
+    the same tokens on flat, peaked, NaN / -inf and bound-graded rows, and so does the reference."""
+    V = 4 * 1024 + 3
+    x = pruning_rows(V, 1024, gen_seed=5).to(dtype)
+    B = x.shape[0]
+    g = torch.Generator().manual_seed(2)
+    kw = dict(logits=x[:, None, :], block_tokens=torch.zeros(B, 1, dtype=torch.int32),
+              num_drafts=torch.zeros(B, dtype=torch.int32), temperature=torch.ones(B),
+              seeds=torch.randint(-2 ** 62, 2 ** 62, (B,), generator=g),
+              positions=torch.randint(0, 2 ** 34, (B,), generator=g))
+    got = []
+    for lib in (request.getfixturevalue("emu"), request.getfixturevalue("emu_unpruned")):
+        out = _garbage_out(B, 1, False)
+        emu_verify_chain(lib, kw, out)
+        got.append(out)
+    assert torch.equal(got[0][2], got[1][2]), (got[0][2].tolist(), got[1][2].tolist())
+    assert got[0][2][1] == 3 and got[0][2][2] == V - 1 and got[0][2][3] == 100
+    assert_verify_equal(got[0], kw)
 
 
 def _logits_layout(logits, layout):

@@ -13,8 +13,7 @@ import triton
 
 from dflash_kernels.triton_backend import verify_chain as tv
 from helpers import (assert_fits, assert_same_verify, draft_case, draft_repro, edge_verify_case,
-                     keyed_batch, make_verify_case,
-                     run_verify, softmax64)
+                     keyed_batch, make_verify_case, pruning_rows, run_verify, softmax64)
 from conftest import HAS_CUDA
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
@@ -64,7 +63,8 @@ def test_forced_vocab_splits(nsplit, device, monkeypatch):
     # Several splits per row regardless of the batch, so the partial reduction
     # (ties across splits, all -inf rows) and the per-split noise offsets are exercised.
     monkeypatch.setattr(tv, "num_splits",
-                        lambda rows, V, dev: min(nsplit, triton.cdiv(V, tv.block_size(V))))
+                        lambda rows, V, dev, greedy=False:
+                        min(nsplit, triton.cdiv(V, tv.block_size(V, greedy))))
     kw = make_verify_case(4, 3, 2500, draft_probs=True, special_rows=True, match_frac=0.4,
                           gen_seed=nsplit, device=device)
     logits = kw["logits"].clone()
@@ -314,3 +314,67 @@ def test_empty_batch_direct_call():
         t = torch.ones(0)
         tv.verify_chain(torch.randn(0, 4, V), torch.zeros(0, 4, dtype=torch.int64), z, t,
                         z, t, z.long(), z.long(), torch.randn(0, 3, V), z, acc, toks, z.clone(), z.clone())
+
+
+# ---------------------------------------------------------------- pruned sampled rows
+
+def _rows_pass_both(logits, monkeypatch, **kw):
+    B = logits.shape[0]
+    g = torch.Generator().manual_seed(1)
+    args = dict(temperature=torch.ones(B), top_k=None, top_p=None,
+                seeds=torch.randint(-2 ** 62, 2 ** 62, (B,), generator=g),
+                positions=torch.randint(0, 2 ** 34, (B,), generator=g))
+    args.update(kw)
+    out = []
+    for prune in (False, True):
+        monkeypatch.setattr(tv, "PRUNE", prune)
+        rp = tv.rows_pass(logits, args["temperature"], args["top_k"], args["top_p"], args["seeds"],
+                          args["positions"], need_mz=kw.get("need_mz", False))
+        out.append(rp)
+    return out
+
+
+@pytest.mark.parametrize("need_mz", [False, True])
+def test_pruned_rows_bit_identical(need_mz, monkeypatch):
+    """Pruned and unpruned row passes write the same partials bit for bit (scores, ids and,
+    with draft_probs, the kept max / sum-exp), one program per row over 9 tiles."""
+    V = 8 * tv.BLOCK_V + 1
+    logits = pruning_rows(V, tv.BLOCK_V)[:, None, :]
+    full, pruned = _rows_pass_both(logits, monkeypatch, need_mz=need_mz)
+    assert full["nsplit"] == pruned["nsplit"]
+    names = ["pval", "pidx"] + (["pm", "pz", "thr"] if need_mz else [])
+    for n in names:
+        assert torch.equal(full[n].view(torch.int32), pruned[n].view(torch.int32)), n
+    # The winners are where the rows put them (the test rows do what they say).
+    idx = full["pidx"].view(7, -1)[:, 0]
+    assert idx[1] == 3 and idx[2] == V - 1 and idx[3] == 100 and idx[6] >= tv.BLOCK_V
+
+
+def test_pruned_rows_split_and_filtered(monkeypatch):
+    """Several vocab splits per row (each program prunes its own chunk) and top-k / top-p
+    rows (the whole row in split 0, pruning inside the kept set): same partials, and the
+    op's tokens equal the reference's."""
+    V = 8 * tv.BLOCK_V + 1
+    x = pruning_rows(V, tv.BLOCK_V, gen_seed=3)[[1, 5, 6]]
+    logits = x[:, None, :]
+    full, pruned = _rows_pass_both(logits, monkeypatch, top_k=torch.tensor([0, 50, 0], dtype=torch.int32),
+                                   top_p=torch.tensor([1.0, 1.0, 0.9]))
+    assert full["nsplit"] > 1
+    for n in ("pval", "pidx"):
+        assert torch.equal(full[n].view(torch.int32), pruned[n].view(torch.int32)), n
+    kw = dict(logits=logits, block_tokens=torch.zeros(3, 1, dtype=torch.long),
+              num_drafts=torch.zeros(3, dtype=torch.int32), temperature=torch.ones(3),
+              seeds=torch.tensor([5, -7, 11]), positions=torch.tensor([0, 9, 2 ** 33]))
+    assert_same_verify(run_verify("triton", kw), run_verify("reference", kw))
+
+
+def test_pruning_bound_is_load_bearing(monkeypatch):
+    """With a noise bound of 0 (wrong: g reaches ~16.6), the pruned loop skips the tile that
+    holds the winner of row 6: the rows above do exercise the skip."""
+    V = 2 * tv.BLOCK_V
+    logits = pruning_rows(V, tv.BLOCK_V)[6:7, None, :].expand(4, 1, V)   # 4 rows: one split each
+    full, _ = _rows_pass_both(logits, monkeypatch)
+    assert full["nsplit"] == 1
+    monkeypatch.setattr(tv, "GUMBEL_MAX", triton.language.constexpr(0.0))
+    _, wrong = _rows_pass_both(logits, monkeypatch)
+    assert int(full["pidx"][0]) >= tv.BLOCK_V and int(wrong["pidx"][0]) < tv.BLOCK_V

@@ -98,10 +98,17 @@ def _fuse_norm_kernel(ws_ptr, nw_ptr, out_ptr, stride_out, N, H, num_splits, eps
         tl.store(out_ptr + row * stride_out + c, (y * r * w).to(out_ptr.dtype.element_ty), mask=c < H)
 
 
+# Resident GEMM CTAs per SM (the compile report: 64x128x64, 4 stages, ~96 KB of shared
+# memory per CTA on sm_90a / sm_100a; tests/test_compile_report.py asserts >= 2).
+_GEMM_CTAS_PER_SM = 2
+
+
 def _fuse_split(m_tiles: int, n_tiles: int, k_tiles: int, device) -> int:
-    """Split K until the grid fills ~2 waves, keeping >= 4 K tiles per split."""
-    want = -(-2 * (num_sms(device) or _CPU_SMS) // (m_tiles * n_tiles))
-    return max(1, min(want, k_tiles // 4, 16))
+    """Split K so the grid fills the resident CTA slots (SMs x CTAs per SM) in one wave
+    without passing it (N 16, H 4096: 32 tiles x 8 splits = 256 CTAs on 264 slots of an
+    H200, not 288 = 1.09 waves), keeping >= 4 K tiles per split."""
+    slots = _GEMM_CTAS_PER_SM * (num_sms(device) or _CPU_SMS)
+    return max(1, min(slots // (m_tiles * n_tiles), k_tiles // 4, 16))
 
 
 def fuse_target_features(features: list, fc_weight, norm_weight, eps: float, out) -> None:

@@ -37,6 +37,11 @@ _SAMPLING_EPS = tl.constexpr(SAMPLING_EPS)
 _RESIDUAL_EPS = tl.constexpr(RESIDUAL_EPS)
 
 
+# Above every fp32 Gumbel value -log(-log(u)): u <= 1 - 2**-24 gives g ~= 16.636 (an ulp
+# or two of log error moves it by ~1e-6), so s + GUMBEL_MAX bounds any score s + g.
+GUMBEL_MAX = tl.constexpr(17.0)
+
+
 @triton.jit
 def _key_of(x):
     """Order-preserving int64 key of an fp32 value (not NaN)."""
@@ -117,9 +122,28 @@ def _kway_mass(row_ptr, V, inv_t, cand, m, K: tl.constexpr, BLOCK: tl.constexpr)
 
 
 @triton.jit
+def _max2(a0, b0, a1, b1):
+    return tl.maximum(a0, a1), tl.maximum(b0, b1)
+
+
+@triton.jit
+def _update_best(score, offs, best_v, best_i):
+    # Strictly greater: each lane sees increasing indices, so ties keep the lowest.
+    upd = score > best_v
+    return tl.where(upd, score, best_v), tl.where(upd, offs, best_i)
+
+
+@triton.jit
 def _stream_best(row_ptr, start, end, inv_t, thr, k0, k1, p_lo, p_hi,
-                 SAMPLED: tl.constexpr, NEED_MZ: tl.constexpr, BLOCK: tl.constexpr):
-    """Best (score, index) over [start, end) and the max / sum-exp of kept scaled logits."""
+                 SAMPLED: tl.constexpr, NEED_MZ: tl.constexpr, BLOCK: tl.constexpr,
+                 PRUNE: tl.constexpr = True):
+    """Best (score, index) over [start, end) and the max / sum-exp of kept scaled logits.
+
+    PRUNE (sampled): a tile whose largest kept scaled logit plus GUMBEL_MAX (above any
+    noise value) is below the best score so far cannot hold the winner: its Philox and
+    logs are skipped. fp32 addition rounds monotonically, so every skipped score is
+    strictly below the final best and the result is bit-identical to the unpruned loop.
+    """
     best_v = tl.full((BLOCK,), float("-inf"), tl.float32)
     best_i = start + tl.arange(0, BLOCK)
     m_run = tl.full((), float("-inf"), tl.float32)
@@ -128,21 +152,25 @@ def _stream_best(row_ptr, start, end, inv_t, thr, k0, k1, p_lo, p_hi,
         offs = off + tl.arange(0, BLOCK)
         s = _load_scaled(row_ptr, offs, end, inv_t)
         if SAMPLED:
-            g = tnoise.bits_to_gumbel(tnoise.random_bits(k0, k1, offs, p_lo, p_hi, 0))
             kept = s >= thr
-            score = tl.where(kept, s + g, float("-inf"))
+            sk = tl.where(kept, s, float("-inf"))
             if NEED_MZ:
-                sk = tl.where(kept, s, float("-inf"))
                 m_new = tl.maximum(m_run, tl.max(sk, axis=0))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 z_run = z_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(sk - m_safe), axis=0)
                 m_run = m_new
+            live = True
+            if PRUNE:
+                # One CTA-wide reduction of both maxima (one barrier round per tile); a -inf
+                # best so far (nothing finite yet) never skips.
+                top, best = tl.reduce((sk, best_v), 0, _max2)
+                live = top + GUMBEL_MAX >= best
+            if live:
+                g = tnoise.bits_to_gumbel(tnoise.random_bits(k0, k1, offs, p_lo, p_hi, 0))
+                best_v, best_i = _update_best(tl.where(kept, s + g, float("-inf")), offs,
+                                              best_v, best_i)
         else:
-            score = s
-        # Strictly greater: each lane sees increasing indices, so ties keep the lowest.
-        upd = score > best_v
-        best_v = tl.where(upd, score, best_v)
-        best_i = tl.where(upd, offs, best_i)
+            best_v, best_i = _update_best(s, offs, best_v, best_i)
     bv = tl.max(best_v, axis=0)
     bi = tl.min(tl.where(best_v == bv, best_i, 2147483647), axis=0)
     return bv, bi, m_run, z_run
@@ -167,7 +195,7 @@ def _verify_rows_kernel(
     pval_ptr, pidx_ptr, pm_ptr, pz_ptr, thr_ptr, S, V, CHUNK, NSPLIT,
     HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
     NEED_MZ: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr, KWAY: tl.constexpr,
-    HAS_TREE: tl.constexpr = False, par_ptr=None, stride_pb=0,
+    HAS_TREE: tl.constexpr = False, par_ptr=None, stride_pb=0, PRUNE: tl.constexpr = True,
 ):
     # HAS_TREE (verify_tree): row j is tree node j, whose token sits at position
     # positions[b] + depth(j) + 1 (a chain row is the tree node of depth j).
@@ -250,12 +278,12 @@ def _verify_rows_kernel(
                                 hi = tl.minimum(lo + step - 1, hi)
                             thr = _value_of(lo)
                 bv, bi, m_run, z_run = _stream_best(row_ptr, 0, V, inv_t, thr, k0, k1, p_lo, p_hi,
-                                                    True, NEED_MZ, BLOCK)
+                                                    True, NEED_MZ, BLOCK, PRUNE)
             else:
                 bi = 2147483647
         elif sampled:
             bv, bi, m_run, z_run = _stream_best(row_ptr, start, end, inv_t, thr, k0, k1, p_lo,
-                                                p_hi, True, NEED_MZ, BLOCK)
+                                                p_hi, True, NEED_MZ, BLOCK, PRUNE)
         else:
             bv, bi, m_run, z_run = _stream_best(row_ptr, start, end, 1.0, thr, 0, 0, 0, 0,
                                                 False, False, BLOCK)
@@ -396,15 +424,25 @@ def _verify_finish_kernel(
 
 
 BLOCK_V = 1024
+# Sampled rows skip the noise of tiles that cannot hold the winner (_stream_best); the
+# tests switch it off to compare against the unpruned loop.
+PRUNE = True
 # Threshold search: KWAY candidates per pass over the row, on SEARCH_BLOCK_V-wide
 # tiles on a GPU ([SEARCH_BLOCK_V, KWAY] per-lane accumulators fit in registers).
 KWAY = 16
 SEARCH_BLOCK_V = 128
 
 
-def block_size(V: int) -> int:
-    """Vocab tile: BLOCK_V, or the next power of two of a small vocabulary."""
-    return min(BLOCK_V, max(16, triton.next_power_of_2(V)))
+# Greedy-only calls (temperature None) on a wider tile: 4x LDG.128 per thread per
+# iteration (8 KB per 4-warp CTA in flight instead of 2 KB), so that at B*S = 16 the
+# ~2.3 CTAs per SM keep >= 16 KB per SM in flight (docs/verify_chain.md, "Greedy").
+GREEDY_BLOCK_V = 4096
+
+
+def block_size(V: int, greedy: bool = False) -> int:
+    """Vocab tile: BLOCK_V (GREEDY_BLOCK_V for greedy-only calls), or the next power of
+    two of a small vocabulary."""
+    return min(GREEDY_BLOCK_V if greedy else BLOCK_V, max(16, triton.next_power_of_2(V)))
 
 
 def search_block(V: int, device: torch.device) -> int:
@@ -413,9 +451,9 @@ def search_block(V: int, device: torch.device) -> int:
     return min(block_size(V), SEARCH_BLOCK_V) if device.type == "cuda" else block_size(V)
 
 
-def num_splits(rows: int, V: int, device: torch.device) -> int:
+def num_splits(rows: int, V: int, device: torch.device, greedy: bool = False) -> int:
     """Vocab splits per row from host-known sizes: enough programs to fill the GPU."""
-    n_blocks = triton.cdiv(V, block_size(V))
+    n_blocks = triton.cdiv(V, block_size(V, greedy))
     sms = num_sms(device)
     if sms is not None:
         target, cap = 4 * sms, 64
@@ -458,13 +496,13 @@ def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False
     B, S, V = logits.shape
     dev = logits.device
     rows = B * S
-    block = block_size(V)
-    nsplit = num_splits(rows, V, dev)
+    has_temp = temperature is not None
+    block = block_size(V, greedy=not has_temp)
+    nsplit = num_splits(rows, V, dev, greedy=not has_temp)
     chunk = triton.cdiv(triton.cdiv(V, block), nsplit) * block
     f32 = dict(dtype=torch.float32, device=dev)
     pval = torch.empty(rows * nsplit, **f32)
     pidx = torch.empty(rows * nsplit, dtype=torch.int32, device=dev)
-    has_temp = temperature is not None
     if need_mz:
         pm = torch.empty(rows * nsplit, **f32)
         pz = torch.empty(rows * nsplit, **f32)
@@ -481,7 +519,7 @@ def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False
         seeds_, pos_, pval, pidx, pm, pz, thr, S, V, chunk, nsplit,
         HAS_TEMP=has_temp, HAS_TOPK=has_temp and top_k is not None,
         HAS_TOPP=has_temp and top_p is not None, NEED_MZ=need_mz, BLOCK=block,
-        SBLOCK=search_block(V, dev), KWAY=KWAY, **_tree_args(parents, has_temp, S),
+        SBLOCK=search_block(V, dev), KWAY=KWAY, **_tree_args(parents, has_temp, S), PRUNE=PRUNE,
         num_warps=4, enable_fp_fusion=False)
     return dict(pval=pval, pidx=pidx, pm=pm, pz=pz, thr=thr, nsplit=nsplit, block=block,
                 dummy=dummy, temp=temp, seeds=seeds_, pos=pos_)
