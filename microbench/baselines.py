@@ -34,7 +34,8 @@ def optional_module(*names):
 # ---------------------------------------------------------------- attention
 
 def torch_attention(inp):
-    """Gather each request's pages into dense K/V, append the block keys, SDPA (no mask)."""
+    """Gather each request's pages into dense K/V, append the block keys, SDPA (no mask; a band
+    with a window; with ``block_anc``, a tree row: the dense bool mask of the block's keys)."""
     q, kc, vc, bt = inp["q"], inp["k_cache"], inp["v_cache"], inp["block_table"]
     ctx, npages, window = inp["ctx"], inp["ctx_pages"], inp["window"]
     B, S, Hq, D = q.shape
@@ -54,6 +55,10 @@ def torch_attention(inp):
         qpos = torch.arange(S, device=q.device)[:, None] + ctx
         kpos = torch.arange(ctx + S, device=q.device)[None, :]
         mask = (qpos - kpos).abs() < window
+    anc = inp.get("block_anc")          # bool [B, S, S]: a tree block_mask, dense
+    if anc is not None:
+        tree = torch.cat([anc.new_ones(B, S, ctx), anc], dim=2)[:, None]
+        mask = tree if mask is None else mask & tree
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
                                        scale=inp["sm_scale"], enable_gqa=Hq != Hkv)
     return o.transpose(1, 2)
@@ -184,3 +189,83 @@ def torch_verify_greedy(inp):
     out = torch.where(pos < accept[:, None], drafts, torch.full_like(drafts, -1))
     out = torch.where(pos == accept[:, None], bonus[:, None], out)
     return accept, out, bonus
+
+
+# ---------------------------------------------------------------- trees
+# Host-known sizes only, no host sync (CUDA-graph capturable): the tree walks run
+# ceil(log2 N) pointer-doubling rounds instead of a data-dependent loop.
+
+def _tree_pointers(parents):
+    """(used bool [B, N], q int64 [B, N]: the parent of a used slot > 0, else the slot itself)."""
+    B, N = parents.shape
+    idx = torch.arange(N, device=parents.device)
+    par = parents.long()
+    ok = ((par >= 0) & (par < idx)) | (idx == 0)
+    used = ok.to(torch.int32).cumprod(dim=1).bool()
+    return used, torch.where(used & (idx > 0), par, idx.expand(B, N))
+
+
+def _rounds(n):
+    return max(1, (n - 1).bit_length())
+
+
+def torch_tree_mask(inp):
+    """Ancestor sets by pointer doubling over bool [B, N, N], then packed to int32 words."""
+    parents = inp["parents"]
+    B, N = parents.shape
+    _, q = _tree_pointers(parents)
+    idx = torch.arange(N, device=parents.device)
+    # Self and parent (F.one_hot would check its input's range on the host: a sync).
+    anc = (idx[None, :, None] == idx) | (q[:, :, None] == idx)
+    for _ in range(_rounds(N)):
+        anc = anc | anc.gather(1, q[:, :, None].expand(B, N, N))
+        q = q.gather(1, q)
+    depth = anc.sum(-1, dtype=torch.int32) - 1
+    W = (N + 31) // 32
+    bits = F.pad(anc, (0, W * 32 - N)).view(B, N, W, 32).long()
+    weights = torch.ones(32, dtype=torch.int64, device=parents.device) << torch.arange(
+        32, device=parents.device)
+    words = (bits * weights).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words, depth
+
+
+def torch_verify_tree_greedy(inp):
+    """argmax per node, match each node's token with its parent's target, the lowest
+    matching sibling wins, accepted = every ancestor matched (pointer doubling)."""
+    logits, tok, parents = inp["logits"], inp["tree_tokens"].long(), inp["parents"]
+    B, N, _ = logits.shape
+    idx = torch.arange(N, device=logits.device)
+    target = logits.argmax(dim=-1)                                  # [B, N], first max on ties
+    used, q = _tree_pointers(parents)
+    match = used & (idx > 0) & (tok == target.gather(1, q))
+    lower_sib = (q[:, :, None] == q[:, None, :]) & match[:, None, :] & (idx[None, :] < idx[:, None])
+    ok = (match & ~lower_sib.any(-1)) | (idx == 0)
+    for _ in range(_rounds(N)):
+        ok = ok & ok.gather(1, q)
+        q = q.gather(1, q)
+    acc = ok & (idx > 0)
+    accept = acc.sum(-1, dtype=torch.int32)
+    nodes = torch.where(acc, idx, N).sort(dim=-1).values
+    nodes = torch.where(nodes < N, nodes, -1)
+    bonus = target.gather(1, torch.where(acc, idx, 0).amax(-1, keepdim=True)).squeeze(1)
+    path_tok = tok.gather(1, nodes.clamp(min=0))
+    a = accept.long()[:, None]
+    out = torch.where(idx < a, path_tok, torch.where(idx == a, bonus[:, None], -1))
+    return (accept, nodes.to(torch.int32), out.to(torch.int32), bonus.to(torch.int32),
+            inp["seq_lens"] + accept + 1)
+
+
+def torch_copy_kv(inp):
+    """Per layer and cache: index_select the sources, index_copy_ them to the destinations
+    (skipped pairs go to the engine's padding slot)."""
+    kc, vc = inp["k_cache"], inp["v_cache"]
+    L, _, _, Hkv, D = kc.shape
+    src, dst = inp["src_slots"], inp["dst_slots"]
+    dst = torch.where(dst >= 0, dst, inp["pad_slot"])
+    for cache in (kc, vc):
+        raw = _bits(cache)
+        for layer in range(L):
+            rows = raw[layer].view(-1, Hkv, D)
+            rows.index_copy_(0, dst, rows.index_select(0, src))
+    return kc, vc

@@ -17,7 +17,7 @@ I32, I64, F32 = 4, 8, 4
 
 
 def attention_bytes(*, batch, s, hq, hkv, d, ctx, page, act, cache_elt, window=0, lse=False,
-                    fp8_scales=False):
+                    fp8_scales=False, mask_bits=False):
     """block_attention with the block keys passed in (k_block / v_block).
 
     Every request has ``ctx`` context tokens; with a window W only the last
@@ -31,6 +31,7 @@ def attention_bytes(*, batch, s, hq, hkv, d, ctx, page, act, cache_elt, window=0
     context_lens:      batch * 4
     lse (optional):    batch * s * hq * 4
     fp8 scales:        2 * 4
+    mask_bits:         batch * s * ceil(s / 32) * 4   (a packed tree block_mask, int32)
     """
     visible = ctx if window <= 0 else min(ctx, window - 1)
     q = batch * s * hq * d * act
@@ -38,7 +39,8 @@ def attention_bytes(*, batch, s, hq, hkv, d, ctx, page, act, cache_elt, window=0
     kv_block = 2 * batch * s * hkv * d * act
     table = batch * math.ceil(visible / page) * I32 + batch * I32
     out = batch * s * hq * d * act + (batch * s * hq * F32 if lse else 0)
-    return q + kv_ctx + kv_block + table + out + (2 * F32 if fp8_scales else 0)
+    mask = batch * s * math.ceil(s / 32) * I32 if mask_bits else 0
+    return q + kv_ctx + kv_block + table + out + (2 * F32 if fp8_scales else 0) + mask
 
 
 def fuse_bytes(*, n, h, k, act, norm_elt):
@@ -122,3 +124,28 @@ def speedup(baseline_seconds, seconds):
     if not baseline_seconds or not seconds:
         return None
     return baseline_seconds / seconds
+
+
+def tree_mask_bytes(*, batch, n):
+    """tree_mask: parents int32 [batch, n] read; mask int32 [batch, n, ceil(n/32)] and
+    depth int32 [batch, n] written."""
+    return batch * n * I32 + batch * n * math.ceil(n / 32) * I32 + batch * n * I32
+
+
+def verify_tree_bytes(*, batch, n, v, logits_elt, token_elt, sampled=False, seq_lens=False):
+    """verify_tree over n node rows: logits [batch, n, v] read once, tree_tokens [batch, n],
+    parents int32 [batch, n]; writes accept_len, bonus int32 [batch] and accepted_nodes,
+    out_tokens int32 [batch, n]. Sampled and seq_lens as :func:`verify_bytes`."""
+    total = batch * n * v * logits_elt + batch * n * (token_elt + I32)
+    total += 2 * batch * I32 + 2 * batch * n * I32
+    if sampled:
+        total += batch * (F32 + 2 * I64)
+    if seq_lens:
+        total += 2 * batch * I32
+    return total
+
+
+def copy_kv_bytes(*, m, kept, layers, hkv, d, cache_elt):
+    """copy_kv of m (src, dst) int64 pairs of which ``kept`` have a destination: every kept
+    row of every layer's K and V read once and written once."""
+    return 2 * m * I64 + 2 * kept * layers * 2 * hkv * d * cache_elt

@@ -411,6 +411,74 @@ def catalog(arch: int) -> List[tuple]:
         "_fuse_norm_kernel", dict(ws_ptr="*fp32", nw_ptr="*bf16", out_ptr="*bf16",
                                   stride_out=4096, N=16, H=4096, num_splits=8, eps=1e-6,
                                   BLOCK_H=_c(1024)), num_warps=4)))
+    out += _tree_catalog(arch)
+    return out
+
+
+def _tree_catalog(arch: int) -> List[tuple]:
+    """The tree ops (docs/tree.md) at production configurations (kept apart from ``catalog``'s
+    body so that edits to the other entries merge cleanly).
+
+    verify_tree: the row kernel with HAS_TREE (sampled, and with top-k + top-p), B 1, N 64,
+    V 151,936 bf16 logits, as ``verify_chain.rows_pass`` launches it for a tree (greedy tree
+    rows are the chain's greedy kernel, already in the catalog); the walk kernel at N 64 and
+    256 with its split count. tree_mask at N 64 and 256. copy_kv: stacked bf16 caches, L 5,
+    Hkv 8, D 128, sources in registers (M <= 16) and staged (M > 16). block_attention over the
+    cached block (k_block None, the target's verify pass) with a causal and a packed-bits
+    mask, S 16, bf16, page 16.
+    """
+    import torch
+
+    from dflash_kernels.triton_backend import block_attention as ba
+    from dflash_kernels.triton_backend import copy_kv as tck
+    from dflash_kernels.triton_backend import verify_chain as tv
+
+    out = []
+    vmod = f"{_TB}.verify_chain"
+    B, N, V = 1, 64, 151936
+    ns = _verify_nsplit(arch, B * N, V)
+    chunk = -(-(-(-V // tv.BLOCK_V)) // ns) * tv.BLOCK_V
+    for name, topk in (("sampled", False), ("topk_topp", True)):
+        out.append((f"verify_tree.rows.{name}", launch_job(vmod, "_verify_rows_kernel", dict(
+            logits_ptr="*bf16", stride_lb=N * V, stride_ls=V, temp_ptr="*fp32", topk_ptr="*i32",
+            topp_ptr="*fp32", seed_ptr="*i64", pos_ptr="*i64", pval_ptr="*fp32", pidx_ptr="*i32",
+            pm_ptr="*fp32", pz_ptr="*fp32", thr_ptr="*fp32", S=N, V=V, CHUNK=chunk, NSPLIT=ns,
+            HAS_TEMP=_c(True), HAS_TOPK=_c(topk), HAS_TOPP=_c(topk), NEED_MZ=_c(False),
+            BLOCK=_c(tv.BLOCK_V), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
+            HAS_TREE=_c(True), par_ptr="*i32", stride_pb=N, PRUNE=_c(tv.PRUNE)),
+            num_warps=4, options=dict(enable_fp_fusion=False))))
+    for n in (64, 256):
+        nsn = _verify_nsplit(arch, B * n, V)
+        out.append((f"verify_tree.walk.n{n}", launch_job(
+            f"{_TB}.verify_tree", "_verify_tree_walk_kernel", dict(
+                tok_ptr="*i32", par_ptr="*i32", nn_ptr="*i32", seq_ptr="*i32", pval_ptr="*fp32",
+                pidx_ptr="*i32", acc_ptr="*i32", nodes_ptr="*i32", out_ptr="*i32",
+                bonus_ptr="*i32", nsl_ptr="*i32", N=n, V=V, NSPLIT=nsn, HAS_NN=_c(False),
+                HAS_SEQ=_c(True), NSPLIT_P2=_c(1 << (nsn - 1).bit_length()), N_P2=_c(n)),
+            num_warps=1)))
+    for n in (64, 256):
+        w = -(-n // 32)
+        out.append((f"tree_mask.n{n}", launch_job(
+            f"{_TB}.tree_mask", "_tree_mask_kernel", dict(
+                par_ptr="*i32", mask_ptr="*i32", depth_ptr="*i32", N=n, W=w, N_P2=_c(n),
+                W_P2=_c(1 << (w - 1).bit_length())), num_warps=4 if n <= 128 else 8)))
+    L, Hkv, D, page, pages = 5, 8, 128, 16, 4096
+    C = Hkv * D
+    for name, staged in (("bf16", False), ("bf16.staged", True)):
+        out.append((f"copy_kv.{name}", launch_job(f"{_TB}.copy_kv", "_copy_kv_kernel", dict(
+            src_ptr="*i64", dst_ptr="*i64", stage_ptr="*i16", M=17 if staged else 15,
+            n_slots=pages * page, page_size=page,
+            kc_ptr="*i16", kc_table="*i64", k_layer=pages * page * C, k_page=page * C, k_row=C,
+            k_head=D, vc_ptr="*i16", vc_table="*i64", v_layer=pages * page * C, v_page=page * C,
+            v_row=C, v_head=D, D=_c(D), C=_c(C), ROWS=_c(tck.ROWS),
+            COLS=_c(min(tck.COLS, C)), STAGED=_c(staged), UNIFORM_K=_c(True),
+            UNIFORM_V=_c(True)), num_warps=4)))
+    for mask in ("causal", "bits"):
+        s = ba.compile_spec(arch, torch.bfloat16, torch.bfloat16, S=16, Hq=32, Hkv=8, D=128,
+                            page_size=16, has_block=False, block_mask=mask)
+        out.append((f"block_attention.mask.{mask}", TritonJob(
+            f"{_TB}.block_attention", "_block_attention_kernel", s["signature"], s["constexprs"],
+            s["num_warps"], s["num_stages"], s["divisibility"])))
     return out
 
 

@@ -107,6 +107,7 @@ def test_every_kernel_is_reported(rows):
                         "inject_kv.fp8", "write_kv.bf16", "fuse_target_features.gemm",
                         "fuse_target_features.norm"} | {f"verify_chain.rows.{v}" for v in
                                                         ("greedy", "sampled", "topk_topp")}
+    want |= set(TREE_BUDGET)
     assert want <= names
     cuda = [k for k in names if k.startswith("cuda.")]
     if sass.extension_path() is not None:
@@ -173,13 +174,28 @@ def test_attention_two_tiles_in_flight(rows, name, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("variant", ["greedy", "sampled"])
 def test_verify_streaming_loads_16_bytes(rows, variant, arch):
-    lp = _main(rows[(f"verify_chain.rows.{variant}", arch)])
+    _streams_16_bytes(rows[(f"verify_chain.rows.{variant}", arch)],
+                      loads=4 if variant == "greedy" else 1)
+
+
+def _streams_16_bytes(row, loads=1):
+    lp = _main(row)
     # Greedy-only calls: 4x 16 B per thread per iteration (8 KB per CTA in flight, the
-    # >= 16 KB per SM model of docs/verify_chain.md); sampled: one.
-    assert lp["load_kinds"] == {"LDG.128": 4 if variant == "greedy" else 1}
-    # Sampled: the exact pruning's CTA-uniform skip test is one two-value reduction per
-    # tile (its barrier round); greedy: none.
-    assert lp["barriers"] <= (3 if variant == "sampled" else 0), lp["barriers"]
+    # >= 16 KB per SM model of docs/verify_chain.md); sampled rows: one.
+    assert lp["load_kinds"] == {"LDG.128": loads}
+    # Sampled rows: the exact pruning's CTA-uniform skip test is one two-value reduction
+    # per tile (its barrier round); greedy rows: none.
+    assert lp["barriers"] <= (0 if loads == 4 else 3), lp["barriers"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ["rows.greedy", "rows.sampled", "rows.topk_topp", "finish"])
+def test_verify_resources(rows, name, arch):
+    r = rows[(f"verify_chain.{name}", arch)]
+    assert r["registers"] <= 128 and r["shared"] <= 4096 and r["ctas_per_sm"] >= 4, r["registers"]
+    assert r["mma"] == []
+    if name != "rows.greedy":
+        assert "mul.hi.u32" in Path(r["ptx_file"]).read_text()     # Philox in registers
 
 
 def _search_loops(row):
@@ -240,3 +256,60 @@ def test_inject_fp8_quantizes_saturating(rows, arch):
 def test_fuse_norm_loads_16_bytes(rows, arch):
     r = rows[("fuse_target_features.norm", arch)]
     assert all(set(lp["load_kinds"]) == {"LDG.128"} for lp in r["loops"] if lp["loads"])
+
+
+# ---------------------------------------------------------------- tree ops (issue 15)
+# Compiled on their own (select by prefix), so these tests need only the tree kernels.
+# Budgets: today's registers per thread (at most) and CTAs/SM (at least), per arch.
+
+# (registers at most, CTAs/SM at least). The row kernel carries the exact pruning and
+# the masked attention the 2-CTA register cap (maxnreg 128) of the merged kernels.
+TREE_BUDGET = {
+    "verify_tree.rows.sampled": {90: (64, 8), 100: (68, 7)},
+    "verify_tree.rows.topk_topp": {90: (72, 7), 100: (95, 5)},
+    "verify_tree.walk.n64": {90: (34, 32), 100: (34, 32)},
+    "verify_tree.walk.n256": {90: (80, 25), 100: (96, 21)},
+    "tree_mask.n64": {90: (28, 16), 100: (23, 16)},
+    "tree_mask.n256": {90: (40, 6), 100: (40, 6)},
+    "copy_kv.bf16": {90: (32, 16), 100: (32, 16)},
+    "copy_kv.bf16.staged": {90: (30, 16), 100: (30, 16)},
+    "block_attention.mask.causal": {90: (126, 2), 100: (112, 2)},
+    "block_attention.mask.bits": {90: (122, 2), 100: (117, 2)},
+}
+
+
+@pytest.fixture(scope="module")
+def tree_rows():
+    rows = sass.report(ARCHS, select=("verify_tree", "tree_mask", "copy_kv", "block_attention.mask"),
+                       include_cuda=False)
+    return {(r["kernel"], int(r["arch"][3:-1])): r for r in rows}
+
+
+def test_tree_kernels_are_reported(tree_rows):
+    assert set(tree_rows) == {(k, a) for k in TREE_BUDGET for a in ARCHS}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", sorted(TREE_BUDGET))
+def test_tree_kernels_budget(tree_rows, name, arch):
+    r = tree_rows[(name, arch)]
+    regs, ctas = TREE_BUDGET[name][arch]
+    assert r["spills"] == 0 and r["local"] == 0 and r["stack"] == 0
+    assert r["registers"] <= regs and r["ctas_per_sm"] >= ctas, (r["registers"], r["ctas_per_sm"])
+    assert r["mma"] == ([MMA[arch]] if name.startswith("block_attention") else [])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", ["sampled", "topk_topp"])
+def test_verify_tree_rows_stream_like_the_chain(tree_rows, variant, arch):
+    # HAS_TREE adds the depth walk before the row's streaming loop, not inside it.
+    _streams_16_bytes(tree_rows[(f"verify_tree.rows.{variant}", arch)])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mask", ["causal", "bits"])
+def test_masked_attention_keeps_the_pipeline(tree_rows, mask, arch):
+    r = tree_rows[(f"block_attention.mask.{mask}", arch)]
+    lp = _main(r)
+    assert lp["mma"] == [MMA[arch]] and lp["load_kinds"].get("LDGSTS.128", 0) >= 2, lp["load_kinds"]
+    assert r["shared"] <= 227 * 1024 and not r["uses_tma"]

@@ -14,8 +14,9 @@ from microbench import presets, roofline, timing
 from microbench.case import Impl
 from microbench.cli import build_parser, main
 from microbench.runner import ROW_KEYS, run_case
-from microbench.suites import (SUITES, _common, block_attention, fuse_target_features, module,
-                               verify_chain, write_kv)
+from microbench.suites import (SUITES, _common, _tree, block_attention, copy_kv,
+                               fuse_target_features, module, tree_mask, verify_chain, verify_tree,
+                               write_kv)
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--reps", "2", "--max-seconds", "0.01", "--quiet"]
 CPU = torch.device("cpu")
@@ -73,11 +74,15 @@ def test_shape_overrides_apply_over_the_preset():
 
 # ------------------------------------------------------------------ CPU end to end
 
+# The tree suites run at N = 16 only here (their N = 32..128 rows: test_tree_suites_*).
+RUN_MODES = ("greedy", "sampled", "n16", "greedy-n16", "sampled-n16")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["all", "--batch", "2", "--ctx", "9", "--json", str(out / "r.json"), "--csv",
-            str(out / "r.csv"), "--show-commands"] + TINY
+            str(out / "r.csv"), "--show-commands", "--modes", ",".join(RUN_MODES)] + TINY
     code = main(argv)
     with open(out / "r.json") as f:
         doc = json.load(f)
@@ -92,11 +97,13 @@ def test_tiny_cpu_run_succeeds_and_covers_every_op(tiny_run):
     rows = doc["rows"]
     seen = {(r["suite"], r["op"], r["mode"]) for r in rows}
     want = {(s, op, mode) for s in SUITES for op in module(s).OPS
-            for mode in getattr(module(s), "MODES", ("",))}
+            for mode in getattr(module(s), "MODES", ("",)) if not mode or mode in RUN_MODES}
     assert seen == want
+    assert {"verify_tree", "tree_mask", "copy_kv"} <= {s for s, _, _ in seen}
+    assert ("block_attention", "tree", "") in seen
     assert all(r["status"] == "OK" for r in rows), [(r["op"], r["impl"], r["check"]) for r in rows]
     # The PyTorch composition runs for every op that has one, and is checked against the reference.
-    for key in want - {("verify_chain", "verify_chain", "sampled")}:
+    for key in {k for k in want if not k[2].startswith("sampled")}:
         torch_rows = [r for r in rows if (r["suite"], r["op"], r["mode"], r["impl"]) == key + ("torch",)]
         assert len(torch_rows) == 1
         assert torch_rows[0]["check"] == "vs reference"
@@ -137,6 +144,15 @@ def test_row_bytes_follow_the_roofline_formulas(tiny_run):
         batch=2, s=t.s, hq=t.hq, hkv=t.hkv, d=t.d, ctx=9, page=t.page, act=2, cache_elt=2)
     assert by_op[("verify_chain", "greedy")] == roofline.verify_bytes(
         batch=2, s=t.s, v=t.v, logits_elt=4, token_elt=4, seq_lens=True)
+    assert by_op[("tree", "")] == roofline.attention_bytes(
+        batch=2, s=t.s, hq=t.hq, hkv=t.hkv, d=t.d, ctx=9, page=t.page, act=2, cache_elt=2,
+        mask_bits=True)
+    assert by_op[("verify_tree", "greedy-n16")] == roofline.verify_tree_bytes(
+        batch=2, n=16, v=t.v, logits_elt=4, token_elt=4, seq_lens=True)
+    assert by_op[("tree_mask", "n16")] == roofline.tree_mask_bytes(batch=2, n=16)
+    kept = int(copy_kv.paths(2, 16, 0)[1].sum())
+    assert by_op[("copy_kv", "n16")] == roofline.copy_kv_bytes(
+        m=32, kept=kept, layers=t.layers, hkv=t.hkv, d=t.d, cache_elt=2)
     n_valid = int(_common.committed(t, 2, 0).sum())
     assert 2 <= n_valid <= 2 * t.s
     assert by_op[("write_kv", "")] == roofline.write_kv_bytes(
@@ -210,6 +226,10 @@ def _case(suite, op, batch=2, ctx=9):
         (write_kv, "write_kv", lambda caches: tuple(c.clone().fill_(0) for c in caches)),
         (fuse_target_features, "fuse_target_features", lambda out: out + 0.1),
         (verify_chain, "verify_chain", lambda outs: (outs[0] + 1,) + tuple(outs[1:])),  # greedy
+        (verify_tree, "verify_tree", lambda outs: (outs[0], outs[1] + 1) + tuple(outs[2:])),
+        (tree_mask, "tree_mask", lambda outs: (outs[0] ^ 4, outs[1])),
+        (copy_kv, "copy_kv", lambda caches: (caches[0].clone().fill_(0), caches[1])),
+        (block_attention, "tree", lambda out: out + 0.1),
     ],
 )
 def test_a_wrong_backend_is_marked_fail_and_not_timed(suite, op, corrupt):
@@ -229,6 +249,55 @@ def test_a_wrong_backend_is_marked_fail_and_not_timed(suite, op, corrupt):
     assert bad["status"] == "FAIL" and bad["time_ms"] is None
     assert bad["check"].startswith(f"vs {good.name}: ")
     assert all(r["status"] == "OK" for r in rows if r["impl"] != "cuda")
+
+
+# ------------------------------------------------------------------ the tree suites' N sweep
+
+@pytest.mark.parametrize("suite", [verify_tree, tree_mask, copy_kv])
+def test_tree_suites_sweep_16_to_128_nodes(suite):
+    t = presets.PRESETS["tiny"]
+    modes = suite.MODES
+    assert sorted({_tree.nodes_of(m) for m in modes}) == [16, 32, 64, 128]
+    for mode in modes:
+        n = _tree.nodes_of(mode)
+        case = suite.build_case(suite.OPS[0], t, 2, 9, "fp16", CPU, mode=mode)
+        assert case.extra["n_nodes"] == n and case.extra["launches"] == suite.LAUNCHES
+        if suite is verify_tree:
+            want = roofline.verify_tree_bytes(batch=2, n=n, v=t.v, logits_elt=4, token_elt=4,
+                                              sampled=mode.startswith("sampled"), seq_lens=True)
+        elif suite is tree_mask:
+            want = roofline.tree_mask_bytes(batch=2, n=n)
+        else:
+            want = roofline.copy_kv_bytes(m=2 * n, kept=case.extra["kept"], layers=t.layers,
+                                          hkv=t.hkv, d=t.d, cache_elt=2)
+        assert case.nbytes == want
+        if "torch_ops" in case.extra:      # the baseline: device ops only, no host sync
+            assert case.extra["torch_ops"] > 0 and case.extra["torch_host_syncs"] == 0
+    assert suite.LAUNCHES == {"triton": 2 if suite is verify_tree else 1}
+
+
+@pytest.mark.parametrize("suite, mode", [(verify_tree, "greedy-n128"), (tree_mask, "n128"),
+                                         (copy_kv, "n128"), (tree_mask, "n32")])
+def test_tree_baselines_match_the_reference_at_large_n(suite, mode):
+    case = suite.build_case(suite.OPS[0], presets.PRESETS["tiny"], 3, 9, "fp16", CPU, mode=mode)
+    torch_impl = next(i for i in case.impls if i.name == "torch")
+    assert case.oracle.name == "reference"
+    inp = case.make_inputs()
+    fresh = {k: v.clone() for k, v in inp.items() if k in case.mutable}
+    want = [t.clone() for t in case.oracle.fn(inp)]
+    inp.update({k: v.clone() for k, v in fresh.items()})
+    ok, _, msg = case.compare(torch_impl.fn(inp), want)
+    assert ok, msg
+    if suite is verify_tree:     # the case exercises the walk: some requests accept nodes
+        assert int(want[0].max()) >= 1
+
+
+def test_copy_kv_case_is_an_accepted_path():
+    nodes, a = copy_kv.paths(4, 64, 0)
+    for b in range(4):
+        path = nodes[b, : int(a[b])].tolist()
+        assert path == sorted(path) and all(x > 0 for x in path)
+        assert (nodes[b, int(a[b]):] == -1).all()
 
 
 def test_a_raising_backend_is_an_error_row_not_a_crash():
@@ -266,6 +335,8 @@ def test_attention_bytes_by_hand():
     assert roofline.attention_bytes(**kw) == 8192 + 102400 + 4096 + 64 + 8192
     # window 10: 9 context keys visible: K+V 2*2*9*2*64*2 = 9216, table 2*1*4 + 8.
     assert roofline.attention_bytes(window=10, **kw) == 8192 + 9216 + 4096 + 16 + 8192
+    # A packed tree mask: 2*4*1 words of 4 bytes.
+    assert roofline.attention_bytes(mask_bits=True, **kw) == 122944 + 32
     # lse 2*4*8*4 = 256; fp8 cache halves the context K/V and adds two fp32 scales.
     assert roofline.attention_bytes(lse=True, **kw) == 122944 + 256
     kw["cache_elt"] = 1
@@ -290,6 +361,18 @@ def test_verify_bytes_by_hand():
     assert roofline.verify_bytes(batch=2, s=3, v=10, logits_elt=4, token_elt=4) == 312
     assert roofline.verify_bytes(batch=2, s=3, v=10, logits_elt=4, token_elt=4, sampled=True) == 352
     assert roofline.verify_bytes(batch=2, s=3, v=10, logits_elt=4, token_elt=4, seq_lens=True) == 328
+
+
+def test_tree_bytes_by_hand():
+    # parents 2*16*4 = 128, mask 2*16*1*4 = 128, depth 128; N 33: 2 words.
+    assert roofline.tree_mask_bytes(batch=2, n=16) == 384
+    assert roofline.tree_mask_bytes(batch=1, n=33) == 132 + 264 + 132
+    # logits 2*3*10*4 = 240, tokens + parents 2*3*8 = 48, accept+bonus 16, nodes + out 48.
+    assert roofline.verify_tree_bytes(batch=2, n=3, v=10, logits_elt=4, token_elt=4) == 352
+    assert roofline.verify_tree_bytes(batch=2, n=3, v=10, logits_elt=4, token_elt=4, sampled=True,
+                                      seq_lens=True) == 352 + 40 + 16
+    # slots 2*5*8 = 80; 3 kept rows of 2 layers, K and V, 2*4 bf16, read and written: 2*3*2*2*8*2.
+    assert roofline.copy_kv_bytes(m=5, kept=3, layers=2, hkv=2, d=4, cache_elt=2) == 80 + 384
 
 
 def test_bandwidth_arithmetic():

@@ -1,6 +1,7 @@
 """Benchmark suites: one module per op, named after it, each with ``OPS`` (the op,
 and for inject_kv the whole injection step), ``SWEEPS_CTX``, ``build_case``
-and optionally ``MODES`` (verify_chain: greedy, sampled)."""
+and optionally ``MODES`` (verify_chain: greedy, sampled; the tree suites: one per node
+count N = 16, 32, 64, 128, e.g. ``n64``, ``greedy-n64``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 
 from ..case import Impl
 
-SUITES = ("block_attention", "fuse_target_features", "inject_kv", "write_kv", "verify_chain")
+SUITES = ("block_attention", "fuse_target_features", "inject_kv", "write_kv", "verify_chain",
+          "verify_tree", "tree_mask", "copy_kv")
 OUR_BACKENDS = ("cuda", "triton", "reference")
 BASELINES = ("torch", "flashinfer", "flash_attn")
 

@@ -7,6 +7,12 @@ right after the context, so the libraries that read everything from the
 cache (FlashInfer, FlashAttention: ``cache_seqlens = ctx + S``) compute the
 same attention. Pool pages no request uses, rows past a request's last token,
 and block-table columns past its pages are poisoned (NaN, huge ids).
+
+Op ``tree`` (row ``block_attention/tree``): the same case with the block as a
+random bushy tree of S nodes (``_tree.random_parents``, fixed seed) and its
+packed ancestor bits as ``block_mask``, so it compares directly with the
+full-mask row at the same S; the PyTorch baseline passes the dense bool mask
+to SDPA; FlashInfer / FlashAttention are not wired (SKIP).
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ import torch
 from .. import baselines, roofline
 from ..case import ACT_DTYPES, FP8_SCALE, Case, Impl, cache_dtype, close
 from ..presets import Shape
-from . import our_backends, pick_oracle
+from . import _tree, our_backends, pick_oracle
 
-OPS = ("block_attention",)
+OPS = ("block_attention", "tree")
 SWEEPS_CTX = True     # the context length changes this suite's work
 GARBAGE_PAGE_ID = 2**31 - 1
 
@@ -33,7 +39,8 @@ def _quantize(x, dtype, scale):
     return x if scale is None else (x.float() / scale).clamp(-240, 240).to(dtype)
 
 
-def make_inputs(shape: Shape, batch: int, ctx: int, dtype: str, device: torch.device, seed: int = 0):
+def make_inputs(shape: Shape, batch: int, ctx: int, dtype: str, device: torch.device, seed: int = 0,
+                tree: bool = False):
     act = ACT_DTYPES[dtype]
     cdt = cache_dtype(shape, act)
     fp8 = cdt != act
@@ -70,7 +77,14 @@ def make_inputs(shape: Shape, batch: int, ctx: int, dtype: str, device: torch.de
     for c, blk in ((k_cache, k_block), (v_cache, v_block)):
         c[pages[:, :S], rows[:, :S]] = _quantize(blk, cdt, FP8_SCALE if fp8 else None)
         c[pages[:, S:], rows[:, S:]] = float("nan")
+    extra = {}
+    if tree:
+        from dflash_kernels.reference.tree_mask import pack_bits, tree_structure
+
+        anc = tree_structure(_tree.random_parents(batch, S, seed))[3]
+        extra = {"block_mask": pack_bits(anc).to(device), "block_anc": anc.to(device)}
     return {
+        **extra,
         "q": randn(batch, S, Hq, D), "k_cache": k_cache, "v_cache": v_cache,
         "block_table": block_table,
         "context_lens": torch.full((batch,), ctx, dtype=torch.int32, device=device),
@@ -88,7 +102,8 @@ def _ours(backend):
         return dflash_kernels.block_attention(
             inp["q"], inp["k_cache"], inp["v_cache"], inp["block_table"], inp["context_lens"],
             inp["k_block"], inp["v_block"], sm_scale=inp["sm_scale"], window=inp["window"] or None,
-            k_scale=inp["k_scale"], v_scale=inp["v_scale"], out=inp["out"], backend=backend)
+            k_scale=inp["k_scale"], v_scale=inp["v_scale"], out=inp["out"],
+            block_mask=inp.get("block_mask"), backend=backend)
 
     return run
 
@@ -97,23 +112,28 @@ def build_case(op, shape, batch, ctx, dtype, device, *, interpret=False, seed=0)
     act = ACT_DTYPES[dtype]
     cdt = cache_dtype(shape, act)
     fp8 = cdt != act
-    impls = [Impl(b, "ours", _ours(b)) for b in our_backends(OPS, device, interpret)]
+    tree = op == "tree"
+    impls = [Impl(b, "ours", _ours(b)) for b in our_backends(("block_attention",), device, interpret)]
     impls.append(Impl("torch", "baseline", baselines.torch_attention))
     if device.type == "cuda":
         fi = baselines.optional_module("flashinfer")
         if fi is not None:
-            why = "fp8 cache not wired" if fp8 else ("window not wired" if shape.window else "")
+            why = ("fp8 cache not wired" if fp8 else ("window not wired" if shape.window else "")
+                   or ("tree mask not wired" if tree else ""))
             impls.append(Impl("flashinfer", "baseline", baselines.flashinfer_attention(fi),
                               graph_ok=False, skip=why))
         fa = baselines.optional_module("flash_attn_interface", "flash_attn")
         if fa is not None and hasattr(fa, "flash_attn_with_kvcache"):
             impls.append(Impl("flash_attn", "baseline", baselines.flash_attn_attention(fa),
-                              skip="fp8 cache not wired" if fp8 else ""))
+                              skip="fp8 cache not wired" if fp8 else
+                              ("tree mask not wired" if tree else "")))
     nbytes = roofline.attention_bytes(
         batch=batch, s=shape.s, hq=shape.hq, hkv=shape.hkv, d=shape.d, ctx=ctx, page=shape.page,
-        act=act.itemsize, cache_elt=cdt.itemsize, window=shape.window, fp8_scales=fp8)
+        act=act.itemsize, cache_elt=cdt.itemsize, window=shape.window, fp8_scales=fp8,
+        mask_bits=tree)
     return Case(
         suite="block_attention", op=op, shape=shape, dtype=dtype, batch=batch, ctx=ctx,
-        make_inputs=lambda: make_inputs(shape, batch, ctx, dtype, device, seed),
+        make_inputs=lambda: make_inputs(shape, batch, ctx, dtype, device, seed, tree=tree),
         impls=impls, oracle=pick_oracle(impls), compare=close(TOLERANCE), nbytes=nbytes,
-        outputs=("out",))
+        outputs=("out",), extra={"block_mask": "tree bits" if tree else "full",
+                                 "launches": {"triton": "1 (+1 merge when split)"}})
