@@ -486,6 +486,21 @@ def _all_drafts(B: int, S: int, dev: torch.device) -> Tensor:
     return _all_drafts_cached(B, S, dev)
 
 
+def _check_row_logits(logits, B, R, dev, letter):
+    """``[B, R, V]`` logits (a ``[B*R, V]`` input viewed so): one row per block
+    token or tree node, V >= 1."""
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, device=dev, last_contiguous=True)
+    if logits.dim() == 2:
+        if logits.shape[0] != B * R:
+            raise ValueError(f"logits: expected {B * R} = B*{letter} rows, got shape {list(logits.shape)}")
+        logits = logits.view(B, R, logits.shape[1])
+    elif logits.dim() != 3 or tuple(logits.shape[:2]) != (B, R):
+        raise ValueError(f"logits: expected shape [{B}, {R}, V] or [{B * R}, V], got {list(logits.shape)}")
+    if logits.shape[2] < 1:
+        raise ValueError("logits: expected a vocabulary of at least one token")
+    return logits
+
+
 class VerifyOutput(NamedTuple):
     """Result of :func:`verify_chain`.
 
@@ -539,16 +554,8 @@ def verify_chain(
     B, S = block_tokens.shape
     if S < 1:
         raise ValueError("block_tokens: expected at least one column (the anchor)")
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, device=dev, last_contiguous=True)
-    if logits.dim() == 2:
-        if logits.shape[0] != B * S:
-            raise ValueError(f"logits: expected {B * S} = B*S rows, got shape {list(logits.shape)}")
-        logits = logits.view(B, S, logits.shape[1])
-    elif logits.dim() != 3 or tuple(logits.shape[:2]) != (B, S):
-        raise ValueError(f"logits: expected shape [{B}, {S}, V] or [{B * S}, V], got {list(logits.shape)}")
+    logits = _check_row_logits(logits, B, S, dev, "S")
     V = logits.shape[2]
-    if V < 1:
-        raise ValueError("logits: expected a vocabulary of at least one token")
     if tp_group is not None:
         from .vocab_parallel import check_tp_args
         check_tp_args(vocab_start, vocab_size, V, backend)
@@ -696,17 +703,6 @@ class TreeVerifyOutput(NamedTuple):
     new_seq_lens: Optional[Tensor]
 
 
-def _check_tree_logits(logits, B, N, dev):
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, device=dev, last_contiguous=True)
-    if logits.dim() == 2:
-        if logits.shape[0] != B * N:
-            raise ValueError(f"logits: expected {B * N} = B*N rows, got shape {list(logits.shape)}")
-        logits = logits.view(B, N, logits.shape[1])
-    elif logits.dim() != 3 or tuple(logits.shape[:2]) != (B, N):
-        raise ValueError(f"logits: expected shape [{B}, {N}, V] or [{B * N}, V], got {list(logits.shape)}")
-    if logits.shape[2] < 1:
-        raise ValueError("logits: expected a vocabulary of at least one token")
-    return logits
 
 
 def _check_sampling(B, dev, temperature, top_k, top_p, seeds, positions):
@@ -790,7 +786,7 @@ def verify_tree(
     if N < 1:
         raise ValueError("tree_tokens: expected at least one node slot (the root)")
     check_tensor("parents", parents, dtypes=(torch.int32,), device=dev, shape=(B, N))
-    logits = _check_tree_logits(logits, B, N, dev)
+    logits = _check_row_logits(logits, B, N, dev, "N")
     if tp_group is not None:
         from .vocab_parallel import check_tp_args
         check_tp_args(vocab_start, vocab_size, logits.shape[2], backend)

@@ -775,3 +775,14 @@ def kv_edge_writer(op, backend, device):
     w = (torch.randn(2, 2, 2 * 64, 32, device=device) / 6).to(torch.float16)
     return lambda s, p, kc, vc: dflash_kernels.inject_kv(hidden, w, None, p, s, kc, vc, cos_sin,
                                                          backend=backend)
+
+
+def probs64(s32, keep):
+    """float64 softmax of fp32 scores over ``keep`` (zeros without a finite kept score):
+    the independent truth of the verify tests."""
+    s = np.where(keep, s32.astype(np.float64), -np.inf)
+    m = s.max()
+    if not np.isfinite(m):
+        return np.zeros_like(s)
+    e = np.exp(s - m)
+    return e / e.sum()

@@ -12,7 +12,7 @@ import torch
 
 from dflash_kernels import noise
 from dflash_kernels._rules import RESIDUAL_EPS, SAMPLING_EPS
-from helpers import (INF, NEG_INF, assert_fits, assert_same_verify, draft_case, draft_repro,
+from helpers import (INF, NEG_INF, probs64 as _probs64, assert_fits, assert_same_verify, draft_case, draft_repro,
                      edge_verify_case, keyed_batch, make_verify_case, run_verify, softmax64)
 
 
@@ -20,13 +20,6 @@ from helpers import (INF, NEG_INF, assert_fits, assert_same_verify, draft_case, 
 # Independent truth: loops over requests and rows
 # ---------------------------------------------------------------------------
 
-def _probs64(s32, keep):
-    s = np.where(keep, s32.astype(np.float64), -np.inf)
-    m = s.max()
-    if not np.isfinite(m):
-        return np.zeros_like(s)
-    e = np.exp(s - m)
-    return e / e.sum()
 
 
 def truth(kw):

@@ -16,6 +16,7 @@ import torch
 from scipy import stats
 
 import dflash_kernels as dk
+from helpers import probs64 as _probs64
 from tree_cases import random_parents, tree_sampler
 from dflash_kernels import noise
 
@@ -44,13 +45,6 @@ def used_slots(par, num_nodes=None):
     return n if num_nodes is None else min(n, max(1, num_nodes))
 
 
-def _probs64(s32, keep):
-    s = np.where(keep, s32.astype(np.float64), -np.inf)
-    m = s.max()
-    if not np.isfinite(m):
-        return np.zeros_like(s)
-    e = np.exp(s - m)
-    return e / e.sum()
 
 
 def row_token(x, T, top_k, top_p, seed, pos):
