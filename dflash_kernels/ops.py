@@ -565,25 +565,12 @@ def verify_chain(
         num_drafts = _all_drafts(B, S, dev)
     else:
         check_vector("num_drafts", num_drafts, torch.int32, B, dev)
-    if temperature is None:
-        for name, val in (("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
-                          ("positions", positions), ("draft_probs", draft_probs)):
-            if val is not None:
-                raise ValueError(f"{name}: only used with temperature; pass temperature (<= 0 for greedy rows)")
-    else:
-        check_vector("temperature", temperature, torch.float32, B, dev)
-        if seeds is None or positions is None:
-            raise ValueError("seeds, positions: required with temperature, so that every request "
-                             "draws its own noise (keyed by seed and position)")
-        check_vector("seeds", seeds, torch.int64, B, dev)
-        check_vector("positions", positions, torch.int64, B, dev)
-        if top_k is not None:
-            check_vector("top_k", top_k, torch.int32, B, dev)
-        if top_p is not None:
-            check_vector("top_p", top_p, torch.float32, B, dev)
-        if draft_probs is not None:
-            check_tensor("draft_probs", draft_probs, dtypes=FLOAT_DTYPES, device=dev,
-                         shape=(B, S - 1, V), last_contiguous=True)
+    if temperature is None and draft_probs is not None:
+        raise ValueError("draft_probs: only used with temperature; pass temperature (<= 0 for greedy rows)")
+    _check_sampling(B, dev, temperature, top_k, top_p, seeds, positions)
+    if draft_probs is not None:
+        check_tensor("draft_probs", draft_probs, dtypes=FLOAT_DTYPES, device=dev,
+                     shape=(B, S - 1, V), last_contiguous=True)
     if seq_lens is not None:
         check_vector("seq_lens", seq_lens, torch.int32, B, dev)
     if out is None:
@@ -706,23 +693,23 @@ class TreeVerifyOutput(NamedTuple):
 
 
 def _check_sampling(B, dev, temperature, top_k, top_p, seeds, positions):
-    """The sampler arguments, as verify_chain takes them (docs/DESIGN.md)."""
+    """The sampler arguments of verify_chain and verify_tree (docs/DESIGN.md)."""
     if temperature is None:
         for name, val in (("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
                           ("positions", positions)):
             if val is not None:
                 raise ValueError(f"{name}: only used with temperature; pass temperature (<= 0 for greedy rows)")
         return
-    check_tensor("temperature", temperature, dtypes=(torch.float32,), device=dev, shape=(B,))
+    check_vector("temperature", temperature, torch.float32, B, dev)
     if seeds is None or positions is None:
         raise ValueError("seeds, positions: required with temperature, so that every request "
                          "draws its own noise (keyed by seed and position)")
-    check_tensor("seeds", seeds, dtypes=(torch.int64,), device=dev, shape=(B,))
-    check_tensor("positions", positions, dtypes=(torch.int64,), device=dev, shape=(B,))
+    check_vector("seeds", seeds, torch.int64, B, dev)
+    check_vector("positions", positions, torch.int64, B, dev)
     if top_k is not None:
-        check_tensor("top_k", top_k, dtypes=(torch.int32,), device=dev, shape=(B,))
+        check_vector("top_k", top_k, torch.int32, B, dev)
     if top_p is not None:
-        check_tensor("top_p", top_p, dtypes=(torch.float32,), device=dev, shape=(B,))
+        check_vector("top_p", top_p, torch.float32, B, dev)
 
 
 def _check_verify_tree_out(out, B, N, dev, seq_lens):
