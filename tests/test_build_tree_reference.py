@@ -76,6 +76,12 @@ def test_build_tree_fewer_paths_than_budget():
     assert tree.parents.dtype == torch.int32 and tree.tree_tokens.dtype == torch.int64
 
 
+def test_build_tree_without_draft_rows_is_the_root_alone():
+    tree = build_tree(torch.randn(2, 0, 5), 4, top_k=2)
+    assert tree.num_nodes.tolist() == [1, 1]
+    assert (tree.parents == -1).all() and (tree.tree_tokens == -1).all()
+
+
 def test_build_tree_rejects_bad_sizes():
     with pytest.raises(ValueError, match="top_k"):
         build_tree(torch.zeros(1, 2, 3), 4, top_k=4)

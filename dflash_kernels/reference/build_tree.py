@@ -60,35 +60,34 @@ def build_tree(draft_logits: Tensor, num_nodes_budget: int, *, top_k: int = 8,
     tokens = torch.full((B, N), -1, dtype=i64, device=dev)
     parents = torch.full((B, N), -1, dtype=i64, device=dev)
     depth = torch.zeros((B, N), dtype=i64, device=dev)
-    score = torch.zeros((B, N), dtype=torch.float32, device=dev)
-    chosen = torch.zeros((B, N), dtype=torch.bool, device=dev)   # slot filled
-    chosen[:, 0] = True
-    taken = torch.zeros((B, N, k), dtype=torch.bool, device=dev)  # child (slot, rank) used
+    # A slot's children are scored once, when the slot is filled; ``open`` marks
+    # the (slot, rank) children that can still be chosen.
+    child_score = torch.zeros((B, N, k), dtype=torch.float32, device=dev)
+    open_ = torch.zeros((B, N, k), dtype=torch.bool, device=dev)
+    if D > 0:
+        child_score[:, 0] = lp[:, 0]
+        open_[:, 0] = True
+    # Tie order among equal scores: shallower, then lower rank, then lower parent slot.
     rank = torch.arange(k, device=dev, dtype=i64).view(1, 1, k)
     slot = torch.arange(N, device=dev, dtype=i64).view(1, N, 1)
     brow = torch.arange(B, device=dev)
-    # Tie order among equal scores: shallower, then lower rank, then lower parent slot.
     big = (D + 1) * k * N
-    for step in range(1, N):
-        d = depth.clamp(max=max(D - 1, 0))                        # child row = parent depth
-        child_lp = torch.gather(lp, 1, d.unsqueeze(-1).expand(B, N, k)) if D > 0 else \
-            torch.zeros((B, N, k), device=dev)
-        child_score = score.unsqueeze(-1) + child_lp              # [B, N, k]
-        valid = chosen.unsqueeze(-1) & (depth.unsqueeze(-1) < D) & ~taken
-        neg = torch.tensor(float("-inf"), device=dev)
-        masked = torch.where(valid, child_score, neg)
+    for step in range(1, N if D > 0 else 1):           # S = 1: the root alone
+        masked = child_score.masked_fill(~open_, float("-inf"))
         best = masked.flatten(1).max(-1).values.view(B, 1, 1)
-        tie = valid & (masked == best)
+        tie = open_ & (masked == best)
         code = ((depth.unsqueeze(-1) + 1) * k + rank) * N + slot
-        code = torch.where(tie, code, torch.full_like(code, big))
-        pick = code.flatten(1).argmin(-1)                         # [B]
+        pick = code.masked_fill(~tie, big).flatten(1).argmin(-1)   # [B]
         ok = tie.flatten(1).any(-1)
         p, r = pick // k, pick % k
-        taken.view(B, N * k)[brow, pick] |= ok
-        tokens[:, step] = torch.where(ok, tok[brow, d[brow, p], r], -1)
+        open_.view(B, N * k)[brow, pick] = False
+        d = depth[brow, p] + 1
+        tokens[:, step] = torch.where(ok, tok[brow, d - 1, r], -1)
         parents[:, step] = torch.where(ok, p, -1)
-        depth[:, step] = torch.where(ok, depth[brow, p] + 1, 0)
-        score[:, step] = torch.where(ok, child_score[brow, p, r], 0.0)
-        chosen[:, step] = ok
-    num_nodes = chosen.sum(-1).to(torch.int32)
+        depth[:, step] = torch.where(ok, d, 0)
+        if step < N - 1 and D > 1:
+            row = lp[brow, d.clamp(max=D - 1)]                       # [B, k]
+            child_score[:, step] = child_score[brow, p, r].unsqueeze(-1) + row
+            open_[:, step] = (ok & (d < D)).unsqueeze(-1)
+    num_nodes = (parents >= 0).sum(-1).to(torch.int32) + 1
     return DraftTree(tokens, parents.to(torch.int32), num_nodes, depth.to(torch.int32))
