@@ -75,8 +75,13 @@ def _build_tree_topk_kernel(x_ptr, stride_b, stride_d, D, V, chunk, temp_ptr, ke
     # Distinct placeholders below every real key; slots past k never leave.
     lst = tl.where(j < k, MIN_KEY + j.to(tl.int64), MAX_KEY)
     lst_min = tl.min(lst, axis=0)
+    # Per tile, one fp32 max across the CTA; the int64 keys are formed only for a
+    # tile whose max reaches the list's minimum (after the first tiles, rarely).
+    # z is monotone in x, so the tile's largest finite z is max(x) / T unless that
+    # is +inf (then, rarely, the +inf ones are counted and dropped from the sums);
+    # the exp-sums stay per thread (relative to the shared running max).
     m = float("-inf")
-    s = 0.0
+    s = tl.zeros((BLOCK,), tl.float32)
     cnt = 0
     start = sp * chunk
     end = tl.minimum(start + chunk, V)
@@ -85,26 +90,31 @@ def _build_tree_topk_kernel(x_ptr, stride_b, stride_d, D, V, chunk, temp_ptr, ke
         msk = idx < end
         x = tl.load(base + idx, mask=msk, other=float("-inf")).to(tl.float32)
         x = tl.where(x != x, float("-inf"), x)
+        x_max = tl.max(x, axis=0)
         z = x * inv_t
-        pinf = z == float("inf")
-        cnt += tl.sum(pinf.to(tl.int32), axis=0)
-        zf = tl.where(pinf, float("-inf"), z)
-        m_new = tl.maximum(m, tl.max(zf, axis=0))
+        z_top = x_max * inv_t
+        if z_top == float("inf"):
+            pinf = z == float("inf")
+            cnt += tl.sum(pinf.to(tl.int32), axis=0)
+            z = tl.where(pinf, float("-inf"), z)
+            z_top = tl.max(z, axis=0)
+        m_new = tl.maximum(m, z_top)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(zf - m_ref), axis=0)
+        s = s * tl.exp(m - m_ref) + tl.exp(z - m_ref)
         m = m_new
-        key = (_ord(x).to(tl.int64) << 32) | (0x7FFFFFFF - idx).to(tl.int64)
-        key = tl.where(msk, key, MIN_KEY)
-        top = tl.max(key, axis=0)
-        while top > lst_min:
-            lst = tl.where(lst == lst_min, top, lst)
-            lst_min = tl.min(lst, axis=0)
-            key = tl.where(key == top, MIN_KEY, key)
+        if _ord(x_max) >= (lst_min >> 32).to(tl.int32):
+            key = (_ord(x).to(tl.int64) << 32) | (0x7FFFFFFF - idx).to(tl.int64)
+            key = tl.where(msk, key, MIN_KEY)
             top = tl.max(key, axis=0)
+            while top > lst_min:
+                lst = tl.where(lst == lst_min, top, lst)
+                lst_min = tl.min(lst, axis=0)
+                key = tl.where(key == top, MIN_KEY, key)
+                top = tl.max(key, axis=0)
     out = (row.to(tl.int64) * splits + sp)
     tl.store(keys_ptr + out * KP + j, lst)
     tl.store(stats_ptr + out * 3 + 0, m)
-    tl.store(stats_ptr + out * 3 + 1, s)
+    tl.store(stats_ptr + out * 3 + 1, tl.sum(s, axis=0))
     tl.store(stats_ptr + out * 3 + 2, cnt.to(tl.float32))
 
 
@@ -182,16 +192,35 @@ def _build_tree_select_kernel(keys_ptr, stats_ptr, temp_ptr, tok_ptr, par_ptr, n
     tl.store(num_ptr + b, 1 + tl.sum((out_par >= 0).to(tl.int32), axis=0))
 
 
-def _config(dev, B, D, V):
-    """(BLOCK, splits, chunk): splits fill about two CTAs per SM; small stand-ins
-    on the CPU so that the tests exercise the merge."""
-    sms = num_sms(dev)
-    block = 64 if sms is None else 1024
+BLOCK = 1024        # elements per tile: 8 per thread at 4 warps (16-byte loads of bf16)
+TOPK_WARPS = 4
+
+
+def select_warps(N: int) -> int:
+    """Warps of the selection CTA. Its N - 1 steps are serial, so per-step latency is
+    what counts: one warp reduces with shuffles only (sm_90a SASS: no barrier in the
+    step loop, 63 / 91 registers at N 64 / 256), where two or more warps add 8
+    barriers per step for the cross-warp reductions. Past 256 slots one warp would
+    hold too many registers per thread."""
+    return 1 if N <= 256 else 8
+
+
+def split(ctas, B, D, V, block):
+    """(splits, chunk) of each draft row: about ``ctas`` CTAs in all (two per SM;
+    host-known sizes only), at most 64 splits, whole tiles per split."""
     tiles = triton.cdiv(V, block)
-    want = 3 if sms is None else triton.cdiv(2 * sms, max(1, B * D))
-    per = triton.cdiv(tiles, max(1, min(want, tiles, 64)))
-    chunk = per * block
-    return block, triton.cdiv(V, chunk), chunk
+    want = triton.cdiv(ctas, max(1, B * D))
+    chunk = triton.cdiv(tiles, max(1, min(want, tiles, 64))) * block
+    return triton.cdiv(V, chunk), chunk
+
+
+def _config(dev, B, D, V):
+    """(BLOCK, splits, chunk); on the CPU small stand-ins (64-element tiles, 3 splits
+    per row) so that the tests exercise the tile loop and the merge."""
+    sms = num_sms(dev)
+    if sms is None:
+        return (64,) + split(3 * B * D, B, D, V, 64)
+    return (BLOCK,) + split(2 * sms, B, D, V, BLOCK)
 
 
 def build_tree(draft_logits, top_k, temperature, tree_tokens, parents, num_nodes, depth) -> None:
@@ -213,9 +242,9 @@ def build_tree(draft_logits, top_k, temperature, tree_tokens, parents, num_nodes
         if D > 0:
             _build_tree_topk_kernel[(B * D, splits)](
                 draft_logits, draft_logits.stride(0), draft_logits.stride(1), D, V, chunk, temp,
-                keys, stats, k, HAS_T=has_t, EPS=SAMPLING_EPS, KP=KP, BLOCK=block, num_warps=4)
+                keys, stats, k, HAS_T=has_t, EPS=SAMPLING_EPS, KP=KP, BLOCK=block, num_warps=TOPK_WARPS)
         _build_tree_select_kernel[(B,)](
             keys, stats, temp, tree_tokens, parents, num_nodes, depth, D, N, k, splits, N if D > 0 else 1,
             HAS_T=has_t, EPS=SAMPLING_EPS, KP=KP, SPP=max(2, triton.next_power_of_2(splits)),
             DKP=max(2, triton.next_power_of_2(max(1, D * k))),
-            NP=max(2, triton.next_power_of_2(N)), num_warps=4 if N <= 256 else 8)
+            NP=max(2, triton.next_power_of_2(N)), num_warps=select_warps(N))
