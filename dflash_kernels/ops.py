@@ -743,9 +743,11 @@ def build_tree(draft_logits: Tensor, num_nodes_budget: int, *, top_k: int = 8,
     if k > min(V, BUILD_TREE_MAX_TOP_K):
         raise ValueError(f"top_k: expected at most min(V, {BUILD_TREE_MAX_TOP_K}) = "
                          f"{min(V, BUILD_TREE_MAX_TOP_K)}, got {k}")
-    if (D + 1) * k * N >= 2 ** 31:
-        raise ValueError(f"num_nodes_budget, top_k: (S) * top_k * N must stay below 2^31, "
-                         f"got {(D + 1) * k * N}")
+    # The kernels' tie codes pack (depth, rank, slot) with power-of-two radices.
+    code_span = (D + 1) * max(2, 1 << (k - 1).bit_length()) * max(2, 1 << (N - 1).bit_length())
+    if code_span >= 2 ** 31:
+        raise ValueError(f"num_nodes_budget, top_k: S * next_pow2(top_k) * next_pow2(N) must "
+                         f"stay below 2^31, got {code_span}")
     if isinstance(temperature, torch.Tensor):
         check_vector("temperature", temperature, torch.float32, B, dev)
     elif temperature is not None:

@@ -269,3 +269,48 @@ def torch_copy_kv(inp):
             rows = raw[layer].view(-1, Hkv, D)
             rows.index_copy_(0, dst, rows.index_select(0, src))
     return kc, vc
+
+
+def torch_build_tree(inp):
+    """How engines build a tree from per-depth candidates (SGLang's EAGLE
+    ``organize_draft_results``): top-k per depth by logit, then per depth a beam of
+    the N - 1 best children by cumulative log-probability, then one stable sort of
+    every kept candidate (best first, shallower first on ties) and the N - 1 best
+    as slots 1..N-1. The same tree as the best-first one when no two candidates tie
+    (the suite's random logits): an ancestor never scores below its descendants,
+    and no depth holds more than N - 1 of the chosen nodes. torch.topk does not
+    order exact ties, so SPEC's tie rules are not reproduced."""
+    x, N, k = inp["draft_logits"], inp["num_nodes_budget"], inp["top_k"]
+    B, D, _ = x.shape
+    dev = x.device
+    top, ids = torch.topk(x.float(), k, dim=-1)                          # sorted: rank order
+    lp = top - torch.logsumexp(x.float(), dim=-1, keepdim=True)          # [B, D, k]
+    score = lp[:, 0]
+    tok = ids[:, 0]
+    par = torch.full((B, k), -1, dtype=torch.int64, device=dev)
+    levels = []
+    offset = 0
+    for d in range(D):
+        if d > 0:
+            child = (score[:, :, None] + lp[:, d, None, :]).reshape(B, -1)
+            score, pick = torch.topk(child, min(child.shape[1], N - 1), dim=-1)
+            par = pick // k + prev_offset
+            tok = ids[:, d].gather(1, pick % k)
+        elif score.shape[1] > N - 1:
+            score, tok = score[:, :N - 1], tok[:, :N - 1]
+            par = par[:, :N - 1]
+        levels.append((score, tok, par, torch.full_like(tok, d + 1)))
+        prev_offset, offset = offset, offset + score.shape[1]
+    s_all, t_all, p_all, d_all = (torch.cat(c, dim=1) for c in zip(*levels))
+    order = torch.sort(s_all, dim=1, descending=True, stable=True).indices[:, :N - 1]
+    M = order.shape[1]
+    slot_of = torch.zeros_like(s_all, dtype=torch.int64)                 # candidate -> slot (0: root)
+    slot_of.scatter_(1, order, torch.arange(1, M + 1, device=dev).expand(B, M))
+    p = p_all.gather(1, order)
+    parents = torch.where(p < 0, 0, slot_of.gather(1, p.clamp(min=0)))
+    fill = N - 1 - M
+    tree_tokens = F.pad(t_all.gather(1, order), (1, fill), value=-1)
+    parents = F.pad(parents, (1, fill), value=-1).to(torch.int32)
+    depth = F.pad(d_all.gather(1, order), (1, fill), value=0).to(torch.int32)
+    num_nodes = torch.full((B,), 1 + M, dtype=torch.int32, device=dev)
+    return tree_tokens, parents, num_nodes, depth

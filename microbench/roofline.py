@@ -149,3 +149,11 @@ def copy_kv_bytes(*, m, kept, layers, hkv, d, cache_elt):
     """copy_kv of m (src, dst) int64 pairs of which ``kept`` have a destination: every kept
     row of every layer's K and V read once and written once."""
     return 2 * m * I64 + 2 * kept * layers * 2 * hkv * d * cache_elt
+
+
+def build_tree_bytes(*, batch, d, v, n, logits_elt):
+    """build_tree over d = S-1 draft rows: draft_logits [batch, d, v] read once; writes
+    tree_tokens int64, parents and depth int32 [batch, n] and num_nodes int32 [batch].
+    The per-split candidate keys and row statistics between the two launches
+    (batch * d * splits * (8 * top_k + 12) bytes, written and read once) are left out."""
+    return batch * d * v * logits_elt + batch * n * (I64 + 2 * I32) + batch * I32

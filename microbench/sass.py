@@ -499,7 +499,7 @@ def _build_tree_catalog(arch: int) -> List[tuple]:
     for n in (64, 256):
         out.append((f"build_tree.select.n{n}", launch_job(
             f"{_TB}.build_tree", "_build_tree_select_kernel", dict(
-                keys_ptr="*i64", stats_ptr="*fp32", temp_ptr="*fp32", tok_ptr="*i64",
+                keys_ptr="*i64", stats_ptr="*fp32", temp_ptr="*fp32", tbl_ptr="*i32", tok_ptr="*i64",
                 par_ptr="*i32", num_ptr="*i32", dep_ptr="*i32", D=D, N=n, k=k, splits=splits,
                 steps=n, HAS_T=_c(True), EPS=_c(bt.SAMPLING_EPS), KP=_c(k),
                 SPP=_c(1 << (splits - 1).bit_length()),

@@ -14,7 +14,7 @@ from microbench import presets, roofline, timing
 from microbench.case import Impl
 from microbench.cli import build_parser, main
 from microbench.runner import ROW_KEYS, run_case
-from microbench.suites import (SUITES, _common, _tree, block_attention, copy_kv,
+from microbench.suites import (SUITES, _common, _tree, block_attention, build_tree, copy_kv,
                                fuse_target_features, module, tree_mask, verify_chain, verify_tree,
                                write_kv)
 
@@ -229,6 +229,7 @@ def _case(suite, op, batch=2, ctx=9):
         (verify_tree, "verify_tree", lambda outs: (outs[0], outs[1] + 1) + tuple(outs[2:])),
         (tree_mask, "tree_mask", lambda outs: (outs[0] ^ 4, outs[1])),
         (copy_kv, "copy_kv", lambda caches: (caches[0].clone().fill_(0), caches[1])),
+        (build_tree, "build_tree", lambda outs: (outs[0], outs[1], outs[2], outs[3] + 1)),
         (block_attention, "tree", lambda out: out + 0.1),
     ],
 )
@@ -253,7 +254,7 @@ def test_a_wrong_backend_is_marked_fail_and_not_timed(suite, op, corrupt):
 
 # ------------------------------------------------------------------ the tree suites' N sweep
 
-@pytest.mark.parametrize("suite", [verify_tree, tree_mask, copy_kv])
+@pytest.mark.parametrize("suite", [verify_tree, tree_mask, copy_kv, build_tree])
 def test_tree_suites_sweep_16_to_128_nodes(suite):
     t = presets.PRESETS["tiny"]
     modes = suite.MODES
@@ -267,17 +268,20 @@ def test_tree_suites_sweep_16_to_128_nodes(suite):
                                               sampled=mode.startswith("sampled"), seq_lens=True)
         elif suite is tree_mask:
             want = roofline.tree_mask_bytes(batch=2, n=n)
+        elif suite is build_tree:
+            want = roofline.build_tree_bytes(batch=2, d=t.s - 1, v=t.v, n=n, logits_elt=4)
         else:
             want = roofline.copy_kv_bytes(m=2 * n, kept=case.extra["kept"], layers=t.layers,
                                           hkv=t.hkv, d=t.d, cache_elt=2)
         assert case.nbytes == want
         if "torch_ops" in case.extra:      # the baseline: device ops only, no host sync
             assert case.extra["torch_ops"] > 0 and case.extra["torch_host_syncs"] == 0
-    assert suite.LAUNCHES == {"triton": 2 if suite is verify_tree else 1}
+    assert suite.LAUNCHES == {"triton": 2 if suite in (verify_tree, build_tree) else 1}
 
 
 @pytest.mark.parametrize("suite, mode", [(verify_tree, "greedy-n128"), (tree_mask, "n128"),
-                                         (copy_kv, "n128"), (tree_mask, "n32")])
+                                         (copy_kv, "n128"), (tree_mask, "n32"),
+                                         (build_tree, "n128"), (build_tree, "n16")])
 def test_tree_baselines_match_the_reference_at_large_n(suite, mode):
     case = suite.build_case(suite.OPS[0], presets.PRESETS["tiny"], 3, 9, "fp16", CPU, mode=mode)
     torch_impl = next(i for i in case.impls if i.name == "torch")
@@ -290,6 +294,8 @@ def test_tree_baselines_match_the_reference_at_large_n(suite, mode):
     assert ok, msg
     if suite is verify_tree:     # the case exercises the walk: some requests accept nodes
         assert int(want[0].max()) >= 1
+    if suite is build_tree:      # every slot used, some nodes deeper than 1
+        assert (want[2] == case.extra["n_nodes"]).all() and int(want[3].max()) >= 2
 
 
 def test_copy_kv_case_is_an_accepted_path():
@@ -371,6 +377,8 @@ def test_tree_bytes_by_hand():
     assert roofline.verify_tree_bytes(batch=2, n=3, v=10, logits_elt=4, token_elt=4) == 352
     assert roofline.verify_tree_bytes(batch=2, n=3, v=10, logits_elt=4, token_elt=4, sampled=True,
                                       seq_lens=True) == 352 + 40 + 16
+    # draft logits 2*3*10*2 = 120; tokens 2*4*8 = 64, parents + depth 2*4*8 = 64, num_nodes 8.
+    assert roofline.build_tree_bytes(batch=2, d=3, v=10, n=4, logits_elt=2) == 120 + 64 + 64 + 8
     # slots 2*5*8 = 80; 3 kept rows of 2 layers, K and V, 2*4 bf16, read and written: 2*3*2*2*8*2.
     assert roofline.copy_kv_bytes(m=5, kept=3, layers=2, hkv=2, d=4, cache_elt=2) == 80 + 384
 

@@ -119,8 +119,8 @@ def _build_tree_topk_kernel(x_ptr, stride_b, stride_d, D, V, chunk, temp_ptr, ke
 
 
 @triton.jit
-def _build_tree_select_kernel(keys_ptr, stats_ptr, temp_ptr, tok_ptr, par_ptr, num_ptr, dep_ptr,
-                              D, N, k, splits, steps, HAS_T: tl.constexpr, EPS: tl.constexpr,
+def _build_tree_select_kernel(keys_ptr, stats_ptr, temp_ptr, tbl_ptr, tok_ptr, par_ptr, num_ptr,
+                              dep_ptr, D, N, k, splits, steps, HAS_T: tl.constexpr, EPS: tl.constexpr,
                               KP: tl.constexpr, SPP: tl.constexpr, DKP: tl.constexpr,
                               NP: tl.constexpr):
     b = tl.program_id(0)
@@ -152,6 +152,15 @@ def _build_tree_select_kernel(keys_ptr, stats_ptr, temp_ptr, tok_ptr, par_ptr, n
             hit = t_idx == d * k + r
             tbl_lp = tl.where(hit, lp, tbl_lp)
             tbl_tok = tl.where(hit, tok, tbl_tok)
+    # The tables go to a per-request scratch row ([2, DKP + 1] int32: score bits,
+    # tokens; the last entry a sentinel) so that each step reads its three entries
+    # with scalar loads (L1) instead of three masked reductions over the table.
+    tb = tbl_ptr + b.to(tl.int64) * (2 * (DKP + 1))
+    tl.store(tb + t_idx, tbl_lp.to(tl.int32, bitcast=True))
+    tl.store(tb + (DKP + 1) + t_idx, tbl_tok)
+    tl.store(tb + DKP, tl.full((), float("-inf"), tl.float32).to(tl.int32, bitcast=True))
+    tl.store(tb + (2 * DKP + 1), -1)
+    tl.debug_barrier()
     slot = tl.arange(0, NP)
     head = tl.full((NP,), MIN_KEY, tl.int64)   # each slot's next child
     score = tl.zeros((NP,), tl.float32)
@@ -159,30 +168,34 @@ def _build_tree_select_kernel(keys_ptr, stats_ptr, temp_ptr, tok_ptr, par_ptr, n
     out_tok = tl.full((NP,), -1, tl.int32)
     out_par = tl.full((NP,), -1, tl.int32)
     if D > 0:
-        lp0 = tl.max(tl.where(t_idx == 0, tbl_lp, float("-inf")), axis=0)
-        head = tl.where(slot == 0, _key(lp0, k * N), head)
+        lp0 = tl.load(tb).to(tl.float32, bitcast=True)
+        head = tl.where(slot == 0, _key(lp0, tl.full((), KP * NP, tl.int32)), head)
     for step in range(1, steps):
         best = tl.max(head, axis=0)
         ok = best != MIN_KEY
         code = 0x7FFFFFFF - (best & 0xFFFFFFFF).to(tl.int32)
         sc = _unord((best >> 32).to(tl.int32))
-        p = code % N
-        r = (code // N) % k
-        d = code // (N * k)                  # the child's depth, >= 1
+        # code = (depth * KP + rank) * NP + parent slot: power-of-two radices.
+        p = code % NP
+        r = (code // NP) % KP
+        d = code // (NP * KP)                # the child's depth, >= 1
+        # Entries (d-1)k + r (the token), +1 (the next sibling: index <= Dk), dk (the
+        # first grandchild: index <= Dk); out-of-range ones are discarded below.
+        e = tl.where(ok, (d - 1) * k + r, DKP)
+        tok = tl.load(tb + (DKP + 1) + e)
+        lp_sib = tl.load(tb + tl.minimum(e + 1, DKP)).to(tl.float32, bitcast=True)
+        lp_c = tl.load(tb + tl.where(ok, tl.minimum(d * k, DKP), DKP)).to(tl.float32, bitcast=True)
         here = (slot == step) & ok
-        tok = tl.max(tl.where(t_idx == (d - 1) * k + r, tbl_tok, -1), axis=0)
         out_tok = tl.where(here, tok, out_tok)
         out_par = tl.where(here, p, out_par)
         sdep = tl.where(here, d, sdep)
         score = tl.where(here, sc, score)
         # The chosen child's next sibling takes its place in the parent's head.
         r1 = r + 1
-        lp_sib = tl.max(tl.where(t_idx == (d - 1) * k + r1, tbl_lp, float("-inf")), axis=0)
-        sib = _key(score + lp_sib, (d * k + r1) * N + slot)
+        sib = _key(score + lp_sib, (d * KP + r1) * NP + slot)
         head = tl.where((slot == p) & ok, tl.where(r1 < k, sib, MIN_KEY), head)
         # The new slot's best child opens (none at the last depth).
-        lp_c = tl.max(tl.where(t_idx == d * k, tbl_lp, float("-inf")), axis=0)
-        child = _key(sc + lp_c, ((d + 1) * k) * N + step)
+        child = _key(sc + lp_c, ((d + 1) * KP) * NP + step)
         head = tl.where(here, tl.where(d < D, child, MIN_KEY), head)
     in_n = slot < N
     o = b.to(tl.int64) * N + slot
@@ -236,6 +249,8 @@ def build_tree(draft_logits, top_k, temperature, tree_tokens, parents, num_nodes
     block, splits, chunk = _config(dev, B, D, V)
     keys = torch.empty((max(1, B * D), splits, KP), dtype=torch.int64, device=dev)
     stats = torch.empty((max(1, B * D), splits, 3), dtype=torch.float32, device=dev)
+    DKP = max(2, triton.next_power_of_2(max(1, D * k)))
+    tbl = torch.empty((B, 2, DKP + 1), dtype=torch.int32, device=dev)
     has_t = temperature is not None
     temp = temperature if has_t else stats
     with on_device(dev):
@@ -244,7 +259,6 @@ def build_tree(draft_logits, top_k, temperature, tree_tokens, parents, num_nodes
                 draft_logits, draft_logits.stride(0), draft_logits.stride(1), D, V, chunk, temp,
                 keys, stats, k, HAS_T=has_t, EPS=SAMPLING_EPS, KP=KP, BLOCK=block, num_warps=TOPK_WARPS)
         _build_tree_select_kernel[(B,)](
-            keys, stats, temp, tree_tokens, parents, num_nodes, depth, D, N, k, splits, N if D > 0 else 1,
+            keys, stats, temp, tbl, tree_tokens, parents, num_nodes, depth, D, N, k, splits, N if D > 0 else 1,
             HAS_T=has_t, EPS=SAMPLING_EPS, KP=KP, SPP=max(2, triton.next_power_of_2(splits)),
-            DKP=max(2, triton.next_power_of_2(max(1, D * k))),
-            NP=max(2, triton.next_power_of_2(N)), num_warps=select_warps(N))
+            DKP=DKP, NP=max(2, triton.next_power_of_2(N)), num_warps=select_warps(N))

@@ -12,7 +12,7 @@ import torch
 from ..case import Impl
 
 SUITES = ("block_attention", "fuse_target_features", "inject_kv", "write_kv", "verify_chain",
-          "verify_tree", "tree_mask", "copy_kv")
+          "verify_tree", "tree_mask", "copy_kv", "build_tree")
 OUR_BACKENDS = ("cuda", "triton", "reference")
 BASELINES = ("torch", "flashinfer", "flash_attn")
 
