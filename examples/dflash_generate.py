@@ -58,7 +58,7 @@ def main():
     from dflash_kernels.testing import (DFlashDrafter, DrafterConfig, Engine, OracleDrafter, TargetConfig,
                                         TinyQwen3, decode, encode, load_tiny_pair)
 
-    ops = ("block_attention", "fuse_target_features", "inject_kv", "verify_chain", "tree_mask",
+    ops = ("block_attention", "fuse_target_features", "inject_kv", "verify_chain", "build_tree", "tree_mask",
            "verify_tree", "copy_kv")
     if args.backend == "auto":
         backend = None

@@ -9,7 +9,7 @@ trained tiny pair (``load_tiny_pair``, scripts/train_tiny.py). Used by
 """
 
 from .drafter import DFlashDrafter, DrafterConfig, OracleDrafter
-from .engine import Engine, GenerationResult, PageAllocator, build_tree, slots_of
+from .engine import Engine, GenerationResult, PageAllocator, slots_of
 from .model import TargetConfig, TinyQwen3, make_cos_sin_cache, rms_norm, rope_neox
 from .pretrained import decode, encode, load_tiny_pair
 
@@ -22,7 +22,6 @@ __all__ = [
     "PageAllocator",
     "TargetConfig",
     "TinyQwen3",
-    "build_tree",
     "decode",
     "encode",
     "load_tiny_pair",

@@ -30,20 +30,6 @@ import dflash_kernels as dk
 from .drafter import DFlashDrafter, _pick
 from .model import TinyQwen3
 
-try:  # the public op (issue 16) once it lands; until then its PyTorch reference
-    from dflash_kernels import build_tree as _build_tree_op
-except ImportError:  # pragma: no cover - depends on the package version
-    _build_tree_op = None
-
-
-def build_tree(draft_logits: Tensor, num_nodes_budget: int, top_k: int, backend=None):
-    """``dk.build_tree`` when the package has it, else ``reference.build_tree`` (same contract)."""
-    if _build_tree_op is not None:
-        return _build_tree_op(draft_logits, num_nodes_budget, top_k=top_k,
-                              backend=_pick(backend, "build_tree"))
-    from dflash_kernels.reference.build_tree import build_tree as ref
-    return ref(draft_logits, num_nodes_budget, top_k=top_k)
-
 SCRATCH_PAGE = 0  # padding rows of the target write here; never allocated to a request
 
 
@@ -316,7 +302,7 @@ class Engine:
                 break
             draft = self.drafter.draft_logits(st.anchor, st.seq_len, st.block_table, st.dk_cache,
                                               st.dv_cache, backend=self.backend)       # [B, S-1, V]
-            tree = build_tree(draft, N, top_k, backend=self.backend)
+            tree = dk.build_tree(draft, N, top_k=top_k, backend=_pick(self.backend, "build_tree"))
             tokens = tree.tree_tokens.long().clone()
             tokens[:, 0] = st.anchor
             parents = tree.parents.to(torch.int32)
