@@ -2,7 +2,7 @@
 
     python examples/dflash_generate.py                      # trained tiny pair, CPU, reference ops
     python examples/dflash_generate.py --budgets 16 32 64 128
-    python examples/dflash_generate.py --sampled            # half the requests sampled (T = 0.8)
+    python examples/dflash_generate.py --modes mixed --temperature 1.0   # odd requests sampled
     python examples/dflash_generate.py --pair random        # random-weight target and drafter
     python examples/dflash_generate.py --pair random --drafter oracle   # drafts copied from a plain run
     python examples/dflash_generate.py --backend triton     # Triton (interpreter without a GPU: slow)
@@ -35,12 +35,76 @@ def parse_args():
     p.add_argument("--block-size", type=int, default=16, help="DFlash block size S")
     p.add_argument("--budgets", type=int, nargs="*", default=[16, 32, 64], help="tree node budgets N")
     p.add_argument("--top-k", type=int, default=8, help="tree candidates per depth")
-    p.add_argument("--sampled", action="store_true", help="odd requests sample at T = 0.8 (else all greedy)")
+    p.add_argument("--modes", nargs="*", default=["greedy", "sampled"], choices=["greedy", "sampled", "mixed"],
+                   help="one table each: all greedy, all sampled at --temperature, or odd requests sampled")
+    p.add_argument("--temperature", type=float, default=0.8, help="temperature of the sampled requests")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="per-step lines of the chain run")
     p.add_argument("--show", action="store_true", help="print the generated text of each request")
     return p.parse_args()
+
+
+def run_mode(args, torch, Engine, OracleDrafter, target, drafter, backend, prompts, temps, seeds, label):
+    B, S = len(prompts), args.block_size
+    t0 = time.time()
+    plain = Engine(target, None, page_size=16, backend=backend).generate_plain(prompts, args.max_new, temps, seeds)
+    rows = [("plain", 1, plain, time.time() - t0)]
+    if args.drafter == "oracle" and args.pair == "random":
+        drafter = OracleDrafter(target, drafter.cfg, plain.tokens)
+
+    step = [0]
+
+    def on_step(accept_len, out_tokens, active):
+        # Reading device values back: only for printing.
+        step[0] += 1
+        a, toks, act = accept_len.tolist(), out_tokens.tolist(), active.tolist()
+        parts = [f"r{b}: +{a[b] + 1}" if act[b] else f"r{b}: done" for b in range(B)]
+        print(f"chain step {step[0]:3d} | " + " ".join(parts))
+
+    t0 = time.time()
+    chain = Engine(target, drafter, page_size=16, backend=backend).generate_speculative(
+        prompts, args.max_new, temps, seeds, on_step=on_step if args.verbose else None)
+    rows.append((f"chain DFlash (S {S})", S, chain, time.time() - t0))
+    if args.drafter != "oracle":
+        for n in args.budgets:
+            t0 = time.time()
+            tree = Engine(target, drafter, page_size=16, backend=backend).generate_tree(
+                prompts, args.max_new, temps, seeds, num_nodes=n, top_k=args.top_k)
+            rows.append((f"tree DFlash (N {n}, top-{args.top_k})", n, tree, time.time() - t0))
+
+    p_tok = plain.tokens.cpu()
+    print(f"\n{label}:")
+    print("| decoding | nodes verified/step | accepted/step | tokens/step | target passes/token "
+          "| same as plain | CPU s |")
+    print("|---|---|---|---|---|---|---|")
+    all_same, chain_acc = True, None
+    for name, nodes, res, secs in rows:
+        toks = res.tokens.cpu()
+        same = bool((toks == p_tok).all())
+        all_same &= same
+        new = args.max_new - 1  # tokens after the prefill's first one
+        if name == "plain":
+            acc, passes = 0.0, 1.0
+        else:
+            hist = res.accept_lens.cpu()
+            active = hist >= 0
+            acc = hist.clamp(min=0)[active].sum().item() / active.sum().item()
+            # One target pass per step serves the whole batch.
+            passes = res.steps / new
+        extra = ""
+        if name.startswith("chain"):
+            chain_acc = acc
+        elif name.startswith("tree") and chain_acc is not None:
+            # Acceptance gained over the chain, and per extra verified node.
+            extra = f" ({acc - chain_acc:+.2f} vs chain"
+            extra += f", {(acc - chain_acc) / (nodes - S):+.3f}/extra node)" if nodes > S else ")"
+        print(f"| {name} | {nodes} | {acc:.2f}{extra} | {acc + 1:.2f} | {passes:.3f} | {same} | {secs:.1f} |")
+    note = ("(accepted/step: accepted drafts per active request-step; tokens/step = accepted + the "
+            f"bonus; target passes/token: target forward passes of the batch per generated token after "
+            f"the first, {args.max_new - 1} per request; same as plain: every request's tokens equal "
+            "plain decoding with the same keyed sampler)")
+    return plain, all_same, note
 
 
 def main():
@@ -84,67 +148,28 @@ def main():
         drafter = DFlashDrafter(target, DrafterConfig(block_size=S, mask_token_id=V - 1, seed=args.seed + 1))
         prompts = [torch.randint(0, V - 1, (int(n),), generator=gen).tolist()
                    for n in torch.randint(3, 24, (B,), generator=gen)]
-    temps = [0.8 if (args.sampled and b % 2 == 1) else 0.0 for b in range(B)]
     seeds = torch.randint(0, 2 ** 62, (B,), generator=gen).tolist()
     print(f"{B} requests, prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
-          f"{args.max_new} new tokens each, " + ("greedy and T=0.8 mixed" if args.sampled else "greedy"))
-
-    t0 = time.time()
-    plain = Engine(target, None, page_size=16, backend=backend).generate_plain(prompts, args.max_new, temps, seeds)
-    rows = [("plain", 1, plain, time.time() - t0)]
-    if args.drafter == "oracle" and args.pair == "random":
-        drafter = OracleDrafter(target, drafter.cfg, plain.tokens)
-
-    step = [0]
-
-    def on_step(accept_len, out_tokens, active):
-        # Reading device values back: only for printing.
-        step[0] += 1
-        a, toks, act = accept_len.tolist(), out_tokens.tolist(), active.tolist()
-        parts = [f"r{b}: +{a[b] + 1}" if act[b] else f"r{b}: done" for b in range(B)]
-        print(f"chain step {step[0]:3d} | " + " ".join(parts))
-
-    t0 = time.time()
-    chain = Engine(target, drafter, page_size=16, backend=backend).generate_speculative(
-        prompts, args.max_new, temps, seeds, on_step=on_step if args.verbose else None)
-    rows.append((f"chain DFlash (S {S})", S, chain, time.time() - t0))
-    if args.drafter != "oracle":
-        for n in args.budgets:
-            t0 = time.time()
-            tree = Engine(target, drafter, page_size=16, backend=backend).generate_tree(
-                prompts, args.max_new, temps, seeds, num_nodes=n, top_k=args.top_k)
-            rows.append((f"tree DFlash (N {n}, top-{args.top_k})", n, tree, time.time() - t0))
-
-    p_tok = plain.tokens.cpu()
-    print()
-    print(f"| decoding | nodes verified/step | tokens/step | target passes/token | lossless | CPU s |")
-    print(f"|---|---|---|---|---|---|")
-    all_same = True
-    for name, nodes, res, secs in rows:
-        toks = res.tokens.cpu()
-        same = bool((toks == p_tok).all())
+          f"{args.max_new} new tokens each")
+    modes = {"greedy": [0.0] * B, "sampled": [args.temperature] * B,
+             "mixed": [args.temperature if b % 2 else 0.0 for b in range(B)]}
+    labels = {"greedy": "greedy", "sampled": f"sampled, T = {args.temperature} (keyed Gumbel-max)",
+              "mixed": f"mixed: odd requests T = {args.temperature}, even greedy"}
+    all_same, outputs, note = True, {}, ""
+    for mode in args.modes:
+        plain, same, note = run_mode(args, torch, Engine, OracleDrafter, target, drafter, backend, prompts,
+                                     modes[mode], seeds, labels[mode])
         all_same &= same
-        new = args.max_new - 1  # tokens after the prefill's first one
-        if name == "plain":
-            tps, passes = 1.0, 1.0
-        else:
-            hist = res.accept_lens.cpu()
-            active = hist >= 0
-            emitted = (hist.clamp(min=0) + 1)[active].sum().item()
-            tps = emitted / active.sum().item()
-            # One target pass per step serves the whole batch; per request it
-            # verified `nodes` rows to emit accept + 1 tokens.
-            passes = res.steps / new
-        print(f"| {name} | {nodes} | {tps:.2f} | {passes:.3f} | {same} | {secs:.1f} |")
-    print("\n(tokens/step: over every active request-step; target passes/token: target forward "
-          f"passes of the batch per generated token after the first, {args.max_new - 1} per request)")
+        outputs[mode] = plain.tokens.cpu()
+    print("\n" + note)
     if args.show:
-        for b in range(B):
-            print(f"--- request {b} ({'greedy' if temps[b] <= 0 else 'T=0.8'})")
-            if args.pair == "trained":
-                print(repr(texts[b]), "->", repr(decode(p_tok[b].tolist())))
-            else:
-                print(prompts[b], "->", p_tok[b].tolist())
+        for mode, toks in outputs.items():
+            for b in range(B):
+                print(f"--- {mode}, request {b}")
+                if args.pair == "trained":
+                    print(repr(texts[b]), "->", repr(decode(toks[b].tolist())))
+                else:
+                    print(prompts[b], "->", toks[b].tolist())
     print("lossless:", all_same)
     return 0 if all_same else 1
 
