@@ -28,14 +28,6 @@ TREE_OPS = ("block_attention", "fuse_target_features", "inject_kv", "build_tree"
             "verify_tree", "copy_kv", "verify_chain")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _train_tiny():
     spec = importlib.util.spec_from_file_location("train_tiny", os.path.join(ROOT, "scripts", "train_tiny.py"))
     mod = importlib.util.module_from_spec(spec)

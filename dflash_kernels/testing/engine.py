@@ -195,6 +195,22 @@ class Engine:
         keep = (out_tokens >= 0) & active[:, None] & (col < sink)
         st.out.scatter_(1, torch.where(keep, col, sink), out_tokens)
 
+    def _advance(self, st: BatchState, v, active: Tensor, history: list, on_step) -> None:
+        """After a verify (chain or tree output): emit, move seq_len / anchor of active requests."""
+        self._record(st, v.out_tokens, active)
+        st.generated = torch.where(active, st.generated + v.accept_len + 1, st.generated)
+        st.seq_len = torch.where(active, v.new_seq_lens, st.seq_len)
+        st.anchor = torch.where(active, v.bonus.long(), st.anchor)
+        history.append(torch.where(active, v.accept_len, -1))
+        if on_step is not None:
+            on_step(v.accept_len, v.out_tokens, active)
+
+    def _result(self, st: BatchState, history: list, max_new: int) -> GenerationResult:
+        B = st.out.shape[0]
+        hist = (torch.stack(history) if history
+                else torch.zeros((0, B), dtype=torch.int32, device=self.device))
+        return GenerationResult(st.out[:, :max_new].clone(), hist, len(history))
+
     # ------------------------------------------------------------------ loops
 
     def generate_plain(self, prompts, max_new: int, temperature, seeds,
@@ -253,15 +269,8 @@ class Engine:
             self.drafter.inject([f.reshape(B * S, -1) for f in feats], pos.reshape(-1),
                                 torch.where(commit, slots, -1).reshape(-1),
                                 st.dk_cache, st.dv_cache, backend=self.backend)
-            self._record(st, v.out_tokens, active)
-            st.generated = torch.where(active, st.generated + v.accept_len + 1, st.generated)
-            st.seq_len = torch.where(active, v.new_seq_lens, st.seq_len)
-            st.anchor = torch.where(active, v.bonus.long(), st.anchor)
-            history.append(torch.where(active, v.accept_len, -1))
-            if on_step is not None:
-                on_step(v.accept_len, v.out_tokens, active)
-        hist = torch.stack(history) if history else torch.zeros((0, B), dtype=torch.int32, device=dev)
-        return GenerationResult(st.out[:, :max_new].clone(), hist, len(history))
+            self._advance(st, v, active, history, on_step)
+        return self._result(st, history, max_new)
 
     def _verify_tree(self, st: BatchState, logits: Tensor, tree_tokens: Tensor, parents: Tensor,
                      num_nodes: Tensor):
@@ -332,12 +341,5 @@ class Engine:
             islots = torch.where(commit, slots_of(st.block_table, ipos, ps), -1)
             self.drafter.inject(picked, ipos.reshape(-1), islots.reshape(-1), st.dk_cache, st.dv_cache,
                                 backend=self.backend)
-            self._record(st, v.out_tokens, active)
-            st.generated = torch.where(active, st.generated + v.accept_len + 1, st.generated)
-            st.seq_len = torch.where(active, v.new_seq_lens, st.seq_len)
-            st.anchor = torch.where(active, v.bonus.long(), st.anchor)
-            history.append(torch.where(active, v.accept_len, -1))
-            if on_step is not None:
-                on_step(v.accept_len, v.out_tokens, active)
-        hist = torch.stack(history) if history else torch.zeros((0, B), dtype=torch.int32, device=dev)
-        return GenerationResult(st.out[:, :max_new].clone(), hist, len(history))
+            self._advance(st, v, active, history, on_step)
+        return self._result(st, history, max_new)
