@@ -195,6 +195,22 @@ class Engine:
         keep = (out_tokens >= 0) & active[:, None] & (col < sink)
         st.out.scatter_(1, torch.where(keep, col, sink), out_tokens)
 
+    def _advance(self, st: BatchState, v, active: Tensor, history: list, on_step) -> None:
+        """After a verify (chain or tree output): emit, move seq_len / anchor of active requests."""
+        self._record(st, v.out_tokens, active)
+        st.generated = torch.where(active, st.generated + v.accept_len + 1, st.generated)
+        st.seq_len = torch.where(active, v.new_seq_lens, st.seq_len)
+        st.anchor = torch.where(active, v.bonus.long(), st.anchor)
+        history.append(torch.where(active, v.accept_len, -1))
+        if on_step is not None:
+            on_step(v.accept_len, v.out_tokens, active)
+
+    def _result(self, st: BatchState, history: list, max_new: int) -> GenerationResult:
+        B = st.out.shape[0]
+        hist = (torch.stack(history) if history
+                else torch.zeros((0, B), dtype=torch.int32, device=self.device))
+        return GenerationResult(st.out[:, :max_new].clone(), hist, len(history))
+
     # ------------------------------------------------------------------ loops
 
     def generate_plain(self, prompts, max_new: int, temperature, seeds,
@@ -253,12 +269,77 @@ class Engine:
             self.drafter.inject([f.reshape(B * S, -1) for f in feats], pos.reshape(-1),
                                 torch.where(commit, slots, -1).reshape(-1),
                                 st.dk_cache, st.dv_cache, backend=self.backend)
-            self._record(st, v.out_tokens, active)
-            st.generated = torch.where(active, st.generated + v.accept_len + 1, st.generated)
-            st.seq_len = torch.where(active, v.new_seq_lens, st.seq_len)
-            st.anchor = torch.where(active, v.bonus.long(), st.anchor)
-            history.append(torch.where(active, v.accept_len, -1))
-            if on_step is not None:
-                on_step(v.accept_len, v.out_tokens, active)
-        hist = torch.stack(history) if history else torch.zeros((0, B), dtype=torch.int32, device=dev)
-        return GenerationResult(st.out[:, :max_new].clone(), hist, len(history))
+            self._advance(st, v, active, history, on_step)
+        return self._result(st, history, max_new)
+
+    def _verify_tree(self, st: BatchState, logits: Tensor, tree_tokens: Tensor, parents: Tensor,
+                     num_nodes: Tensor):
+        return dk.verify_tree(logits.float().contiguous(), tree_tokens, parents, num_nodes=num_nodes,
+                              temperature=st.temperature, seeds=st.seeds, positions=st.seq_len.long(),
+                              seq_lens=st.seq_len, backend=_pick(self.backend, "verify_tree"))
+
+    def generate_tree(self, prompts, max_new: int, temperature, seeds, num_nodes: int, top_k: int = 8,
+                      max_steps: Optional[int] = None, on_step: Optional[Callable] = None,
+                      target_attention=None) -> GenerationResult:
+        """Tree DFlash decoding (docs/tree.md): per step, draft one block, build a tree
+        of ``num_nodes`` slots from the draft logits (``build_tree``, ``top_k``
+        candidates per depth), run the target over the tree (``tree_mask``,
+        positions ``seq_len + depth``), ``verify_tree``, then keep the accepted
+        path: its target K/V move to consecutive cache indices (``copy_kv``) and
+        its captured hidden states are injected into the draft cache
+        (``inject_kv``). ``target_attention``: None (the target's own float64
+        attention, exactly lossless) or a backend for ``dk.block_attention``
+        with the tree's ``block_mask`` (fp16; see TinyQwen3.forward).
+        The host reads one value per step, to stop (as generate_speculative)."""
+        if self.drafter is None:
+            raise ValueError("generate_tree needs a drafter")
+        S, N = self.drafter.cfg.block_size, int(num_nodes)
+        if N < 1:
+            raise ValueError(f"num_nodes: expected >= 1, got {num_nodes}")
+        st = self._start(prompts, max_new, temperature, seeds, block_size=max(S, N))
+        self._prefill(st, prompts)
+        self.state = st
+        dev, ps, B = self.device, self.page_size, len(prompts)
+        nodes = torch.arange(N, device=dev)
+        rows = torch.arange(S, device=dev)   # the accepted path, root included, has at most S rows
+        history = []
+        max_steps = max_new if max_steps is None else max_steps
+        for _ in range(max_steps):
+            active = st.generated < max_new
+            # Host read to stop: the only sync of the step.
+            if not bool(active.any()):
+                break
+            draft = self.drafter.draft_logits(st.anchor, st.seq_len, st.block_table, st.dk_cache,
+                                              st.dv_cache, backend=self.backend)       # [B, S-1, V]
+            tree = dk.build_tree(draft, N, top_k=top_k, backend=_pick(self.backend, "build_tree"))
+            tokens = tree.tree_tokens.long().clone()
+            tokens[:, 0] = st.anchor
+            parents = tree.parents.to(torch.int32)
+            mask, depth = dk.tree_mask(parents, backend=_pick(self.backend, "tree_mask"))
+            c = st.seq_len.long()
+            # Slot i's K/V at cache index c + i, its RoPE position c + depth(i).
+            slots = slots_of(st.block_table, c[:, None] + nodes, ps)
+            logits, feats = self.target.forward(tokens.clamp(min=0), c[:, None] + depth.long(), slots,
+                                                st.block_table, st.k_cache, st.v_cache,
+                                                block_mask=mask, block_start=c,
+                                                attention_backend=target_attention)
+            v = self._verify_tree(st, logits, tokens, parents, tree.num_nodes)
+            # Target K/V of the accepted path: node accepted_nodes[k] -> cache index c + 1 + k.
+            path = v.accepted_nodes.long()                                        # [B, N]
+            keep = (nodes[None, :] < v.accept_len[:, None]) & active[:, None]
+            src = slots_of(st.block_table, c[:, None] + path.clamp(min=0), ps)
+            dst = torch.where(keep, slots_of(st.block_table, c[:, None] + 1 + nodes, ps), -1)
+            dk.copy_kv(src.reshape(-1), dst.reshape(-1), st.k_cache, st.v_cache,
+                       backend=_pick(self.backend, "copy_kv"))
+            # Draft context of the committed rows (the anchor and the path) at c + j.
+            node_of = torch.cat([torch.zeros_like(path[:, :1]), path[:, :S - 1]], 1)  # [B, S]
+            commit = (rows[None, :] <= v.accept_len[:, None]) & active[:, None]
+            node_of = torch.where(commit, node_of, 0)
+            H = feats[0].shape[-1]
+            picked = [f.gather(1, node_of[:, :, None].expand(B, S, H)).reshape(B * S, H) for f in feats]
+            ipos = c[:, None] + rows
+            islots = torch.where(commit, slots_of(st.block_table, ipos, ps), -1)
+            self.drafter.inject(picked, ipos.reshape(-1), islots.reshape(-1), st.dk_cache, st.dv_cache,
+                                backend=self.backend)
+            self._advance(st, v, active, history, on_step)
+        return self._result(st, history, max_new)

@@ -147,7 +147,8 @@ class TinyQwen3:
 
     def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, block_table: Tensor,
                 k_cache: Tensor, v_cache: Tensor, lengths: Optional[Tensor] = None,
-                ) -> Tuple[Tensor, List[Tensor]]:
+                block_mask: Optional[Tensor] = None, block_start: Optional[Tensor] = None,
+                attention_backend=None) -> Tuple[Tensor, List[Tensor]]:
         """Run ``T`` tokens per request causally over the paged cache.
 
         Args:
@@ -163,6 +164,21 @@ class TinyQwen3:
         Token ``(b, i)`` sees every cached key of request b at positions
         ``<= positions[b, i]`` (the rows of this call are written first).
 
+        Tree mode (``block_mask`` given): the T rows are the nodes of a draft
+        tree, ``block_mask`` int32 ``[B, T, ceil(T/32)]`` as ``dk.tree_mask``
+        builds it and ``block_start`` int64 ``[B]`` the cache index of row 0
+        (the committed length); ``positions`` are then ``block_start + depth``
+        (RoPE) while ``slots`` hold the rows at cache indices
+        ``block_start + i``. Row i sees every key at a cache index below
+        ``block_start`` and block row j iff bit j of its mask row is set
+        (SPEC's ``block_mask`` rule for the last T cached keys). The math is
+        still this model's float64 attention, unless ``attention_backend`` is
+        given (a backend name, ``{op: backend}``, or ``"auto"``): then every
+        layer's attention is ``dk.block_attention(..., block_mask=block_mask)``
+        over fp16 copies of the query and the cache (k_block None: the block
+        is the last T cached keys), so decisions may flip at near-ties and the
+        loop is no longer exactly lossless (docs/tree.md).
+
         Returns:
             logits ``[B, T, V]`` and the outputs of ``cfg.capture_layers``
             (each ``[B, T, H]``), in the model's dtype.
@@ -175,7 +191,15 @@ class TinyQwen3:
         pages = block_table.long().clamp(0, num_pages - 1)
         Lk = pages.shape[1] * page_size
         key_pos = torch.arange(Lk, device=tokens.device)
-        visible = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, Lk]
+        if block_mask is None:
+            visible = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, Lk]
+        else:
+            j = key_pos[None, :] - block_start[:, None]                 # block row of each key
+            jc = j.clamp(0, T - 1)
+            words = block_mask.long().gather(2, (jc // 32)[:, None, :].expand(B, T, Lk))
+            bit = ((words >> (jc % 32)[:, None, :]) & 1).bool()
+            in_block = ((j >= 0) & (j < T))[:, None, :]
+            visible = (j < 0)[:, None, :] | (in_block & bit)
         if lengths is not None:
             visible = visible & (torch.arange(T, device=tokens.device)[None, :] < lengths[:, None])[:, :, None]
         flat_slots = slots.reshape(-1)
@@ -198,12 +222,16 @@ class TinyQwen3:
             # 0 * NaN never reaches the output.
             vals = torch.where(visible.any(1)[:, :, None, None], vals, torch.zeros((), dtype=vals.dtype,
                                                                                     device=vals.device))
-            qg = q.view(B, T, Hkv, g, D)
-            scores = torch.einsum("btkgd,bskd->bkgts", qg, keys) * (D ** -0.5)
-            scores = torch.where(visible[:, None, None], scores,
-                                 torch.full((), float("-inf"), dtype=scores.dtype, device=scores.device))
-            probs = torch.softmax(scores, dim=-1)
-            attn = torch.einsum("bkgts,bskd->btkgd", probs, vals).reshape(B, T, Hq * D)
+            if attention_backend is not None and block_mask is not None:
+                attn = self._ops_attention(q, k_cache[li], v_cache[li], block_table,
+                                           block_start + T, block_mask, attention_backend)
+            else:
+                qg = q.view(B, T, Hkv, g, D)
+                scores = torch.einsum("btkgd,bskd->bkgts", qg, keys) * (D ** -0.5)
+                scores = torch.where(visible[:, None, None], scores,
+                                     torch.full((), float("-inf"), dtype=scores.dtype, device=scores.device))
+                probs = torch.softmax(scores, dim=-1)
+                attn = torch.einsum("bkgts,bskd->btkgd", probs, vals).reshape(B, T, Hq * D)
             x = x + attn @ layer.wo.T
             h = rms_norm(x, layer.ln2, c.eps)
             x = x + (torch.nn.functional.silu(h @ layer.w_gate.T) * (h @ layer.w_up.T)) @ layer.w_down.T
@@ -211,3 +239,15 @@ class TinyQwen3:
                 captured.append(x)
         logits = rms_norm(x, self.final_norm, c.eps) @ self.lm_head.T
         return logits, captured
+
+    def _ops_attention(self, q, k_cache, v_cache, block_table, context_lens, block_mask, backend):
+        """One layer's tree attention through ``dk.block_attention(block_mask=...)`` in fp16."""
+        import dflash_kernels as dk
+        if isinstance(backend, dict):
+            backend = backend.get("block_attention")
+        if backend == "auto":
+            backend = None
+        B, T, Hq, D = q.shape
+        o = dk.block_attention(q.half().contiguous(), k_cache.half(), v_cache.half(), block_table,
+                               context_lens.to(torch.int32), block_mask=block_mask, backend=backend)
+        return o.to(q.dtype).reshape(B, T, Hq * D)
