@@ -418,3 +418,28 @@ def test_joint_triton_equals_reference(draft_probs, device):
     kw["top_p"] = torch.tensor([0.9, 0.6, 0.5, 0.3], device=device)
     j = run_verify("reference", dict(kw, filter_order="joint"))
     assert_same_verify(run_verify("triton", dict(kw, filter_order="joint")), j)
+
+
+def test_ragged_joint_call_under_torch_compile():
+    """fullgraph torch.compile of a ragged, joint-filtered call: the custom op's
+    schema (``Tensor? cu_rows``, ``str? filter_order``) and fake traces it, and
+    the compiled call gives the eager result (tests/test_torch_compile.py pattern)."""
+    B, S, V = 3, 3, 40
+    kw = to_ragged(make_verify_case(B, S, V, top_k=True, top_p=True, gen_seed=11), [3, 1, 2])
+    kw["filter_order"] = "joint"
+
+    def call(logits, block_tokens, cu_rows, temperature, top_k, top_p, seeds, positions):
+        r = dflash_kernels.verify_chain(
+            logits, block_tokens, cu_rows=cu_rows, max_rows=S, temperature=temperature,
+            top_k=top_k, top_p=top_p, seeds=seeds, positions=positions,
+            filter_order="joint", backend="reference")
+        return r.accept_len, r.out_tokens, r.bonus
+
+    args = [kw[k] for k in ("logits", "block_tokens", "cu_rows", "temperature", "top_k", "top_p",
+                            "seeds", "positions")]
+    expected = call(*args)
+    torch._dynamo.reset()
+    got = torch.compile(call, fullgraph=True, backend="aot_eager")(*args)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+    assert ((expected[1] >= 0).sum(1) == expected[0] + 1).all()    # accepted drafts + bonus
