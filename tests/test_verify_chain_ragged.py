@@ -347,6 +347,7 @@ def joint_truth(s, k, p):
     """Independent float64 math: the top-k set intersected with the full distribution's
     nucleus (the smallest prefix, by value, whose probability reaches top_p)."""
     s = np.asarray(s, dtype=np.float64)
+    s = np.where(np.isnan(s), -np.inf, s)      # NaN counts as -inf
     fin = np.isfinite(s)
     keep = np.ones(len(s), dtype=bool)
     if 0 < k < len(s):
@@ -368,10 +369,28 @@ def test_joint_kept_set_against_independent_math():
     ps = (0.05 + 0.94 * torch.rand(R, generator=g)).tolist()
     ps[:3] = [1.0, 0.3, 0.0]
     ks[3] = 0
+    # Edge rows: ties at the k-th value and at the nucleus cut, -inf and NaN entries,
+    # an all -inf row, k = 1, k past the finite count, top_p tiny and near 1.
+    tied = torch.full((V,), -3.0)
+    tied[:6] = torch.tensor([2.0, 1.0, 1.0, 1.0, 0.5, 0.5])
+    holes = torch.randn(V, generator=g)
+    holes[::3] = NEG_INF
+    holes[1::7] = float("nan")
+    edge = [(tied, 2, 0.6), (tied, 3, 0.5), (tied, 5, 0.9), (tied, 1, 0.9), (holes, 40, 0.7),
+            (holes, 80, 0.95), (holes, 1, 0.5), (torch.full((V,), NEG_INF), 5, 0.5),
+            (rows[4], 1, 1e-7), (rows[5], 20, 1e-7), (rows[6], 20, 1 - 1e-6),
+            (rows[7], V - 1, 1 - 1e-6), (rows[8], 30, 0.999)]
+    raw = torch.cat([rows, torch.stack([e[0] for e in edge])])
+    ks += [e[1] for e in edge]
+    ps += [e[2] for e in edge]
+    rows = raw.nan_to_num(nan=NEG_INF)          # what scale_logits hands kept_set
+    R = rows.shape[0]
     got = kept(rows, ks, ps, True)
     for i in range(R):
-        want = joint_truth(rows[i].tolist(), ks[i], ps[i])
+        want = joint_truth(raw[i].tolist(), ks[i], ps[i])
         assert got[i].tolist() == want.tolist(), (i, ks[i], ps[i])
+    # The orders really differ on some of these rows (the comparison above can fail).
+    assert (got != kept(rows, ks, ps, False)).any(-1).sum() >= 5
     # Without an active top-k (or top-p) both orders keep the same set.
     off = [0] * R
     assert torch.equal(kept(rows, off, ps, True), kept(rows, off, ps, False))
