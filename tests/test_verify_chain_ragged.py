@@ -256,22 +256,13 @@ def test_cuda_backend_refuses_ragged_and_joint(monkeypatch):
 
 
 def test_traced_ragged_joint_call_goes_through_the_custom_op():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
+    from helpers import op_log
 
     B, S, V = 3, 3, 40
     kw = to_ragged(make_verify_case(B, S, V, top_k=True, top_p=True, gen_seed=9), [3, 1, 2])
     kw["filter_order"] = "joint"
     eager = run_ragged("reference", kw, S)
-    with Log() as log:
+    with op_log() as log:
         traced = run_ragged("reference", kw, S)
     assert "dflash.verify_chain.default" in log.ops
     assert_same_verify(eager, traced)
