@@ -34,11 +34,15 @@ SCHEMAS: Dict[str, str] = {
         "Tensor k, Tensor v, Tensor? k_norm_weight, Tensor positions, Tensor slot_mapping, "
         "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor cos_sin_cache, float eps, "
         "bool rope_neox, int rotary_dim, Tensor? k_scale, Tensor? v_scale"),
+    # cu_rows: the ragged layout (logits [T, V], block_tokens [T]; max_rows is
+    # out_tokens' width). filter_order: None (sequential, the default) or
+    # "joint"; ops.verify_chain passes "joint" only when it changes the kept set
+    # (top_k and top_p both given), so a backend without it is skipped then only.
     "verify_chain": (
         "Tensor logits, Tensor block_tokens, Tensor num_drafts, Tensor? temperature, "
         "Tensor? top_k, Tensor? top_p, Tensor? seeds, Tensor? positions, Tensor? draft_probs, "
-        "Tensor? seq_lens, Tensor(a!) accept_len, Tensor(b!) out_tokens, Tensor(c!) bonus, "
-        "Tensor(d!)? new_seq_lens"),
+        "Tensor? seq_lens, Tensor? cu_rows, str? filter_order, Tensor(a!) accept_len, "
+        "Tensor(b!) out_tokens, Tensor(c!) bonus, Tensor(d!)? new_seq_lens"),
     "tree_mask": "Tensor parents, Tensor(a!) mask, Tensor(b!) depth",
     "verify_tree": (
         "Tensor logits, Tensor tree_tokens, Tensor parents, Tensor? num_nodes, "
@@ -58,7 +62,7 @@ class OpSchema(NamedTuple):
     name: str
     schema: str                       # the argument list, as in SCHEMAS
     args: Tuple[str, ...]             # argument names, in backend order
-    optional: Tuple[Tuple[int, str], ...]   # (position, name) of the ``Tensor?`` inputs
+    optional: Tuple[Tuple[int, str], ...]   # (position, name) of the optional (``Tensor?``, ``str?``) inputs
     mutated: Tuple[str, ...]          # outputs the op writes
 
 

@@ -517,6 +517,36 @@ class VerifyOutput(NamedTuple):
     new_seq_lens: Optional[Tensor]
 
 
+_FILTER_ORDERS = ("sequential", "joint")
+
+
+def _check_ragged(logits, block_tokens, cu_rows, max_rows, num_drafts):
+    """``(B, S, logits)`` of a ragged call (SPEC "verify_chain: engine layouts"):
+    ``logits [T, V]``, ``block_tokens [T]``, ``cu_rows`` int32 ``[B+1]``,
+    ``max_rows`` the S of the outputs. The values of ``cu_rows`` stay on the
+    device: the backends clamp them (reference ``ragged_rows``)."""
+    check_tensor("block_tokens", block_tokens, ndim=1, dtypes=INDEX_DTYPES)
+    dev = block_tokens.device
+    check_tensor("cu_rows", cu_rows, ndim=1, dtypes=(torch.int32,), device=dev)
+    if cu_rows.shape[0] < 1:
+        raise ValueError("cu_rows: expected B+1 >= 1 entries (cu_rows[0] = 0)")
+    B = cu_rows.shape[0] - 1
+    S = check_int("max_rows", max_rows, minimum=1)
+    if num_drafts is not None:
+        raise ValueError("num_drafts: not used with cu_rows (request b verifies its "
+                         "cu_rows[b+1] - cu_rows[b] - 1 drafts)")
+    T = block_tokens.shape[0]
+    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES, device=dev, last_contiguous=True)
+    if logits.shape[0] != T:
+        raise ValueError(f"logits: expected {T} rows (one per block_tokens entry), "
+                         f"got shape {list(logits.shape)}")
+    if logits.shape[1] < 1:
+        raise ValueError("logits: expected a vocabulary of at least one token")
+    if T < B:
+        raise ValueError(f"block_tokens: {T} rows for {B} requests (each owns at least its anchor)")
+    return B, S
+
+
 def verify_chain(
     logits: Tensor, block_tokens: Tensor, *, num_drafts: Optional[Tensor] = None,
     temperature: Optional[Tensor] = None, top_k: Optional[Tensor] = None,
@@ -524,14 +554,19 @@ def verify_chain(
     positions: Optional[Tensor] = None, draft_probs: Optional[Tensor] = None,
     seq_lens: Optional[Tensor] = None, out=None, backend: Optional[str] = None,
     tp_group=None, vocab_start: int = 0, vocab_size: Optional[int] = None,
+    cu_rows: Optional[Tensor] = None, max_rows: Optional[int] = None,
+    filter_order: str = "sequential",
 ) -> VerifyOutput:
     """Accept the longest agreeing prefix of each drafted block, plus a bonus token.
 
     Args:
         logits: ``[B, S, V]`` or ``[B*S, V]`` fp32/bf16/fp16; row (b, j) is the
-            target's distribution after block token j.
+            target's distribution after block token j. Ragged: ``[T, V]``.
         block_tokens: int32/int64 ``[B, S]``: the anchor, then S-1 drafts.
-        num_drafts: int32 ``[B]`` drafts to verify per request (default S-1).
+            Ragged: ``[T]``, request b's anchor then drafts at rows
+            ``cu_rows[b] .. cu_rows[b+1]-1``.
+        num_drafts: int32 ``[B]`` drafts to verify per request (default S-1;
+            not with ``cu_rows``).
         temperature: fp32 ``[B]``; rows with ``T < 1e-5`` (``SAMPLING_EPS``, NaN
             too) are greedy. None: all greedy.
         top_k: int32 ``[B]`` (``<= 0`` or ``>= V``: off). Needs temperature.
@@ -540,6 +575,9 @@ def verify_chain(
             anchor); required with temperature.
         draft_probs: ``[B, S-1, V]`` draft distributions (fp32/bf16/fp16), for
             the rejection rule; None for point-mass drafts. Needs temperature.
+            Ragged: ``[T, V]``, row r the draft distribution of the token
+            that logits row r decides (the next row's token); each request's
+            last row is never read.
         seq_lens: int32 ``[B]``; gives ``new_seq_lens = seq_lens + accept_len + 1``.
         out: optional ``VerifyOutput`` (or 4-tuple) of output buffers;
             ``new_seq_lens`` may be None when ``seq_lens`` is None.
@@ -547,17 +585,41 @@ def verify_chain(
             (docs/tensor_parallel.md): ``logits`` / ``draft_probs`` are this
             rank's shard of global ids ``vocab_start ..``; ``vocab_size`` the
             true vocab (required). Every rank gets the single-device result.
+        cu_rows, max_rows: the ragged layout of vLLM's samplers
+            (``cu_num_logits``): int32 ``[B+1]`` row offsets on the device and
+            the host-known S of the outputs, which keep the ``[B, max_rows]``
+            shape. Request b verifies ``min(cu_rows[b+1] - cu_rows[b], max_rows) - 1``
+            drafts, derived on the device. ``cu_rows`` is not read on the
+            host: values outside ``0 <= cu_rows[b] < cu_rows[b+1] <= T``
+            give unspecified outputs but never a read outside the tensors
+            (docs/verify_chain.md, "Ragged batches"); rows past
+            ``cu_rows[B]`` (an engine's graph padding) are never read.
+        filter_order: ``"sequential"`` (vLLM: top-p over the distribution
+            renormalised to the top-k set) or ``"joint"`` (SGLang's DFlash
+            sampling verify: the top-k set intersected with the top-p
+            nucleus of the full distribution). Only matters with both
+            top_k and top_p.
 
     Returns:
         :class:`VerifyOutput`. The noise scheme is in docs/DESIGN.md.
     """
-    check_tensor("block_tokens", block_tokens, ndim=2, dtypes=INDEX_DTYPES)
-    dev = block_tokens.device
-    B, S = block_tokens.shape
-    if S < 1:
-        raise ValueError("block_tokens: expected at least one column (the anchor)")
-    logits = _check_row_logits(logits, B, S, dev, "S")
-    V = logits.shape[2]
+    ragged = cu_rows is not None
+    if ragged:
+        B, S = _check_ragged(logits, block_tokens, cu_rows, max_rows, num_drafts)
+        dev = block_tokens.device
+        V = logits.shape[1]
+    else:
+        if max_rows is not None:
+            raise ValueError("max_rows: only used with cu_rows")
+        check_tensor("block_tokens", block_tokens, ndim=2, dtypes=INDEX_DTYPES)
+        dev = block_tokens.device
+        B, S = block_tokens.shape
+        if S < 1:
+            raise ValueError("block_tokens: expected at least one column (the anchor)")
+        logits = _check_row_logits(logits, B, S, dev, "S")
+        V = logits.shape[2]
+    if filter_order not in _FILTER_ORDERS:
+        raise ValueError(f"filter_order: expected one of {_FILTER_ORDERS}, got {filter_order!r}")
     if tp_group is not None:
         from .vocab_parallel import check_tp_args
         check_tp_args(vocab_start, vocab_size, V, backend)
@@ -572,7 +634,7 @@ def verify_chain(
     _check_sampling(B, dev, temperature, top_k, top_p, seeds, positions)
     if draft_probs is not None:
         check_tensor("draft_probs", draft_probs, dtypes=FLOAT_DTYPES, device=dev,
-                     shape=(B, S - 1, V), last_contiguous=True)
+                     shape=tuple(logits.shape) if ragged else (B, S - 1, V), last_contiguous=True)
     if seq_lens is not None:
         check_vector("seq_lens", seq_lens, torch.int32, B, dev)
     if out is None:
@@ -602,12 +664,22 @@ def verify_chain(
                           ("num_drafts", num_drafts), ("temperature", temperature),
                           ("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
                           ("positions", positions), ("draft_probs", draft_probs),
-                          ("seq_lens", seq_lens)))
+                          ("seq_lens", seq_lens), ("cu_rows", cu_rows)))
     if B == 0:
         return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
-    block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens = _dense(
-        block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens)
+    block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens, cu_rows = _dense(
+        block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens, cu_rows)
+    # "joint" goes to the backends only where it differs from "sequential" (both filters
+    # given): the registry then routes around backends that lack it.
+    joint = "joint" if filter_order == "joint" and top_k is not None and top_p is not None else None
     if tp_group is not None:
+        if joint is not None:
+            raise ValueError("filter_order: 'joint' is not supported with tp_group yet")
+        if ragged:
+            # The shard protocol works on [B, S] rows: one gather of this rank's shard.
+            from .reference.verify_chain import padded_from_ragged
+            logits, block_tokens, num_drafts, draft_probs = padded_from_ragged(
+                cu_rows, S, logits, block_tokens, num_drafts, draft_probs)
         # Collectives cannot run inside the custom op: the shard protocol calls them itself.
         from .vocab_parallel import verify_chain_tp
         verify_chain_tp(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
@@ -616,8 +688,8 @@ def verify_chain(
                         vocab_size=vocab_size)
         return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
     _run("verify_chain", dev.type, backend, logits, block_tokens, num_drafts, temperature, top_k,
-         top_p, seeds, positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
-         new_seq_lens)
+         top_p, seeds, positions, draft_probs, seq_lens, cu_rows, joint, accept_len, out_tokens,
+         bonus, new_seq_lens)
     return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
 
 

@@ -266,6 +266,11 @@ _TB = "dflash_kernels.triton_backend"
 _TL = {"bf16": "bf16", "fp8": "fp8e4nv"}
 
 
+# The verify kernels' ragged-layout arguments (issue 18) at their padded-call values:
+# rows_pass / _launch pass none of them for a padded batch.
+_VERIFY_PADDED = dict(RAGGED=("constexpr", False), cu_ptr=None, T=("constexpr", 1))
+
+
 def launch_job(module: str, kernel: str, params: dict, num_warps: int = 4, num_stages: int = 3,
                options: Optional[dict] = None) -> TritonJob:
     """A TritonJob as Triton's launcher specializes a call with these arguments.
@@ -375,7 +380,8 @@ def catalog(arch: int) -> List[tuple]:
             rows_common, CHUNK=chunk_v, NSPLIT=nsv, HAS_TEMP=_c(temp), HAS_TOPK=_c(topk),
             HAS_TOPP=_c(topp), NEED_MZ=_c(False),
             BLOCK=_c(blk), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
-            HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0), PRUNE=_c(tv.PRUNE)),
+            HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0), PRUNE=_c(tv.PRUNE),
+            **_VERIFY_PADDED, JOINT=_c(False)),
             num_warps=4, options=dict(enable_fp_fusion=False))))
     # The finish kernel with draft_probs (its residual pass streams one row).
     out.append(("verify_chain.finish", launch_job(vmod, "_verify_finish_kernel", dict(
@@ -385,7 +391,8 @@ def catalog(arch: int) -> List[tuple]:
         pm_ptr="*fp32", pz_ptr="*fp32", thr_ptr="*fp32", acc_ptr="*i32", out_ptr="*i32",
         bonus_ptr="*i32", nsl_ptr="*i32", S=S, V=V, NSPLIT=ns, HAS_TEMP=_c(True), HAS_DP=_c(True),
         HAS_SEQ=_c(True), NSPLIT_P2=_c(1 << (ns - 1).bit_length()), S_P2=_c(16),
-        BLOCK=_c(tv.BLOCK_V)), num_warps=4, options=dict(enable_fp_fusion=False))))
+        BLOCK=_c(tv.BLOCK_V), **_VERIFY_PADDED), num_warps=4,
+        options=dict(enable_fp_fusion=False))))
 
     out.append(("inject_kv.bf16", _inject_job("inject_kv", arch, torch.bfloat16)))
     out.append(("inject_kv.fp8", _inject_job("inject_kv", arch, torch.float8_e4m3fn)))
@@ -445,7 +452,8 @@ def _tree_catalog(arch: int) -> List[tuple]:
             pm_ptr="*fp32", pz_ptr="*fp32", thr_ptr="*fp32", S=N, V=V, CHUNK=chunk, NSPLIT=ns,
             HAS_TEMP=_c(True), HAS_TOPK=_c(topk), HAS_TOPP=_c(topk), NEED_MZ=_c(False),
             BLOCK=_c(tv.BLOCK_V), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
-            HAS_TREE=_c(True), par_ptr="*i32", stride_pb=N, PRUNE=_c(tv.PRUNE)),
+            HAS_TREE=_c(True), par_ptr="*i32", stride_pb=N, PRUNE=_c(tv.PRUNE),
+            **_VERIFY_PADDED, JOINT=_c(False)),
             num_warps=4, options=dict(enable_fp_fusion=False))))
     for n in (64, 256):
         nsn = _verify_nsplit(arch, B * n, V)

@@ -786,3 +786,19 @@ def probs64(s32, keep):
         return np.zeros_like(s)
     e = np.exp(s - m)
     return e / e.sum()
+
+
+def op_log():
+    """A TorchDispatchMode that records the ops dispatched inside it (``.ops``, as strings)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    return OpLog()

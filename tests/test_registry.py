@@ -170,21 +170,12 @@ def test_public_call_passes_the_given_optionals(monkeypatch):
 
 
 def test_traced_calls_go_through_the_custom_op():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
+    from helpers import op_log
 
     logits = torch.randn(2, 3, 11)
     tokens = torch.zeros(2, 3, dtype=torch.int64)
     eager = dk.verify_chain(logits, tokens, backend="reference")
-    with Log() as log:
+    with op_log() as log:
         traced = dk.verify_chain(logits, tokens, backend="reference")
     assert "dflash.verify_chain.default" in log.ops
     for a, b in zip(eager, traced):

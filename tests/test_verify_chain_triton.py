@@ -310,10 +310,11 @@ def test_empty_batch_direct_call():
     for V in (50, 5000):
         acc, toks = z.clone(), torch.zeros(0, 4, dtype=torch.int32)
         tv.verify_chain(torch.randn(0, 4, V), torch.zeros(0, 4, dtype=torch.int64), z, None, None,
-                        None, None, None, None, None, acc, toks, z.clone(), None)
+                        None, None, None, None, None, None, None, acc, toks, z.clone(), None)
         t = torch.ones(0)
         tv.verify_chain(torch.randn(0, 4, V), torch.zeros(0, 4, dtype=torch.int64), z, t,
-                        z, t, z.long(), z.long(), torch.randn(0, 3, V), z, acc, toks, z.clone(), z.clone())
+                        z, t, z.long(), z.long(), torch.randn(0, 3, V), z, None, None, acc, toks,
+                        z.clone(), z.clone())
 
 
 # ---------------------------------------------------------------- pruned sampled rows

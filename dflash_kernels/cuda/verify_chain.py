@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import torch
 
-# The compiled kernels do no top-k / top-p filtering and no rejection sampling
-# against draft distributions: the registry sends calls with any of these to
-# another backend. The C++ op rejects them too.
-UNSUPPORTED_ARGS = frozenset({"top_k", "top_p", "draft_probs"})
+# The compiled kernels do no top-k / top-p filtering, no rejection sampling
+# against draft distributions and no ragged (cu_rows) layout: the registry
+# sends calls with any of these to another backend. The C++ op rejects the
+# first three too; cu_rows and filter_order never reach it.
+UNSUPPORTED_ARGS = frozenset({"top_k", "top_p", "draft_probs", "cu_rows", "filter_order"})
 
 # Registered by the package (importing dflash_kernels._C).
 _op = torch.ops.dflash.verify_chain_cuda.default
 
 
 def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
-                 draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens) -> None:
+                 draft_probs, seq_lens, cu_rows, filter_order, accept_len, out_tokens, bonus,
+                 new_seq_lens) -> None:
     """logits ``[B, S, V]`` fp32/fp16/bf16 (unit last stride); dense int32 /
     int64 / fp32 per-request vectors; outputs int32, written in place."""
     _op(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,

@@ -55,28 +55,46 @@ def gumbel_rows(seeds: Tensor, pos: Tensor, V: int, start: int = 0) -> Tensor:
     return out
 
 
-def kept_set(scaled: Tensor, sampled: Tensor, top_k, top_p) -> Tensor:
-    """bool ``[B, S, V]``: the tokens top-k then top-p keep (all for rows without them)."""
+def kept_set(scaled: Tensor, sampled: Tensor, top_k, top_p, joint: bool = False) -> Tensor:
+    """bool ``[B, S, V]``: the tokens the top-k and top-p filters keep (all for rows without them).
+
+    Sequential (vLLM): top-p over the distribution renormalised to the top-k
+    set. ``joint`` (SGLang): the top-k set intersected with the top-p nucleus
+    of the full distribution: a row whose top-k is active keeps its top-k set
+    when the full-distribution target ``clamp(ceil(top_p * Z_full), 1, Z_full)``
+    reaches the top-k mass, else the largest ``tau`` whose top-k mass reaches
+    that target (the nucleus then lies inside the top-k set). Rows without an
+    active top-k are filtered identically in both orders.
+    """
     B, S, V = scaled.shape
     keep = torch.ones_like(scaled, dtype=torch.bool)
+    k_active = None
     if top_k is not None:
         k = top_k.to(torch.int64)
-        active = sampled & (k > 0) & (k < V)
+        k_active = sampled & (k > 0) & (k < V)
         desc = scaled.sort(dim=-1, descending=True).values
         kth = desc.gather(-1, (k.clamp(1, V) - 1).view(B, 1, 1).expand(B, S, 1))
-        keep &= ~active.view(B, 1, 1) | (scaled >= kth)
+        keep &= ~k_active.view(B, 1, 1) | (scaled >= kth)
     if top_p is not None:
-        active = sampled & (top_p < 1)
+        active = (sampled & (top_p < 1)).view(B, 1)
         masked = torch.where(keep, scaled, NEG_INF)
-        w = token_mass(masked, row_max(masked))
-        target = top_p_target(top_p.view(B, 1), w.sum(-1))
+        m = row_max(masked)
+        w = token_mass(masked, m)
+        z_kept = w.sum(-1)
+        target = top_p_target(top_p.view(B, 1), z_kept)
+        if joint and k_active is not None:
+            # The kept set holds the row max, so m is the full row's too.
+            t_full = top_p_target(top_p.view(B, 1), token_mass(scaled, m).sum(-1))
+            ka = k_active.view(B, 1)
+            target = torch.where(ka, t_full, target)
+            active = active & ~(ka & (t_full >= z_kept))
         desc, order = masked.sort(dim=-1, descending=True)
         reach = w.gather(-1, order).cumsum(-1) >= target.unsqueeze(-1)
         # The first index reaching the target; none (no finite kept logit) -> the last (-inf).
         first = torch.where(reach.any(-1), reach.to(torch.int8).argmax(-1),
                             torch.full_like(reach[..., 0], V - 1, dtype=torch.int64))
         tau = desc.gather(-1, first.unsqueeze(-1))
-        keep &= ~active.view(B, 1, 1) | (scaled >= tau)
+        keep &= ~active.unsqueeze(-1) | (scaled >= tau)
     return keep
 
 
@@ -149,7 +167,8 @@ def scale_logits(x: Tensor, inv_t: Tensor) -> Tensor:
     return torch.where(is_inf.any(-1, keepdim=True), point, s)
 
 
-def target_tokens(logits: Tensor, temperature, top_k, top_p, seeds, positions, row_pos=None):
+def target_tokens(logits: Tensor, temperature, top_k, top_p, seeds, positions, row_pos=None,
+                  joint: bool = False):
     """Per row (b, j): ``(t, scaled, keep, gumbel)``; ``t`` int64 ``[B, S]``.
 
     The noise of row (b, j) is keyed by position ``positions[b] + j + 1``, or
@@ -167,7 +186,7 @@ def target_tokens(logits: Tensor, temperature, top_k, top_p, seeds, positions, r
     sampled = is_sampled(temperature)
     inv_t = torch.where(sampled, 1.0 / temperature, torch.ones_like(temperature))
     scaled = scale_logits(x, inv_t.view(B, 1, 1))
-    keep = kept_set(scaled, sampled, top_k, top_p)
+    keep = kept_set(scaled, sampled, top_k, top_p, joint)
     if row_pos is None:
         rows = torch.arange(S, device=logits.device, dtype=torch.int64)
         row_pos = positions.view(B, 1) + rows.view(1, S) + 1
@@ -178,13 +197,48 @@ def target_tokens(logits: Tensor, temperature, top_k, top_p, seeds, positions, r
     return t, scaled, keep, g
 
 
+def ragged_rows(cu_rows: Tensor, T: int, S: int):
+    """``(idx [B, S], nd [B])`` int64 of a ragged batch: request b's row j is flat
+    row ``idx[b, j] = start + min(j, nd)``, its drafts ``nd``, from
+    ``start = clamp(cu_rows[b], 0, T-1)`` and
+    ``nd = clamp(cu_rows[b+1] - start - 1, 0, min(S-1, T-1-start))``: for a
+    well-formed ``cu_rows`` (``0 <= cu_rows[b] < cu_rows[b+1] <= T``) the rows
+    it owns, capped at S; for any other values still rows inside ``[0, T)``.
+    """
+    c = cu_rows.to(torch.int64)
+    start = c[:-1].clamp(0, max(T - 1, 0))
+    nd = torch.minimum((c[1:] - start - 1).clamp(0, S - 1), T - 1 - start).clamp_min(0)
+    j = torch.arange(S, device=cu_rows.device, dtype=torch.int64).view(1, S)
+    return start.view(-1, 1) + torch.minimum(j, nd.view(-1, 1)), nd
+
+
+def padded_from_ragged(cu_rows, S, logits, block_tokens, num_drafts, draft_probs):
+    """The padded form ``[B, S, ...]`` of a ragged call (one gather; the Triton
+    kernels read the flat rows in place). ``draft_probs [T, V]`` rows pair with
+    the logits rows (row r: q of the draft that row r decides)."""
+    idx, nd = ragged_rows(cu_rows, logits.shape[0], S)
+    dp = None if draft_probs is None else draft_probs[idx[:, :S - 1]]
+    nd = torch.minimum(num_drafts.to(torch.int64).clamp(0, S - 1), nd).to(torch.int32)
+    return logits[idx], block_tokens[idx], nd, dp
+
+
 def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
-                 positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
-                 new_seq_lens) -> None:
-    """Writes accept_len / out_tokens / bonus / new_seq_lens (shapes in docs/DESIGN.md)."""
+                 positions, draft_probs, seq_lens, cu_rows, filter_order, accept_len,
+                 out_tokens, bonus, new_seq_lens) -> None:
+    """Writes accept_len / out_tokens / bonus / new_seq_lens (shapes in docs/DESIGN.md).
+
+    ``cu_rows`` (int32 ``[B+1]``) given: ``logits [T, V]``, ``block_tokens [T]``
+    and ``draft_probs [T, V]`` are flat (:func:`ragged_rows`), ``num_drafts``
+    further caps each request's drafts. ``filter_order``: None (sequential)
+    or ``"joint"`` (:func:`kept_set`).
+    """
+    if cu_rows is not None:
+        logits, block_tokens, num_drafts, draft_probs = padded_from_ragged(
+            cu_rows, out_tokens.shape[1], logits, block_tokens, num_drafts, draft_probs)
     B, S, V = logits.shape
     dev = logits.device
-    t, scaled, keep, g = target_tokens(logits, temperature, top_k, top_p, seeds, positions)
+    t, scaled, keep, g = target_tokens(logits, temperature, top_k, top_p, seeds, positions,
+                                       joint=filter_order == "joint")
     drafts = block_tokens[:, 1:].to(torch.int64)             # [B, S-1]
     dp = None
     if draft_probs is not None and S > 1:

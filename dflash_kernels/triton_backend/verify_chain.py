@@ -107,18 +107,24 @@ def _kway_count(row_ptr, V, inv_t, cand, K: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _kway_mass(row_ptr, V, inv_t, cand, m, K: tl.constexpr, BLOCK: tl.constexpr):
-    """Per candidate threshold ``cand [K]``: sum of exp(s - m) over s >= cand (m the finite row max).
+def _kway_mass(row_ptr, V, inv_t, cand, m, K: tl.constexpr, BLOCK: tl.constexpr,
+               FULL: tl.constexpr = False):
+    """Per candidate threshold ``cand [K]``: sum of exp(s - m) over s >= cand (m the finite row max);
+    and (FULL) the mass of the whole row, else 0.
 
-    Every candidate sums in the same order, so the mass is monotone in the threshold.
+    Every candidate sums in the same order, so the mass is monotone in the threshold. The
+    whole row's mass adds the same terms in the same order as a candidate at -inf would.
     """
     acc = tl.zeros((BLOCK, K), tl.float32)
+    full = tl.zeros((BLOCK,), tl.float32)
     for off in range(0, V, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         s = _load_scaled(row_ptr, offs, V, inv_t)
         e = tl.exp(s - m)
         acc += tl.where(s[:, None] >= cand[None, :], e[:, None], 0.0)
-    return tl.sum(acc, axis=0)
+        if FULL:
+            full += e
+    return tl.sum(acc, axis=0), tl.sum(full, axis=0)
 
 
 @triton.jit
@@ -177,6 +183,16 @@ def _stream_best(row_ptr, start, end, inv_t, thr, k0, k1, p_lo, p_hi,
 
 
 @triton.jit
+def _ragged_rows(cu_ptr, b, T, S):
+    """(first flat row, drafts) of request b of a ragged batch, both int64: the
+    reference's ``ragged_rows`` clamps, so any cu_rows values stay inside [0, T)."""
+    start = tl.minimum(tl.maximum(tl.load(cu_ptr + b).to(tl.int64), 0), T - 1)
+    nd = tl.load(cu_ptr + b + 1).to(tl.int64) - start - 1
+    nd = tl.maximum(tl.minimum(nd, tl.minimum(S - 1, T - 1 - start)), 0)
+    return start, nd
+
+
+@triton.jit
 def _tree_depth(par_row, node):
     """Depth of a tree node: the steps of its parent chain to the root (slot 0)."""
     d = node * 0
@@ -196,17 +212,29 @@ def _verify_rows_kernel(
     HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
     NEED_MZ: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr, KWAY: tl.constexpr,
     HAS_TREE: tl.constexpr = False, par_ptr=None, stride_pb=0, PRUNE: tl.constexpr = True,
+    RAGGED: tl.constexpr = False, cu_ptr=None, T=1, JOINT: tl.constexpr = False,
 ):
     # HAS_TREE (verify_tree): row j is tree node j, whose token sits at position
     # positions[b] + depth(j) + 1 (a chain row is the tree node of depth j).
     # par_ptr: int32 parents [B, S], row stride stride_pb.
+    # RAGGED: logits [T, V] (row stride stride_ls); request b's row j is flat row
+    # cu_rows[b] + j (cu_ptr, clamped by _ragged_rows); a program past the request's
+    # rows streams nothing and writes neutral partials, which the finish kernel never uses.
+    # JOINT: top-p's target is top_p times the whole row's mass (SGLang's order).
     r = tl.program_id(0)
     sp = tl.program_id(1)
     b = r // S
     j = r - b * S
-    row_ptr = logits_ptr + b.to(tl.int64) * stride_lb + j.to(tl.int64) * stride_ls
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, V)
+    if RAGGED:
+        first, nd_b = _ragged_rows(cu_ptr, b, T, S)
+        live = j <= nd_b
+        row_ptr = logits_ptr + (first + tl.minimum(j, nd_b)) * stride_ls
+        end = tl.where(live, end, start)
+    else:
+        live = True
+        row_ptr = logits_ptr + b.to(tl.int64) * stride_lb + j.to(tl.int64) * stride_ls
     NEG: tl.constexpr = float("-inf")
 
     bv = tl.full((), NEG, tl.float32)
@@ -231,7 +259,7 @@ def _verify_rows_kernel(
         if HAS_TOPP:
             tp = tl.load(topp_ptr + b)
             filt = filt | (tp < 1.0)
-        filt = filt & sampled
+        filt = filt & sampled & live
         if filt:
             if sp == 0:
                 # Whole row in this program: K-way threshold searches on the order-preserving
@@ -263,19 +291,38 @@ def _verify_rows_kernel(
                             hi = _key_of(m)
                             target = tl.full((), 0.0, tl.float32)
                             npass = 0
+                            k_on = False
+                            if HAS_TOPK:
+                                k_on = (k > 0) & (k < V)
                             while lo < hi:
                                 step = (hi - lo + KWAY) // KWAY
                                 ck = lo + slot * step
-                                mass = _kway_mass(row_ptr, V, inv_t, _value_of(tl.minimum(ck, hi)),
-                                                  m, KWAY, SBLOCK)
+                                mass, z_full = _kway_mass(row_ptr, V, inv_t,
+                                                          _value_of(tl.minimum(ck, hi)), m, KWAY,
+                                                          SBLOCK, JOINT)
                                 # Slot 0 is lo: the first pass gives the normaliser (the mass
                                 # of the top-k set), later passes recompute it bit for bit.
                                 z0 = tl.sum(tl.where(slot == 0, mass, 0.0), axis=0)
-                                target = tl.where(npass == 0, tp * z0, target)
+                                first_pass = npass == 0
+                                whole = False
+                                if JOINT:
+                                    # The nucleus of the whole row: it cuts the top-k set only
+                                    # when its mass target is below the set's mass.
+                                    t_full = tp * z_full
+                                    target = tl.where(first_pass, tl.where(k_on, t_full, tp * z0),
+                                                      target)
+                                    whole = first_pass & k_on & (t_full >= z0)
+                                else:
+                                    target = tl.where(first_pass, tp * z0, target)
                                 npass += 1
                                 ok = (ck <= hi) & (mass >= target)
-                                lo = lo + tl.max(tl.where(ok, slot, 0), axis=0) * step
-                                hi = tl.minimum(lo + step - 1, hi)
+                                lo_next = lo + tl.max(tl.where(ok, slot, 0), axis=0) * step
+                                if JOINT:
+                                    hi = tl.where(whole, lo, tl.minimum(lo_next + step - 1, hi))
+                                    lo = tl.where(whole, lo, lo_next)
+                                else:
+                                    lo = lo_next
+                                    hi = tl.minimum(lo + step - 1, hi)
                             thr = _value_of(lo)
                 bv, bi, m_run, z_run = _stream_best(row_ptr, 0, V, inv_t, thr, k0, k1, p_lo, p_hi,
                                                     True, NEED_MZ, BLOCK, PRUNE)
@@ -333,10 +380,23 @@ def _verify_finish_kernel(
     acc_ptr, out_ptr, bonus_ptr, nsl_ptr, S, V, NSPLIT,
     HAS_TEMP: tl.constexpr, HAS_DP: tl.constexpr, HAS_SEQ: tl.constexpr,
     NSPLIT_P2: tl.constexpr, S_P2: tl.constexpr, BLOCK: tl.constexpr,
+    RAGGED: tl.constexpr = False, cu_ptr=None, T=1,
 ):
+    # RAGGED: logits [T, V], block_tokens [T] and draft_probs [T, V] are flat (row stride
+    # stride_ls / 1 / stride_ds); request b's row j is flat row first + j, j <= nd. Rows
+    # past nd are never loaded (their indices clamp to nd), so no read leaves the tensors.
     b = tl.program_id(0)
     nd = tl.minimum(tl.maximum(tl.load(nd_ptr + b), 0), S - 1)
-    bt_row = bt_ptr + b.to(tl.int64) * stride_tb
+    if RAGGED:
+        first, nd_b = _ragged_rows(cu_ptr, b, T, S)
+        nd = tl.minimum(nd.to(tl.int64), nd_b).to(tl.int32)
+        bt_row = bt_ptr + first
+        lp_row = logits_ptr + first * stride_ls
+        dq_row = dp_ptr + first * stride_ds
+    else:
+        bt_row = bt_ptr + b.to(tl.int64) * stride_tb
+        lp_row = logits_ptr + b.to(tl.int64) * stride_lb
+        dq_row = dp_ptr + b.to(tl.int64) * stride_db
     sampled = False
     inv_t = 1.0
     k0 = 0
@@ -351,7 +411,8 @@ def _verify_finish_kernel(
     alive = nd >= 0
     for j in range(1, S):
         rp = b * S + j - 1
-        x = tl.load(bt_row + j).to(tl.int64)
+        jr = tl.minimum(j, nd)      # rows past nd decide nothing; stay inside the request
+        x = tl.load(bt_row + jr).to(tl.int64)
         t_prev = _reduce_token(pval_ptr, pidx_ptr, rp, NSPLIT, NSPLIT_P2)
         acc = x == t_prev
         if HAS_DP:
@@ -359,13 +420,13 @@ def _verify_finish_kernel(
                 in_vocab = (x >= 0) & (x < V)
                 xc = tl.minimum(tl.maximum(x, 0), V - 1)
                 mx, z = _reduce_norm(pm_ptr, pz_ptr, rp, NSPLIT, NSPLIT_P2)
-                lp = logits_ptr + b.to(tl.int64) * stride_lb + tl.cast(j - 1, tl.int64) * stride_ls
+                lp = lp_row + tl.cast(tl.maximum(jr - 1, 0), tl.int64) * stride_ls
                 sx = _scale(tl.load(lp + xc).to(tl.float32), inv_t)
                 kept = in_vocab & (sx >= tl.load(thr_ptr + rp)) & (z > 0)
                 px = tl.where(kept, tl.exp(sx - tl.where(kept, mx, 0.0)) / tl.where(kept, z, 1.0), 0.0)
                 # A +inf row is a point mass on its lowest +inf id, which is t_{j-1}.
                 px = tl.where(mx == float("inf"), (x == t_prev).to(tl.float32), px)
-                dq = dp_ptr + b.to(tl.int64) * stride_db + tl.cast(j - 1, tl.int64) * stride_ds
+                dq = dq_row + tl.cast(tl.maximum(jr - 1, 0), tl.int64) * stride_ds
                 qx = tl.where(in_vocab, tl.load(dq + xc).to(tl.float32), 0.0)
                 pj_lo, pj_hi = tnoise.position_words(pos + j)
                 u = tnoise.bits_to_uniform(
@@ -377,7 +438,7 @@ def _verify_finish_kernel(
     ra = b * S + a
     bonus = _reduce_token(pval_ptr, pidx_ptr, ra, NSPLIT, NSPLIT_P2)
     if HAS_DP:
-        x_rej = tl.load(bt_row + tl.minimum(a + 1, S - 1)).to(tl.int64)
+        x_rej = tl.load(bt_row + tl.minimum(a + 1, nd)).to(tl.int64)
         mx, z = _reduce_norm(pm_ptr, pz_ptr, ra, NSPLIT, NSPLIT_P2)
         # An out-of-vocab draft, or a +inf row (p a point mass on t_a: its residual is
         # that id or empty), gives t_a, the sample from p, without a residual pass.
@@ -386,8 +447,8 @@ def _verify_finish_kernel(
             mx_safe = tl.where(z > 0, mx, 0.0)
             z_safe = tl.where(z > 0, z, 1.0)
             thr = tl.load(thr_ptr + ra)
-            lp = logits_ptr + b.to(tl.int64) * stride_lb + tl.cast(a, tl.int64) * stride_ls
-            dq = dp_ptr + b.to(tl.int64) * stride_db + tl.cast(a, tl.int64) * stride_ds
+            lp = lp_row + tl.cast(a, tl.int64) * stride_ls
+            dq = dq_row + tl.cast(a, tl.int64) * stride_ds
             pa_lo, pa_hi = tnoise.position_words(pos + a + 1)
             best_v = tl.full((BLOCK,), float("-inf"), tl.float32)
             best_i = tl.arange(0, BLOCK)
@@ -413,7 +474,7 @@ def _verify_finish_kernel(
     bonus = tl.minimum(tl.maximum(bonus, 0), V - 1)
 
     c = tl.arange(0, S_P2)
-    drafts = tl.load(bt_row + c + 1, mask=c + 1 < S, other=0).to(tl.int64)
+    drafts = tl.load(bt_row + c + 1, mask=(c + 1 < S) & (c < nd), other=0).to(tl.int64)
     drafts = tl.minimum(tl.maximum(drafts, 0), V - 1).to(tl.int32)
     toks = tl.where(c < a, drafts, tl.where(c == a, bonus, -1))
     tl.store(out_ptr + b * S + c, toks, mask=c < S)
@@ -465,16 +526,20 @@ def num_splits(rows: int, V: int, device: torch.device, greedy: bool = False) ->
 
 
 def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
-                 positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
-                 new_seq_lens) -> None:
+                 positions, draft_probs, seq_lens, cu_rows, filter_order, accept_len, out_tokens,
+                 bonus, new_seq_lens) -> None:
     """Writes accept_len / out_tokens / bonus / new_seq_lens (shapes in docs/DESIGN.md).
 
     The kernels index block_tokens and the [B] vectors with unit strides:
-    ops.verify_chain hands them over dense (ops._dense).
+    ops.verify_chain hands them over dense (ops._dense). ``cu_rows``: the
+    ragged layout (flat ``logits [T, V]``, ``block_tokens [T]``, ``draft_probs
+    [T, V]`` read in place, S = out_tokens' width). ``filter_order``: None or
+    ``"joint"``.
     """
     with on_device(logits):
         _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
-                draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens)
+                draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens, cu_rows,
+                filter_order == "joint")
 
 
 def _tree_args(parents, has_temp, S):
@@ -484,16 +549,28 @@ def _tree_args(parents, has_temp, S):
     return dict(HAS_TREE=True, par_ptr=parents, stride_pb=S)
 
 
+def _ragged_args(cu_rows, T):
+    return {} if cu_rows is None else dict(RAGGED=True, cu_ptr=cu_rows, T=T)
+
+
 def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False,
-              parents=None) -> dict:
+              parents=None, cu_rows=None, S=None, joint=False) -> dict:
     """Launch 1: the target token of every row ``[B, S, V]`` as per-split partials.
 
     ``parents`` (int32 ``[B, S]``, verify_tree): row j is a tree node keyed at
-    position ``positions[b] + depth(j) + 1``. Returns the partial buffers and
-    sizes the finishing kernels take (``dummy``: a buffer for unused pointers).
-    Launches on the current device (callers run it under ``on_device``).
+    position ``positions[b] + depth(j) + 1``. ``cu_rows`` (int32 ``[B+1]``):
+    ``logits`` is flat ``[T, V]`` and ``S`` the rows per request (the partials
+    stay ``[B*S]``). ``joint``: SGLang's top-k + top-p order. Returns the
+    partial buffers and sizes the finishing kernels take (``dummy``: a buffer
+    for unused pointers). Launches on the current device (callers run it
+    under ``on_device``).
     """
-    B, S, V = logits.shape
+    if cu_rows is None:
+        B, S, V = logits.shape
+        stride_lb, stride_ls = logits.stride(0), logits.stride(1)
+    else:
+        B, V = cu_rows.shape[0] - 1, logits.shape[1]
+        stride_lb, stride_ls = 0, logits.stride(0)
     dev = logits.device
     rows = B * S
     has_temp = temperature is not None
@@ -513,36 +590,51 @@ def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False
     temp = temperature if has_temp else dummy
     seeds_ = seeds if has_temp else dummy
     pos_ = positions if has_temp else dummy
+    has_topk = has_temp and top_k is not None
+    has_topp = has_temp and top_p is not None
+    extra = _ragged_args(cu_rows, logits.shape[0])
+    if joint and has_topk and has_topp:
+        extra["JOINT"] = True
     _verify_rows_kernel[(rows, nsplit)](
-        logits, logits.stride(0), logits.stride(1), temp,
+        logits, stride_lb, stride_ls, temp,
         top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,
         seeds_, pos_, pval, pidx, pm, pz, thr, S, V, chunk, nsplit,
-        HAS_TEMP=has_temp, HAS_TOPK=has_temp and top_k is not None,
-        HAS_TOPP=has_temp and top_p is not None, NEED_MZ=need_mz, BLOCK=block,
+        HAS_TEMP=has_temp, HAS_TOPK=has_topk, HAS_TOPP=has_topp, NEED_MZ=need_mz, BLOCK=block,
         SBLOCK=search_block(V, dev), KWAY=KWAY, **_tree_args(parents, has_temp, S), PRUNE=PRUNE,
-        num_warps=4, enable_fp_fusion=False)
+        **extra, num_warps=4, enable_fp_fusion=False)
     return dict(pval=pval, pidx=pidx, pm=pm, pz=pz, thr=thr, nsplit=nsplit, block=block,
                 dummy=dummy, temp=temp, seeds=seeds_, pos=pos_)
 
 
 def _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
-            draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens) -> None:
-    B, S, V = logits.shape
+            draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens, cu_rows=None,
+            joint=False) -> None:
+    B, S = out_tokens.shape
+    V = logits.shape[-1]
     if B * S == 0:  # nothing to write (ops.verify_chain returns before; direct calls too)
         return
+    ragged = cu_rows is not None
     has_temp = temperature is not None
     has_dp = has_temp and draft_probs is not None and S > 1
-    rp = rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=has_dp)
+    rp = rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=has_dp,
+                   cu_rows=cu_rows, S=S, joint=joint)
     pval, pidx, pm, pz, thr = rp["pval"], rp["pidx"], rp["pm"], rp["pz"], rp["thr"]
     nsplit, block, dummy = rp["nsplit"], rp["block"], rp["dummy"]
     temp, seeds_, pos_ = rp["temp"], rp["seeds"], rp["pos"]
     dp = draft_probs if has_dp else dummy
+    if ragged:
+        # Flat rows: row strides only (stride_lb, stride_tb, stride_db unused).
+        strides = (0, logits.stride(0), 1, 0, dp.stride(0) if has_dp else 0)
+    else:
+        strides = (logits.stride(0), logits.stride(1), block_tokens.stride(0),
+                   dp.stride(0) if has_dp else 0, dp.stride(1) if has_dp else 0)
     _verify_finish_kernel[(B,)](
-        logits, logits.stride(0), logits.stride(1), block_tokens, block_tokens.stride(0),
-        num_drafts, temp, seeds_, pos_, dp, dp.stride(0) if has_dp else 0,
-        dp.stride(1) if has_dp else 0, seq_lens if seq_lens is not None else dummy,
+        logits, strides[0], strides[1], block_tokens, strides[2],
+        num_drafts, temp, seeds_, pos_, dp, strides[3], strides[4],
+        seq_lens if seq_lens is not None else dummy,
         pval, pidx, pm, pz, thr, accept_len, out_tokens, bonus,
         new_seq_lens if new_seq_lens is not None else dummy, S, V, nsplit,
         HAS_TEMP=has_temp, HAS_DP=has_dp, HAS_SEQ=new_seq_lens is not None,
         NSPLIT_P2=triton.next_power_of_2(nsplit), S_P2=triton.next_power_of_2(S),
-        BLOCK=block, num_warps=4, enable_fp_fusion=False)
+        BLOCK=block, **_ragged_args(cu_rows, logits.shape[0]), num_warps=4,
+        enable_fp_fusion=False)

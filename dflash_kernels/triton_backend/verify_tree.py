@@ -106,7 +106,7 @@ def compile_spec(kernel: str, N: int = 64) -> dict:
                    par_ptr="*i32", stride_pb="i32")
         const = dict(HAS_TEMP=True, HAS_TOPK=True, HAS_TOPP=True, NEED_MZ=False,
                      BLOCK=vc.BLOCK_V, SBLOCK=vc.SEARCH_BLOCK_V, KWAY=vc.KWAY, HAS_TREE=True,
-                     PRUNE=vc.PRUNE)
+                     PRUNE=vc.PRUNE, RAGGED=False, cu_ptr=None, T=1, JOINT=False)
         warps = 4
     elif kernel == "_verify_tree_walk_kernel":
         sig = dict(tok_ptr="*i64", par_ptr="*i32", nn_ptr="*i32", seq_ptr="*i32",
