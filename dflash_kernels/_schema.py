@@ -45,6 +45,9 @@ SCHEMAS: Dict[str, str] = {
         "Tensor? temperature, Tensor? top_k, Tensor? top_p, Tensor? seeds, Tensor? positions, "
         "Tensor? seq_lens, Tensor(a!) accept_len, Tensor(b!) accepted_nodes, "
         "Tensor(c!) out_tokens, Tensor(d!) bonus, Tensor(e!)? new_seq_lens"),
+    "build_tree": (
+        "Tensor draft_logits, int top_k, Tensor? temperature, Tensor(a!) tree_tokens, "
+        "Tensor(b!) parents, Tensor(c!) num_nodes, Tensor(d!) depth"),
     "copy_kv": "Tensor src_slots, Tensor dst_slots, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches",
 }
 

@@ -37,7 +37,9 @@ from ._validation import (
 )
 
 __all__ = [
+    "DraftTree",
     "TreeVerifyOutput",
+    "build_tree",
     "VerifyOutput",
     "copy_kv",
     "tree_mask",
@@ -671,8 +673,103 @@ def tree_mask(parents: Tensor, *, out=None, backend: Optional[str] = None):
 
 
 # --------------------------------------------------------------------------
+# build_tree
+# --------------------------------------------------------------------------
+
+# The Triton kernel keeps top_k keys per split and N keys per request in registers.
+BUILD_TREE_MAX_TOP_K = 64
+BUILD_TREE_MAX_NODES = 4096
+
+
+def _check_build_tree_out(out, B, N, dev):
+    if out is None:
+        return (torch.empty((B, N), dtype=torch.int64, device=dev),
+                torch.empty((B, N), dtype=torch.int32, device=dev),
+                torch.empty((B,), dtype=torch.int32, device=dev),
+                torch.empty((B, N), dtype=torch.int32, device=dev))
+    if not isinstance(out, (tuple, list)) or len(out) != 4:
+        raise ValueError("out: expected a DraftTree or a 4-tuple "
+                         "(tree_tokens, parents, num_nodes, depth)")
+    tree_tokens, parents, num_nodes, depth = out
+    check_tensor("out.tree_tokens", tree_tokens, dtypes=INDEX_DTYPES, device=dev, shape=(B, N),
+                 contiguous=True)
+    for name, t, shape in (("parents", parents, (B, N)), ("num_nodes", num_nodes, (B,)),
+                           ("depth", depth, (B, N))):
+        check_tensor(f"out.{name}", t, dtypes=(torch.int32,), device=dev, shape=shape,
+                     contiguous=True)
+    return tree_tokens, parents, num_nodes, depth
+
+
+def build_tree(draft_logits: Tensor, num_nodes_budget: int, *, top_k: int = 8,
+               temperature: Union[None, float, Tensor] = None, out=None,
+               backend: Optional[str] = None, tp_group=None, vocab_start: int = 0,
+               vocab_size: Optional[int] = None) -> "DraftTree":
+    """The ``N - 1`` best draft paths of each request, as a tree, on the device.
+
+    Candidates at depth d are the ``top_k`` tokens of row d-1 by logit (lowest
+    id on ties); a node's score is the fp32 sum along its path of
+    ``log_softmax(draft_logits / T)``; the tree is the ``N - 1`` best nodes
+    (ties: shallower, then lower rank, then lower parent slot), listed best
+    first, so parents come first. Fixed work for given (B, N, S, top_k), no
+    host sync. Edge values (NaN, +inf, tiny T): docs/tree.md.
+
+    Args:
+        draft_logits: ``[B, S-1, V]`` fp32/bf16/fp16 (last dim contiguous): the
+            drafter's logits for block positions 1..S-1.
+        num_nodes_budget: N, node slots per request (1..4096), root included.
+        top_k: candidates per depth (1..min(V, 64)).
+        temperature: None (T = 1), a positive float, or fp32 ``[B]`` (values
+            below ``SAMPLING_EPS`` = 1e-5, NaN included, count as 1e-5).
+        out: optional :class:`DraftTree` (or 4-tuple) of buffers of the shapes below.
+        tp_group, vocab_start, vocab_size: accepted for SPEC's signature; the
+            vocab-parallel form is not implemented yet (NotImplementedError).
+
+    Returns:
+        :class:`DraftTree`: ``tree_tokens`` int64 ``[B, N]`` (slot 0 and unused
+        slots -1: the caller writes the anchor into slot 0), ``parents`` int32
+        ``[B, N]``, ``num_nodes`` int32 ``[B]``, ``depth`` int32 ``[B, N]``
+        (unused slots: parent -1, depth 0).
+    """
+    check_tensor("draft_logits", draft_logits, ndim=3, dtypes=FLOAT_DTYPES, last_contiguous=True)
+    dev = draft_logits.device
+    B, D, V = draft_logits.shape
+    if tp_group is not None or vocab_start != 0 or vocab_size is not None:
+        raise NotImplementedError("build_tree: the vocab-parallel form (tp_group) is not "
+                                  "implemented yet; gather the draft logits (docs/tree.md)")
+    N = check_int("num_nodes_budget", num_nodes_budget, minimum=1)
+    if N > BUILD_TREE_MAX_NODES:
+        raise ValueError(f"num_nodes_budget: expected at most {BUILD_TREE_MAX_NODES}, got {N}")
+    k = check_int("top_k", top_k, minimum=1)
+    if k > min(V, BUILD_TREE_MAX_TOP_K):
+        raise ValueError(f"top_k: expected at most min(V, {BUILD_TREE_MAX_TOP_K}) = "
+                         f"{min(V, BUILD_TREE_MAX_TOP_K)}, got {k}")
+    if (D + 1) * k * N >= 2 ** 31:
+        raise ValueError(f"num_nodes_budget, top_k: (S) * top_k * N must stay below 2^31, "
+                         f"got {(D + 1) * k * N}")
+    if isinstance(temperature, torch.Tensor):
+        check_vector("temperature", temperature, torch.float32, B, dev)
+    elif temperature is not None:
+        t = check_float("temperature", temperature, positive=True)
+        temperature = None if t == 1.0 else torch.full((B,), t, dtype=torch.float32, device=dev)
+    outs = _check_build_tree_out(out, B, N, dev)
+    if out is not None:
+        check_no_overlap(tuple(zip(("out.tree_tokens", "out.parents", "out.num_nodes",
+                                    "out.depth"), outs)),
+                         (("draft_logits", draft_logits), ("temperature", temperature)))
+    from .reference.build_tree import DraftTree
+    if B == 0:
+        return DraftTree(*outs)
+    (temperature,) = _dense(temperature)
+    _run("build_tree", dev.type, backend, draft_logits, k, temperature, *outs)
+    return DraftTree(*outs)
+
+
+# --------------------------------------------------------------------------
 # verify_tree
 # --------------------------------------------------------------------------
+
+from .reference.build_tree import DraftTree  # noqa: E402  (the result type lives beside its reference)
+
 
 class TreeVerifyOutput(NamedTuple):
     """Result of :func:`verify_tree`.

@@ -462,6 +462,7 @@ def _tree_catalog(arch: int) -> List[tuple]:
             f"{_TB}.tree_mask", "_tree_mask_kernel", dict(
                 par_ptr="*i32", mask_ptr="*i32", depth_ptr="*i32", N=n, W=w, N_P2=_c(n),
                 W_P2=_c(1 << (w - 1).bit_length())), num_warps=4 if n <= 128 else 8)))
+    out += _build_tree_catalog(arch)
     L, Hkv, D, page, pages = 5, 8, 128, 16, 4096
     C = Hkv * D
     for name, staged in (("bf16", False), ("bf16.staged", True)):
@@ -479,6 +480,31 @@ def _tree_catalog(arch: int) -> List[tuple]:
         out.append((f"block_attention.mask.{mask}", TritonJob(
             f"{_TB}.block_attention", "_block_attention_kernel", s["signature"], s["constexprs"],
             s["num_warps"], s["num_stages"], s["divisibility"])))
+    return out
+
+
+def _build_tree_catalog(arch: int) -> List[tuple]:
+    """build_tree at its production configuration: B 1, S 16 (15 draft rows), V 151,936
+    bf16 draft logits, top_k 8; the top-k pass with its split count for 132 SMs, the
+    selection at N 64 and 256."""
+    from dflash_kernels.triton_backend import build_tree as bt
+
+    B, D, V, k = 1, 15, 151936, 8
+    block = bt.BLOCK
+    splits, chunk = bt.split(2 * 132, B, D, V, block)
+    out = [("build_tree.topk", launch_job(f"{_TB}.build_tree", "_build_tree_topk_kernel", dict(
+        x_ptr="*bf16", stride_b=D * V, stride_d=V, D=D, V=V, chunk=chunk, temp_ptr="*fp32",
+        keys_ptr="*i64", stats_ptr="*fp32", k=k, HAS_T=_c(True), EPS=_c(bt.SAMPLING_EPS),
+        KP=_c(k), BLOCK=_c(block)), num_warps=bt.TOPK_WARPS))]
+    for n in (64, 256):
+        out.append((f"build_tree.select.n{n}", launch_job(
+            f"{_TB}.build_tree", "_build_tree_select_kernel", dict(
+                keys_ptr="*i64", stats_ptr="*fp32", temp_ptr="*fp32", tok_ptr="*i64",
+                par_ptr="*i32", num_ptr="*i32", dep_ptr="*i32", D=D, N=n, k=k, splits=splits,
+                steps=n, HAS_T=_c(True), EPS=_c(bt.SAMPLING_EPS), KP=_c(k),
+                SPP=_c(1 << (splits - 1).bit_length()),
+                DKP=_c(1 << (D * k - 1).bit_length()), NP=_c(n)),
+            num_warps=bt.select_warps(n))))
     return out
 
 

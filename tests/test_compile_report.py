@@ -107,7 +107,7 @@ def test_every_kernel_is_reported(rows):
                         "inject_kv.fp8", "write_kv.bf16", "fuse_target_features.gemm",
                         "fuse_target_features.norm"} | {f"verify_chain.rows.{v}" for v in
                                                         ("greedy", "sampled", "topk_topp")}
-    want |= set(TREE_BUDGET)
+    want |= set(TREE_BUDGET) | set(BUILD_TREE_BUDGET)
     assert want <= names
     cuda = [k for k in names if k.startswith("cuda.")]
     if sass.extension_path() is not None:
@@ -313,3 +313,51 @@ def test_masked_attention_keeps_the_pipeline(tree_rows, mask, arch):
     lp = _main(r)
     assert lp["mma"] == [MMA[arch]] and lp["load_kinds"].get("LDGSTS.128", 0) >= 2, lp["load_kinds"]
     assert r["shared"] <= 227 * 1024 and not r["uses_tma"]
+
+
+# ---------------------------------------------------------------- build_tree (issue 16)
+# Production configuration (microbench/sass.py _build_tree_catalog): B 1, S 16, V 151,936
+# bf16, top_k 8, splits for 132 SMs; the selection at N 64 and 256 (one warp each).
+
+BUILD_TREE_BUDGET = {
+    "build_tree.topk": {90: (64, 8), 100: (56, 9)},
+    "build_tree.select.n64": {90: (63, 32), 100: (60, 32)},
+    "build_tree.select.n256": {90: (91, 21), 100: (92, 21)},
+}
+
+
+@pytest.fixture(scope="module")
+def build_tree_rows():
+    rows = sass.report(ARCHS, select=("build_tree",), include_cuda=False)
+    return {(r["kernel"], int(r["arch"][3:-1])): r for r in rows}
+
+
+def test_build_tree_kernels_are_reported(build_tree_rows):
+    assert set(build_tree_rows) == {(k, a) for k in BUILD_TREE_BUDGET for a in ARCHS}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", sorted(BUILD_TREE_BUDGET))
+def test_build_tree_budget(build_tree_rows, name, arch):
+    r = build_tree_rows[(name, arch)]
+    regs, ctas = BUILD_TREE_BUDGET[name][arch]
+    assert r["spills"] == 0 and r["local"] == 0 and r["stack"] == 0
+    assert r["registers"] <= regs and r["ctas_per_sm"] >= ctas, (r["registers"], r["ctas_per_sm"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_build_tree_topk_streams_16_bytes(build_tree_rows, arch):
+    # One 16-byte load per thread per 1024-element tile and nothing narrower; the
+    # common path (no key above the list, no +inf) holds one CTA-wide fp32 max, but
+    # the rare branches inside the loop keep their own reductions, so the loop's
+    # static barrier count is bounded rather than 2.
+    lp = _main(build_tree_rows[("build_tree.topk", arch)])
+    assert lp["load_kinds"] == {"LDG.128": 1} and lp["barriers"] <= 8, lp
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("n", [64, 256])
+def test_build_tree_select_steps_without_barriers(build_tree_rows, n, arch):
+    # The N - 1 serial steps reduce within one warp (shuffles), never through a barrier.
+    r = build_tree_rows[(f"build_tree.select.n{n}", arch)]
+    assert r["num_warps"] == 1 and r["loops"] and all(lp["barriers"] == 0 for lp in r["loops"])
