@@ -423,8 +423,12 @@ def device(index: int) -> _Device:
     return dev
 
 
-def _index(t) -> int:
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+def _target(t, op: str):
+    """(device, current stream handle) of a call on ``t``'s device."""
+    if t.device.type != "cuda":
+        raise RuntimeError(f"{op}_cuda: expected CUDA tensors, got one on {t.device}")
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return device(index), torch.cuda.current_stream(index).cuda_stream
 
 
 def launch(launches: List[Launch], dev: _Device, stream: int) -> None:
@@ -440,17 +444,10 @@ def launch(launches: List[Launch], dev: _Device, stream: int) -> None:
                f"{item.op}_cuda: launch of {item.kernel}")
 
 
-def _stream(index: int) -> int:
-    return torch.cuda.current_stream(index).cuda_stream
-
-
 def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
                  draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens) -> None:
     """dflash::verify_chain_cuda on the NVRTC-compiled kernels (same arguments)."""
-    if logits.device.type != "cuda":
-        raise RuntimeError(f"verify_chain_cuda: expected CUDA tensors, got one on {logits.device}")
-    index = _index(logits)
-    dev = device(index)
+    dev, stream = _target(logits, "verify_chain")
     p = verify_chain_params(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
                             positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
                             new_seq_lens, dev.num_sms)
@@ -459,18 +456,16 @@ def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, se
     workspace = torch.empty(verify_chain_workspace_bytes(p), dtype=torch.uint8,
                             device=logits.device)
     set_verify_chain_workspace(p, workspace.data_ptr())
-    launch(verify_dispatch(p), dev, _stream(index))
+    launch(verify_dispatch(p), dev, stream)
 
 
 def write_kv(k, v, k_norm_weight, positions, slot_mapping, k_caches, v_caches, cos_sin_cache,
              eps, rope_neox, rotary_dim, k_scale, v_scale) -> None:
     """dflash::write_kv_cuda on the NVRTC-compiled kernel (same arguments)."""
-    if k.device.type != "cuda":
-        raise RuntimeError(f"write_kv_cuda: expected CUDA tensors, got one on {k.device}")
+    dev, stream = _target(k, "write_kv")
     blocks = write_kv_launches(k, v, k_norm_weight, positions, slot_mapping, k_caches, v_caches,
                                cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale)
     if not blocks:
         return
-    index = _index(k)
     launches = [item for item in map(write_kv_dispatch, blocks) if item is not None]
-    launch(launches, device(index), _stream(index))
+    launch(launches, dev, stream)
