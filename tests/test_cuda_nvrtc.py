@@ -267,29 +267,11 @@ def test_concurrent_processes_never_see_a_torn_entry(tmp_path):
 # ---------------------------------------------------------------- host path vs C++
 
 _RECORDER = r"""
+// The emulator's entry points (desc(), DescList: the tensors as 13 int64 words,
+// host_emulation.h, the op headers), plus a launcher that records.
+#include "testing/emulate.cpp"
 #include <cstddef>
-#include <cstring>
-#include <vector>
-#include "testing/host_emulation.h"
-#include "verify_chain.cuh"
-#include "write_kv.cuh"
-using namespace dflash;
 namespace {
-TensorDesc desc(const int64_t* w) {
-  TensorDesc t;
-  t.data = reinterpret_cast<void*>(w[0]);
-  t.defined = w[1] != 0;
-  t.dtype = static_cast<DType>(w[2]);
-  t.device = static_cast<int32_t>(w[3]);
-  t.ndim = static_cast<int32_t>(w[4]);
-  for (int d = 0; d < 4; ++d) { t.size[d] = w[5 + d]; t.stride[d] = w[9 + d]; }
-  return t;
-}
-struct DescList {
-  const int64_t* words; int64_t n;
-  int64_t size() const { return n; }
-  TensorDesc operator[](int64_t i) const { return desc(words + i * 13); }
-};
 const void* const kKernels[] = {KERNEL_TABLE};
 // Per launch: kernel index, grid, threads, smem (info), then the params bytes (blob).
 struct Record {
