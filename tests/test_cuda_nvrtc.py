@@ -601,7 +601,8 @@ class FakeDriver:
     def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
         ptrs = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
         self.launches.append(dict(fn=fn, grid=(gx, gy, gz), block=(bx, by, bz), smem=smem,
-                                  stream=int(stream), extra=extra, arg0=ptrs[0]))
+                                  stream=int(stream), extra=extra, arg0=ptrs[0],
+                                  ctx=self.current))
         self.launches[-1]["bytes"] = ctypes.string_at(ptrs[0], 4096)
         return (0,)
 
@@ -628,7 +629,9 @@ def test_cu_launch_kernel_gets_the_cpp_params(recorder, compiled, cache, monkeyp
     want += _run_cpp_write_kv(recorder, wa)
     launches = _py_verify(args, dev.num_sms) + _py_write_kv(wa)
     _jit.launch(launches, dev, 0xABC)
-    assert fake.current == 77 and fake.ctx_set == 1
+    # The device's context for the launches, the thread's previous one restored after.
+    assert [c["ctx"] for c in fake.launches] == [77] * 4
+    assert fake.current == 0 and fake.ctx_set == 2
     assert len(fake.loaded) == 2  # one module per op, loaded once
     assert len(fake.launches) == len(want) == 4
     for op_want, rec in zip(want, fake.launches):

@@ -386,10 +386,14 @@ class _Device:
         self.functions: Dict[tuple, object] = {}
         self.lock = threading.Lock()
 
-    def make_current(self, drv) -> None:
+    def make_current(self, drv):
+        """Makes the device's context current; returns the one to restore, or None
+        (it was current already), as the extension's device guard."""
         current = _check(drv, drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
-        if int(current) != int(self.ctx):
-            _check(drv, drv.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
+        if int(current) == int(self.ctx):
+            return None
+        _check(drv, drv.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
+        return current
 
     def function(self, drv, op: str, kernel: str):
         fn = self.functions.get((op, kernel))
@@ -434,14 +438,18 @@ def _target(t, op: str):
 def launch(launches: List[Launch], dev: _Device, stream: int) -> None:
     """``cuLaunchKernel`` for each launch, on ``stream`` (a CUstream handle)."""
     drv = _drv()
-    dev.make_current(drv)
-    for item in launches:
-        fn = dev.function(drv, item.op, item.kernel)
-        # kernelParams: one pointer per kernel argument; the kernels take the params block.
-        args = (ctypes.c_void_p * 1)(ctypes.addressof(item.params))
-        _check(drv, drv.cuLaunchKernel(fn, item.grid, 1, 1, item.threads, 1, 1, item.smem,
-                                       drv.CUstream(stream), ctypes.addressof(args), 0),
-               f"{item.op}_cuda: launch of {item.kernel}")
+    previous = dev.make_current(drv)
+    try:
+        for item in launches:
+            fn = dev.function(drv, item.op, item.kernel)
+            # kernelParams: one pointer per kernel argument; the kernels take the params block.
+            args = (ctypes.c_void_p * 1)(ctypes.addressof(item.params))
+            _check(drv, drv.cuLaunchKernel(fn, item.grid, 1, 1, item.threads, 1, 1, item.smem,
+                                           drv.CUstream(stream), ctypes.addressof(args), 0),
+                   f"{item.op}_cuda: launch of {item.kernel}")
+    finally:
+        if previous is not None:
+            _check(drv, drv.cuCtxSetCurrent(previous), "cuCtxSetCurrent")
 
 
 def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
