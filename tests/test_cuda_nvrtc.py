@@ -242,6 +242,24 @@ def test_corrupt_entry_is_rebuilt(tmp_path, monkeypatch):
         again.path.with_suffix(".json").read_text())["sha256"]
 
 
+def test_unwritable_cache_warns_and_still_compiles(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(_nvrtc, "build", _fake_build(calls))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.warns(RuntimeWarning, match="not writable"):
+        c = _nvrtc.compile_op("verify_chain", "sm_90a", blocker / "cache")
+    assert not c.cached and c.cubin and len(calls) == 1
+
+
+def test_cache_location_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(_nvrtc.CACHE_ENV, str(tmp_path / "a"))
+    assert _nvrtc.cache_dir() == tmp_path / "a" / "nvrtc"
+    monkeypatch.delenv(_nvrtc.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert _nvrtc.cache_dir() == tmp_path / "x" / "dflash_kernels" / "nvrtc"
+
+
 def test_concurrent_threads_compile_once(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(_nvrtc, "build", _fake_build(calls, delay=0.2))

@@ -13,8 +13,9 @@ so each cubin holds the same kernels, under the same mangled names, as the
 nvcc build. NVRTC ships no C++ standard library: ``csrc/jit/std_shim.h``
 stands in for the few standard headers the kernel headers include.
 
-Cache: ``$DFLASH_KERNELS_CACHE`` or ``~/.cache/dflash_kernels``, under
-``nvrtc/``; one ``<op>-<arch>-<key>.cubin`` and its ``.json`` (the lowered
+Cache: ``$DFLASH_KERNELS_CACHE`` or ``$XDG_CACHE_HOME/dflash_kernels`` (default
+``~/.cache/dflash_kernels``), under ``nvrtc/``; an unwritable cache warns and
+compiles in memory; one ``<op>-<arch>-<key>.cubin`` and its ``.json`` (the lowered
 names) per entry, the key a hash of (every csrc source the program can
 include, the arch, the NVRTC version, the CUDA headers, the options, the
 instantiations). Files are written to a temporary name and renamed
@@ -29,6 +30,7 @@ import os
 import re
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -194,7 +196,10 @@ def cache_key(op: str, arch: str) -> str:
 
 def cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
-    return (Path(env) if env else Path.home() / ".cache" / "dflash_kernels") / "nvrtc"
+    if env:
+        return Path(env) / "nvrtc"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dflash_kernels" / "nvrtc"
 
 
 @dataclass(frozen=True)
@@ -291,9 +296,13 @@ def compile_op(op: str, arch: str, cache: Optional[Path] = None) -> Compiled:
         except (OSError, ValueError, KeyError):
             pass
         cubin, names, _ = build(op, arch)
-        root.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cubin_path, cubin)
         meta = dict(key=key, op=op, arch=arch, nvrtc=list(nvrtc_version()), names=names,
                     sha256=hashlib.sha256(cubin).hexdigest())
-        _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _write_atomic(cubin_path, cubin)
+            _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+        except OSError as exc:  # a read-only home: compile again next process
+            warnings.warn(f"dflash_kernels: the NVRTC cache {root} is not writable ({exc}); "
+                          f"set {CACHE_ENV}", RuntimeWarning, stacklevel=2)
         return Compiled(op, arch, cubin, names, cubin_path, False)
