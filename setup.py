@@ -117,5 +117,24 @@ def _extension():
     return [ext], {"build_ext": BuildExtension}
 
 
+def _with_kernel_sources(cmdclass):
+    """Wheels carry the header-only kernels as dflash_kernels/_csrc (csrc/*.cuh,
+    *.h and jit/), which the cuda backend compiles with NVRTC when _C is absent
+    (docs/cuda.md, "No-build path (NVRTC)")."""
+    from setuptools.command.build_py import build_py
+
+    class BuildPyWithKernelSources(build_py):
+        def run(self):
+            super().run()
+            dest = Path(self.build_lib) / "dflash_kernels" / "_csrc"
+            csrc = ROOT / "csrc"
+            for src in [*csrc.glob("*.cuh"), *csrc.glob("*.h"), *(csrc / "jit").glob("*")]:
+                target = dest / src.relative_to(csrc)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, target)
+
+    return {**cmdclass, "build_py": BuildPyWithKernelSources}
+
+
 ext_modules, cmdclass = _extension()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=_with_kernel_sources(cmdclass))

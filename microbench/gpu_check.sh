@@ -72,6 +72,16 @@ fi
 step tests "$TEST_TIMEOUT" "$PY" -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/tests.xml"
 tail -n 3 "$OUT/tests.log" | sed 's/^/  /' | tee -a "$SUMMARY"
 
+# 2b. The cuda backend's GPU tests again on the no-build path (NVRTC-compiled kernels
+#     launched through cuda.bindings; docs/cuda.md, "No-build path (NVRTC)").
+if "$PY" -c "import cuda.bindings.driver, cuda.bindings.nvrtc" 2>/dev/null; then
+    DFLASH_KERNELS_CUDA_JIT=1 step nvrtc "$TEST_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider \
+        tests/test_cuda_ops.py tests/test_cuda_nvrtc.py -k "gpu or cuda"
+    tail -n 3 "$OUT/nvrtc.log" | sed 's/^/  /' | tee -a "$SUMMARY"
+else
+    note "nvrtc: skipped (cuda.bindings not installed)"
+fi
+
 # 3. The benchmark at the default presets; --budget stops it cleanly before the timeout
 #    so that the JSON is always written.
 PLOT=()

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from . import IMPL
+
 # The compiled kernels do no top-k / top-p filtering, no rejection sampling
 # against draft distributions and no ragged (cu_rows) layout: the registry
 # sends calls with any of these to another backend. The C++ op rejects the
 # first three too; cu_rows and filter_order never reach it.
 UNSUPPORTED_ARGS = frozenset({"top_k", "top_p", "draft_probs", "cu_rows", "filter_order"})
 
-# Registered by the package (importing dflash_kernels._C).
-_op = torch.ops.dflash.verify_chain_cuda.default
+# Registered by the package (importing dflash_kernels._C), or the NVRTC path.
+if IMPL == "extension":
+    _op = torch.ops.dflash.verify_chain_cuda.default
+else:
+    from ._jit import verify_chain as _op
 
 
 def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from . import IMPL
+
 UNSUPPORTED_ARGS = frozenset()
 
-# Registered by the package (importing dflash_kernels._C).
-_op = torch.ops.dflash.write_kv_cuda.default
+# Registered by the package (importing dflash_kernels._C), or the NVRTC path.
+if IMPL == "extension":
+    _op = torch.ops.dflash.write_kv_cuda.default
+else:
+    from ._jit import write_kv as _op
 
 
 def write_kv(k, v, k_norm_weight, positions, slot_mapping, k_caches, v_caches, cos_sin_cache,
