@@ -52,6 +52,9 @@ SCHEMAS: Dict[str, str] = {
     "build_tree": (
         "Tensor draft_logits, int top_k, Tensor? temperature, Tensor(a!) tree_tokens, "
         "Tensor(b!) parents, Tensor(c!) num_nodes, Tensor(d!) depth"),
+    "norm_rope": (
+        "Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos_sin_cache, "
+        "Tensor? q_norm_weight, Tensor? k_norm_weight, float eps, bool rope_neox, int rotary_dim"),
     "copy_kv": "Tensor src_slots, Tensor dst_slots, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches",
 }
 

@@ -182,7 +182,28 @@ def _share_memory(a, b, ea, eb) -> bool:
             for stride, n in dims:
                 d -= min(d // stride, n - 1) * stride
             return d < a.element_size()
+    rows = _row_window(a, b, ea, eb)
+    if rows is not None:
+        return rows
     return True  # other layouts: the intersecting extents count as overlap
+
+
+def _row_window(a, b, ea, eb):
+    """Column slices of one row-major buffer (q and k as views of a fused qkv
+    projection): both have the same outermost stride R and each row's bytes fit
+    in a window narrower than R; they share memory iff the windows intersect
+    modulo R. None when the layouts are not of that kind."""
+    da, db = _dims(a), _dims(b)
+    if not da or not db or da[0][0] != db[0][0] or not (_nested(da) and _nested(db)):
+        return None
+    R = da[0][0]
+    wa = sum((n - 1) * st for st, n in da[1:]) + a.element_size()
+    wb = sum((n - 1) * st for st, n in db[1:]) + b.element_size()
+    if wa > R or wb > R:
+        return None
+    lo, hi, w_lo, w_hi = (ea[0], eb[0], wa, wb) if ea[0] <= eb[0] else (eb[0], ea[0], wb, wa)
+    d = (hi - lo) % R
+    return not (d >= w_lo and d + w_hi <= R)
 
 
 def check_no_overlap(written, read=()):

@@ -37,6 +37,7 @@ from ._validation import (
 )
 
 __all__ = [
+    "norm_rope",
     "DraftTree",
     "TreeVerifyOutput",
     "build_tree",
@@ -335,6 +336,18 @@ def _cache_parts(name, cache):
     return [(f"{name}[{i}]", c) for i, c in enumerate(cache)]
 
 
+def _check_rope(rope_style, rotary_dim, D, cos_sin_cache, dev) -> int:
+    """The RoPE arguments shared by inject_kv, write_kv and norm_rope; the rotary dim."""
+    if rope_style not in ("neox", "gptj"):
+        raise ValueError(f"rope_style: expected 'neox' or 'gptj', got {rope_style!r}")
+    rotary_dim = D if rotary_dim is None else check_int("rotary_dim", rotary_dim, minimum=2)
+    if rotary_dim > D or rotary_dim % 2:
+        raise ValueError(f"rotary_dim: expected an even number <= head dim {D}, got {rotary_dim}")
+    check_tensor("cos_sin_cache", cos_sin_cache, ndim=2, dtypes=(torch.float32,), device=dev,
+                 shape=(None, rotary_dim), last_contiguous=True)
+    return rotary_dim
+
+
 def _check_kv_common(act_dtype, dev, N, L, Hkv, D, k_norm_weight, positions, slot_mapping,
                      k_cache, v_cache, cos_sin_cache, rope_style, rotary_dim, k_scale, v_scale, eps,
                      reads):
@@ -361,13 +374,7 @@ def _check_kv_common(act_dtype, dev, N, L, Hkv, D, k_norm_weight, positions, slo
         check_tensor("k_norm_weight", k_norm_weight, dtypes=FLOAT_DTYPES, device=dev, shape=(L, D))
     check_vector("positions", positions, torch.int64, N, dev)
     check_vector("slot_mapping", slot_mapping, torch.int64, N, dev)
-    if rope_style not in ("neox", "gptj"):
-        raise ValueError(f"rope_style: expected 'neox' or 'gptj', got {rope_style!r}")
-    rotary_dim = D if rotary_dim is None else check_int("rotary_dim", rotary_dim, minimum=2)
-    if rotary_dim > D or rotary_dim % 2:
-        raise ValueError(f"rotary_dim: expected an even number <= head dim {D}, got {rotary_dim}")
-    check_tensor("cos_sin_cache", cos_sin_cache, ndim=2, dtypes=(torch.float32,), device=dev,
-                 shape=(None, rotary_dim), last_contiguous=True)
+    rotary_dim = _check_rope(rope_style, rotary_dim, D, cos_sin_cache, dev)
     k_scale = normalize_scale("k_scale", k_scale, kc, dev)
     v_scale = normalize_scale("v_scale", v_scale, vc, dev)
     eps = check_float("eps", eps, positive=True)
@@ -467,6 +474,76 @@ def write_kv(
     positions, slot_mapping, cos_sin_cache = _dense(positions, slot_mapping, cos_sin_cache)
     _run("write_kv", dev.type, backend, k, v, k_norm_weight, positions, slot_mapping, k_caches,
          v_caches, cos_sin_cache, eps, rope_style == "neox", rotary_dim, k_scale, v_scale)
+
+
+def _heads_view(name, x, lead):
+    """``x [N, H, D]`` or ``[B, S, H, D]`` as an ``[N, H, D]`` view of the same memory."""
+    check_tensor(name, x, dtypes=ACT_DTYPES, last_contiguous=True)
+    if x.dim() != len(lead) + 2:
+        raise ValueError(f"{name}: expected {len(lead) + 2} dims ({'[N, H, D]' if len(lead) == 1 else '[B, S, H, D]'}, "
+                         f"as positions), got shape {list(x.shape)}")
+    if tuple(x.shape[:len(lead)]) != tuple(lead):
+        raise ValueError(f"{name}: expected leading dims {list(lead)} (positions' shape), got shape {list(x.shape)}")
+    if x.dim() == 4:
+        if x.shape[0] > 1 and x.shape[1] > 1 and x.stride(0) != x.shape[1] * x.stride(1):
+            raise ValueError(f"{name}: its [B, S] dims must merge into one without a copy (the op "
+                             f"writes in place); got strides {x.stride()}")
+        x = x.as_strided((x.shape[0] * x.shape[1], x.shape[2], x.shape[3]),
+                         (x.stride(1) if x.shape[1] > 1 else x.stride(0), x.stride(2), x.stride(3)))
+    return x
+
+
+def norm_rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor, *,
+              q_norm_weight: Optional[Tensor] = None, k_norm_weight: Optional[Tensor] = None,
+              eps: float = 1e-6, rope_style: str = "neox", rotary_dim: Optional[int] = None,
+              backend: Optional[str] = None):
+    """Per-head RMSNorm (when a weight is given) then RoPE of a draft block's q and
+    k, in place, in one launch: the math of inject_kv's K epilogue.
+
+    Args:
+        q: ``[N, Hq, D]`` or ``[B, S, Hq, D]`` fp16/bf16, unit last stride (any other
+            strides: a view of a fused qkv projection works).
+        k: the same with Hkv heads (the same dtype, D and leading dims).
+        positions: int64 ``[N]`` or ``[B, S]``; values outside the table are
+            clamped into it (as write_kv).
+        cos_sin_cache: fp32 ``[max_pos, rotary_dim]`` (cos, then sin).
+        q_norm_weight, k_norm_weight: ``[D]`` or None (no norm of that tensor).
+        eps, rope_style ("neox" or "gptj"), rotary_dim (even, <= D; None: D).
+
+    Returns:
+        ``(q, k)``, the same tensors, overwritten.
+    """
+    check_tensor("positions", positions, dtypes=(torch.int64,))
+    if positions.dim() not in (1, 2):
+        raise ValueError(f"positions: expected [N] or [B, S], got shape {list(positions.shape)}")
+    dev = positions.device
+    lead = tuple(positions.shape)
+    q3 = _heads_view("q", q, lead)
+    k3 = _heads_view("k", k, lead)
+    for name, x in (("q", q), ("k", k)):
+        if x.device != dev:
+            raise ValueError(f"{name}: expected device {dev}, got {x.device}")
+    if k.dtype != q.dtype:
+        raise ValueError(f"k: expected the dtype of q ({q.dtype}), got {k.dtype}")
+    D = q3.shape[2]
+    check_head_dim("q", D)
+    if k3.shape[2] != D:
+        raise ValueError(f"k: expected head dim {D} (q's), got shape {list(k.shape)}")
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if w is not None:
+            check_tensor(name, w, dtypes=FLOAT_DTYPES, device=dev, shape=(D,))
+    rotary_dim = _check_rope(rope_style, rotary_dim, D, cos_sin_cache, dev)
+    if cos_sin_cache.shape[0] < 1:
+        raise ValueError("cos_sin_cache: expected at least one position row")
+    eps = check_float("eps", eps, positive=True)
+    check_no_overlap((("q", q), ("k", k)),
+                     (("positions", positions), ("cos_sin_cache", cos_sin_cache),
+                      ("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)))
+    if q3.shape[0] > 0:
+        positions, qw, kw = _dense(positions.reshape(-1), q_norm_weight, k_norm_weight)
+        _run("norm_rope", dev.type, backend, q3, k3, positions, cos_sin_cache, qw, kw, eps,
+             rope_style == "neox", rotary_dim)
+    return q, k
 
 
 # --------------------------------------------------------------------------
