@@ -498,5 +498,5 @@ def test_direct_calls_with_empty_shapes(backend):
         assert (kc == 0).all()
         acc, toks, bon = z32.clone(), torch.zeros(0, 4, dtype=I32), z32.clone()
         ops.verify_chain(torch.randn(0, 4, 50), torch.zeros(0, 4, dtype=I64), z32, torch.ones(0), z32,
-                         torch.ones(0), z64, z64, torch.rand(0, 3, 50), z32, acc, toks, bon, z32.clone(),
-                         backend)
+                         torch.ones(0), z64, z64, torch.rand(0, 3, 50), z32, None, None, acc, toks, bon,
+                         z32.clone(), backend)
