@@ -411,6 +411,12 @@ def catalog(arch: int) -> List[tuple]:
         rot_half=D // 2, eps=1e-6,
         D=_c(D), BLOCK_M=_c(16), NEOX=_c(True), HAS_KNORM=_c(True), FP8=_c(False),
         FP8_MAX=_c(0.0), UNIFORM_K=_c(True), UNIFORM_V=_c(True)), num_warps=4)))
+    Hq, Nrows = 32, 16
+    out.append(("norm_rope.bf16", launch_job(f"{_TB}.norm_rope", "_norm_rope_kernel", dict(
+        q_ptr="*bf16", k_ptr="*bf16", sq_n=Hq * D, sq_h=D, sk_n=Hkv * D, sk_h=D, pos_ptr="*i64",
+        qw_ptr="*bf16", kw_ptr="*bf16", cs_ptr="*fp32", stride_cs=D, N=Nrows, Hq=Hq,
+        max_pos=4096, rot_half=D // 2, eps=1e-6, D=_c(D), BLOCK_M=_c(16), NEOX=_c(True),
+        HAS_QNORM=_c(True), HAS_KNORM=_c(True)), num_warps=4)))
     out.append(("fuse_target_features.gemm", _inject_job("fuse_target_features", arch, None)))
     # The norm: N 16, H 4096, 8 split-K partials (the GEMM's split at N 16 on 132 SMs x 2).
     out.append(("fuse_target_features.norm", launch_job(
