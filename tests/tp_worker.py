@@ -97,11 +97,24 @@ def _context():
     return mp.get_context(os.environ.get("DFLASH_TP_TEST_START", "fork"))
 
 
+def _own_copies(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone().contiguous()
+    if isinstance(x, dict):
+        return {k: _own_copies(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_own_copies(v) for v in x)
+    return x
+
+
 def spawn(world, cases, tmp_path, target=worker, timeout_s=SPAWN_TIMEOUT_S):
     """Run ``target`` on ``world`` ranks over ``cases`` ((V, borders, kwargs) each); returns
     every rank's results. Joined with a deadline, then terminated: no rank outlives the call."""
     case_file = str(tmp_path / "cases.pt")
-    torch.save(cases, case_file)
+    # Every tensor saved as its own dense copy, held alive by the saved list: once in CI
+    # a case file came back with a storage recorded as 0 bytes next to a 128-byte record
+    # (a storage key reused within one save), and every rank failed to load it.
+    torch.save(_own_copies(cases), case_file)
     procs = [_context().Process(target=target, args=(r, world, str(tmp_path / "store"), case_file,
                                                 str(tmp_path)), daemon=True)
              for r in range(world)]
