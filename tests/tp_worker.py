@@ -3,6 +3,7 @@ harness that starts the ranks (:func:`spawn`): kept free of pytest / scipy so th
 rank imports only torch and dflash_kernels."""
 
 import os
+import pickle
 import time
 from datetime import timedelta
 
@@ -63,25 +64,37 @@ def call_tree(kw, **extra):
     return tuple(res)
 
 
-def worker(rank, world, init_file, case_file, out_dir):
+def _plain(res):
+    """Outputs as (dtype name, nested lists) or None: pickled without torch's storage records."""
+    return tuple(None if t is None else (str(t.dtype).removeprefix("torch."), t.tolist())
+                 for t in res)
+
+
+def _tensors(res):
+    return tuple(None if t is None else torch.tensor(t[1], dtype=getattr(torch, t[0]))
+                 for t in res)
+
+
+def worker(rank, world, init_file, cases, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
     results = []
     try:
-        for V, borders, kw in torch.load(case_file):
+        for V, borders, kw in cases:
             skw, lo = shard_kw(V, borders, kw, rank)
             log = []
             vp.collective_log = log
             res = call(skw, tp_group=dist.group.WORLD, vocab_start=lo, vocab_size=V)
             vp.collective_log = None
-            results.append((res, log))
-        torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
+            results.append((_plain(res), log))
+        with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
+            pickle.dump(results, f)
     finally:
         dist.destroy_process_group()
 
 
-def hang(rank, world, init_file, case_file, out_dir):
+def hang(rank, world, init_file, cases, out_dir):
     """A rank that never finishes (tests the harness's deadline)."""
     time.sleep(3600)
 
@@ -97,25 +110,14 @@ def _context():
     return mp.get_context(os.environ.get("DFLASH_TP_TEST_START", "fork"))
 
 
-def _own_copies(x):
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone().contiguous()
-    if isinstance(x, dict):
-        return {k: _own_copies(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_own_copies(v) for v in x)
-    return x
-
-
 def spawn(world, cases, tmp_path, target=worker, timeout_s=SPAWN_TIMEOUT_S):
     """Run ``target`` on ``world`` ranks over ``cases`` ((V, borders, kwargs) each); returns
     every rank's results. Joined with a deadline, then terminated: no rank outlives the call."""
-    case_file = str(tmp_path / "cases.pt")
-    # Every tensor saved as its own dense copy, held alive by the saved list: once in CI
-    # a case file came back with a storage recorded as 0 bytes next to a 128-byte record
-    # (a storage key reused within one save), and every rank failed to load it.
-    torch.save(_own_copies(cases), case_file)
-    procs = [_context().Process(target=target, args=(r, world, str(tmp_path / "store"), case_file,
+    # The cases travel as process arguments (a forked rank inherits them, a spawned one gets
+    # them through torch.multiprocessing's shared-memory pickler) and the results come back
+    # as plain lists: in the full suite a torch.save'd case file twice came back with a
+    # storage recorded as 0 bytes beside a 128-byte record, and every rank failed to load it.
+    procs = [_context().Process(target=target, args=(r, world, str(tmp_path / "store"), cases,
                                                 str(tmp_path)), daemon=True)
              for r in range(world)]
     for p in procs:
@@ -136,4 +138,8 @@ def spawn(world, cases, tmp_path, target=worker, timeout_s=SPAWN_TIMEOUT_S):
     assert not alive, f"world {world}: ranks still running after {timeout_s} s (killed)"
     codes = [p.exitcode for p in procs]
     assert codes == [0] * world, f"world {world}: exit codes {codes}"
-    return [torch.load(str(tmp_path / f"{r}.pt")) for r in range(world)]
+    per_rank = []
+    for r in range(world):
+        with open(tmp_path / f"{r}.pkl", "rb") as f:
+            per_rank.append([(_tensors(res), log) for res, log in pickle.load(f)])
+    return per_rank
