@@ -1,0 +1,164 @@
+"""docs/engines.md's snippets run as written against engine-shaped objects built here
+(issue 18 item 7): the vLLM DFlash context-KV snippet, with vLLM's fused KV weight, its
+per-layer ``(2, num_blocks, block_size, Hkv, D)`` caches and PAD_SLOT_ID rows."""
+
+import pathlib
+import re
+from types import SimpleNamespace as NS
+
+import torch
+
+import dflash_kernels as dk
+
+DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "engines.md"
+PAD_SLOT_ID = -1
+
+
+def snippet(marker):
+    """The ```python block of docs/engines.md that contains ``marker``."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    hits = [b for b in blocks if marker in b]
+    assert len(hits) == 1, (marker, len(hits))
+    return hits[0]
+
+
+def _vllm_model(L=3, H=64, Hkv=2, D=64, K=2, blocks=6, block_size=4, P=64, g=None):
+    dt = torch.bfloat16
+    kv = Hkv * D
+    attn = [NS(kv_cache=torch.full((2, blocks, block_size, Hkv, D), 7.0, dtype=dt))
+            for _ in range(L)]
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    ang = torch.arange(P).float()[:, None] * inv[None]
+    m = NS(_num_attn_layers=L, config=NS(hidden_size=H), _kv_size=kv,
+           _fused_kv_weight=(torch.randn(L * 2 * kv, H, generator=g) / H ** 0.5).to(dt),
+           _fused_kv_bias=torch.randn(L * 2 * kv, generator=g).to(dt),
+           _rope_cos_sin_cache=torch.cat([ang.cos(), ang.sin()], -1).to(dt),
+           _attn_layers=attn, fc=NS(weight=(torch.randn(H, K * H, generator=g) / H).to(dt)),
+           _hidden_norm_weight=torch.rand(H, generator=g).to(dt) + 0.5, _rms_norm_eps=1e-6,
+           _k_norm_weights=torch.rand(L, D, generator=g).to(dt) + 0.5, _rope_is_neox=True)
+    return NS(model=m)
+
+
+def test_vllm_context_kv_snippet():
+    g = torch.Generator().manual_seed(0)
+    model = _vllm_model(g=g)
+    m = model.model
+    L, H, kv = m._num_attn_layers, m.config.hidden_size, m._kv_size
+    n, padded = 5, 8                                 # the batch's tokens; the buffers' rows
+    aux = [torch.randn(padded, H, generator=g).to(torch.bfloat16) for _ in range(2)]
+    slots = torch.tensor([3, PAD_SLOT_ID, 9, 6, 17, 1, 2, 0])
+    speculator = NS(hidden_states=torch.full((padded, H), 5.0, dtype=torch.bfloat16),
+                    context_positions=torch.tensor([0, 7, 3, 12, 60, 1, 1, 1]),
+                    _context_slot_mappings=[slots])
+    caches_before = [a.kv_cache.clone() for a in m._attn_layers]
+
+    exec(snippet("precompute_and_store_context_kv"),
+         dict(model=model, input_batch=NS(num_tokens=n), aux_hidden_states=aux,
+              self=speculator))
+
+    # Independent of the snippet's views: per-layer weights stacked by hand, fresh caches.
+    want_hidden = dk.fuse_target_features(torch.cat([a[:n] for a in aux], -1), m.fc.weight,
+                                          m._hidden_norm_weight, eps=m._rms_norm_eps)
+    assert torch.equal(speculator.hidden_states[:n], want_hidden)
+    assert (speculator.hidden_states[n:] == 5).all()
+    w = torch.stack([torch.stack([m._fused_kv_weight[(2 * l + i) * kv:(2 * l + i + 1) * kv]
+                                  for i in range(2)]) for l in range(L)])
+    b = torch.stack([torch.stack([m._fused_kv_bias[(2 * l + i) * kv:(2 * l + i + 1) * kv]
+                                  for i in range(2)]) for l in range(L)])
+    kc = [c[0].clone() for c in caches_before]
+    vc = [c[1].clone() for c in caches_before]
+    dk.inject_kv(want_hidden, w, m._k_norm_weights, speculator.context_positions[:n].clone(),
+                 slots[:n].clone(), kc, vc, m._rope_cos_sin_cache.float(), kv_bias=b,
+                 eps=m._rms_norm_eps, rope_style="neox")
+    for layer, a in enumerate(m._attn_layers):
+        assert torch.equal(a.kv_cache[0], kc[layer]) and torch.equal(a.kv_cache[1], vc[layer])
+        # Only the batch's valid slots changed: PAD_SLOT_ID and the padded rows' slots did not.
+        flat = a.kv_cache.flatten(1, 2)
+        changed = (flat != caches_before[layer].flatten(1, 2)).flatten(2).any(-1).any(0)
+        assert set(changed.nonzero().flatten().tolist()) <= {3, 9, 6, 17}
+        assert changed[[3, 9, 6, 17]].all()
+
+
+def test_vllm_draft_attention_snippet():
+    # One DFlash draft layer's attention in vLLM: fused qkv projection (with graph-padding
+    # rows past B*S), q/k norm + RoPE in place on column views, block attention over the
+    # layer's paged cache with the block's own keys.
+    g = torch.Generator().manual_seed(1)
+    dt = torch.bfloat16
+    B, S, Hq, Hkv, D, H, page, pages = 2, 4, 4, 2, 64, 64, 4, 9
+    T = B * S + 3                                    # padded token count
+    wqkv = (torch.randn((Hq + 2 * Hkv) * D, H, generator=g) / H ** 0.5).to(dt)
+    attn = NS(q_size=Hq * D, kv_size=Hkv * D, head_dim=D, num_heads=Hq, num_kv_heads=Hkv,
+              qkv_proj=lambda x: (x @ wqkv.T, None),
+              q_norm=NS(weight=torch.rand(D, generator=g).to(dt) + 0.5, variance_epsilon=1e-6),
+              k_norm=NS(weight=torch.rand(D, generator=g).to(dt) + 0.5),
+              rotary_emb=NS(is_neox_style=False), scaling=D ** -0.5, sliding_window=None,
+              causal=False)
+    hidden_states = torch.randn(T, H, generator=g).to(dt)
+    positions = torch.randint(0, 30, (T,), generator=g)
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    ang = torch.arange(64).float()[:, None] * inv[None]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], -1)
+    k_cache = torch.randn(pages, page, Hkv, D, generator=g).to(dt)
+    v_cache = torch.randn(pages, page, Hkv, D, generator=g).to(dt)
+    seq_lens = torch.tensor([S + 7, S + 2, 99], dtype=torch.int32)  # a padded request row
+    table = torch.tensor([[4, 1, 7], [2, -1, -1], [0, 0, 0]], dtype=torch.int32)
+    md = NS(block_table_tensor=table, seq_lens=seq_lens)
+    scope = dict(dk=dk, self=attn, hidden_states=hidden_states, positions=positions, cos_sin=cos_sin,
+                 num_reqs=B, num_query_per_req=S, k_cache=k_cache, v_cache=v_cache, md=md)
+    exec(snippet("DFlashQwen3Attention.forward"), scope)
+
+    qkv = hidden_states @ wqkv.T
+    q = qkv[:, :Hq * D].reshape(T, Hq, D).contiguous()
+    k = qkv[:, Hq * D:(Hq + Hkv) * D].reshape(T, Hkv, D).contiguous()
+    v = qkv[:, (Hq + Hkv) * D:].reshape(T, Hkv, D).contiguous()
+    dk.norm_rope(q, k, positions, cos_sin, q_norm_weight=attn.q_norm.weight,
+                 k_norm_weight=attn.k_norm.weight, eps=1e-6, rope_style="gptj")
+    want = dk.block_attention(q[:B * S].reshape(B, S, Hq, D), k_cache, v_cache, table[:B],
+                              seq_lens[:B] - S, k[:B * S].reshape(B, S, Hkv, D),
+                              v[:B * S].reshape(B, S, Hkv, D), sm_scale=D ** -0.5)
+    assert scope["out"].shape == (B, S, Hq, D)
+    assert torch.equal(scope["out"], want)
+    assert not want.isnan().any()
+
+
+def test_vllm_verify_chain_snippet():
+    # vLLM's MRV2 flat layout: logits rows of every request back to back (cu_num_logits),
+    # per-request sampling state indexed through idx_mapping; compared with the padded call.
+    g = torch.Generator().manual_seed(2)
+    V, steps, rows = 40, 3, [3, 1, 4]
+    B, S, T = len(rows), steps + 1, sum(rows)
+    cu = torch.tensor([0] + rows).cumsum(0)
+    n_tok = T + 2                                     # two batch tokens without logits
+    logits_indices = torch.tensor([0, 1, 2, 4, 5, 6, 7, 9])
+    input_ids = torch.randint(0, V, (n_tok,), generator=g)
+    tok_pos = torch.randint(0, 1000, (n_tok,), generator=g)
+    logits = torch.randn(T, V, generator=g)
+    for r in range(T):                                # make drafts likely to be accepted
+        logits[r, input_ids[logits_indices[(r + 1) % T]]] += 4.0
+    state = NS(temperature=NS(gpu=torch.tensor([0.7, 1.3, 0.0, 1.0, 0.9])),
+               seeds=NS(gpu=torch.randint(0, 2 ** 40, (5,), generator=g)),
+               top_k=NS(gpu=torch.tensor([5, 0, 3, 40, 7], dtype=torch.int32)),
+               top_p=NS(gpu=torch.tensor([0.9, 1.0, 0.5, 0.8, 0.95])))
+    ib = NS(idx_mapping=torch.tensor([3, 0, 4]), positions=tok_pos,
+            logits_indices=logits_indices, input_ids=input_ids, cu_num_logits=cu)
+    scope = dict(dk=dk, torch=torch, input_batch=ib, sampler=NS(sampling_states=state),
+                 logits=logits, num_speculative_steps=steps, do_top_k=True, do_top_p=True)
+    exec(snippet("cu_rows=ib.cu_num_logits"), scope)
+
+    idx = ib.idx_mapping
+    lp = torch.full((B, S, V), float("nan"))
+    bt = torch.full((B, S), -1, dtype=torch.int64)
+    ids = input_ids[logits_indices]
+    for b in range(B):
+        lp[b, :rows[b]] = logits[cu[b]:cu[b + 1]]
+        bt[b, :rows[b]] = ids[cu[b]:cu[b + 1]]
+    want = dk.verify_chain(lp, bt, num_drafts=torch.tensor(rows, dtype=torch.int32) - 1,
+                           temperature=state.temperature.gpu[idx],
+                           seeds=state.seeds.gpu[idx],
+                           positions=tok_pos[logits_indices][cu[:-1]],
+                           top_k=state.top_k.gpu[idx], top_p=state.top_p.gpu[idx],
+                           filter_order="sequential")
+    assert torch.equal(scope["sampled"], want.out_tokens)
+    assert torch.equal(scope["num_sampled"], want.accept_len + 1)
+    assert int(want.accept_len.max()) > 0
