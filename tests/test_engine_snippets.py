@@ -162,3 +162,52 @@ def test_vllm_verify_chain_snippet():
     assert torch.equal(scope["sampled"], want.out_tokens)
     assert torch.equal(scope["num_sampled"], want.accept_len + 1)
     assert int(want.accept_len.max()) > 0
+
+
+def test_sglang_kv_append_snippet():
+    # SGLang's DFlashWorker KV append: per-layer fused qkv weights sliced at load, a token
+    # pool (page size 1, [size + 1, Hkv, D] per layer with a dummy first slot), slots gathered
+    # from req_to_token.
+    g = torch.Generator().manual_seed(3)
+    dt = torch.bfloat16
+    L, Hq, Hkv, D, H, K, size = 2, 4, 1, 64, 64, 2, 12
+    q_size, kv_size = Hq * D, Hkv * D
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    ang = torch.arange(64).float()[:, None] * inv[None]
+    rotary = NS(cos_sin_cache=torch.cat([ang.cos(), ang.sin()], -1).to(dt), is_neox_style=True)
+    layers = [NS(self_attn=NS(q_size=q_size, kv_size=kv_size, rotary_emb=rotary,
+                              qkv_proj=NS(weight=(torch.randn(q_size + 2 * kv_size, H,
+                                                              generator=g) / 8).to(dt)),
+                              k_norm=NS(weight=torch.rand(D, generator=g).to(dt) + 0.5),
+                              attn=NS(layer_id=3 - i)))           # pool index != layer order
+              for i in range(L)]
+    draft = NS(layers=layers, fc=NS(weight=(torch.randn(H, K * H, generator=g) / H).to(dt)),
+               hidden_norm=NS(weight=torch.rand(H, generator=g).to(dt) + 0.5,
+                              variance_epsilon=1e-6))
+    pool = NS(k_buffer=[torch.full((size + 1, Hkv, D), 3.0, dtype=dt) for _ in range(4)],
+              v_buffer=[torch.full((size + 1, Hkv, D), 3.0, dtype=dt) for _ in range(4)])
+    req_to_token = torch.tensor([[5, 6, 7, 8], [2, 11, 9, 1]], dtype=torch.int32)
+    ctx_cache_loc = torch.cat([req_to_token[0, 1:3], req_to_token[1, :3]]).to(torch.int64)
+    ctx_positions = torch.tensor([1, 2, 0, 1, 2])
+    target_hidden = torch.randn(5, K * H, generator=g).to(dt)
+    before = [b.clone() for b in pool.k_buffer + pool.v_buffer]
+    worker = NS(draft_model_runner=NS(token_to_kv_pool=pool))
+    exec(snippet("_append_target_hidden_to_draft_kv"),
+         dict(dk=dk, torch=torch, draft=draft, self=worker, ctx_positions=ctx_positions,
+              ctx_cache_loc=ctx_cache_loc, draft_input=NS(target_hidden=target_hidden)))
+
+    hidden = dk.fuse_target_features(target_hidden, draft.fc.weight, draft.hidden_norm.weight,
+                                     eps=1e-6)
+    for i, layer in enumerate(layers):
+        a, pid = layer.self_attn, 3 - i
+        w = a.qkv_proj.weight
+        kc, vc = before[pid].clone().unsqueeze(1), before[4 + pid].clone().unsqueeze(1)
+        dk.inject_kv(hidden, w[q_size:].reshape(1, 2, kv_size, H), a.k_norm.weight[None],
+                     ctx_positions, ctx_cache_loc, [kc], [vc], rotary.cos_sin_cache.float(),
+                     rope_style="neox")
+        assert torch.equal(pool.k_buffer[pid], kc[:, 0])
+        assert torch.equal(pool.v_buffer[pid], vc[:, 0])
+        assert not torch.equal(pool.k_buffer[pid], before[pid])
+    for pid in (0, 1):                                # pool layers of no draft layer
+        assert torch.equal(pool.k_buffer[pid], before[pid])
+        assert torch.equal(pool.v_buffer[pid], before[4 + pid])
