@@ -211,3 +211,34 @@ def test_sglang_kv_append_snippet():
     for pid in (0, 1):                                # pool layers of no draft layer
         assert torch.equal(pool.k_buffer[pid], before[pid])
         assert torch.equal(pool.v_buffer[pid], before[4 + pid])
+
+
+def test_sglang_verify_snippets():
+    # compute_dflash_correct_drafts_and_bonus (greedy) and the sampled variant (joint
+    # filters): SGLang's flat [bs*S, V] logits, candidates [bs, S], int32 seq_lens.
+    g = torch.Generator().manual_seed(4)
+    bs, S, V = 3, 4, 30
+    candidates = torch.randint(0, V, (bs, S), generator=g)
+    flat = torch.randn(bs * S, V, generator=g)
+    flat.view(bs, S, V)[:, :-1].scatter_add_(-1, candidates[:, 1:, None], torch.full((bs, S - 1, 1), 5.0))
+    seq_lens = torch.tensor([9, 17, 4], dtype=torch.int32)
+    greedy = dict(dk=dk, torch=torch, logits_output=NS(next_token_logits=flat),
+                  candidates=candidates, batch=NS(seq_lens=seq_lens), bs=bs, S=S)
+    exec(snippet("logits_output.next_token_logits.view(bs, S, -1)"), greedy)
+    want = dk.verify_chain(flat.reshape(bs, S, V), candidates, seq_lens=seq_lens)
+    assert torch.equal(greedy["correct_len"], want.accept_len)
+    assert greedy["bonus"].dtype == torch.int64 and torch.equal(greedy["bonus"], want.bonus.long())
+    assert int(want.accept_len.max()) > 0
+
+    si = NS(temperatures=torch.tensor([[0.8], [1.0], [1.5]]), need_top_k_sampling=True,
+            top_ks=torch.tensor([4, 30, 1]), need_top_p_sampling=True,
+            top_ps=torch.tensor([0.9, 0.5, 1.0]))
+    seeds = torch.tensor([11, 12, 13])
+    sampled = dict(dk=dk, torch=torch, batch=NS(sampling_info=si, seq_lens=seq_lens),
+                   next_token_logits=flat, candidates=candidates, request_seeds=seeds, bs=bs, S=S)
+    exec(snippet('filter_order="joint"'), sampled)
+    want = dk.verify_chain(flat.reshape(bs, S, V), candidates, temperature=si.temperatures[:, 0],
+                           top_k=si.top_ks.int(), top_p=si.top_ps, seeds=seeds,
+                           positions=seq_lens.long(), seq_lens=seq_lens, filter_order="joint")
+    assert torch.equal(sampled["correct_len"], want.accept_len)
+    assert torch.equal(sampled["bonus"], want.bonus.long())
