@@ -1,6 +1,7 @@
-"""docs/engines.md's snippets run as written against engine-shaped objects built here
-(issue 18 item 7): the vLLM DFlash context-KV snippet, with vLLM's fused KV weight, its
-per-layer ``(2, num_blocks, block_size, Hkv, D)`` caches and PAD_SLOT_ID rows."""
+"""docs/engines.md's snippets, run as written against engine-shaped objects built here
+(issue 18 item 7), each compared with the ops called on tensors built by hand: vLLM's
+context KV, draft attention and ragged verification; SGLang's KV append, draft attention
+and greedy / sampled verification."""
 
 import pathlib
 import re
@@ -242,3 +243,50 @@ def test_sglang_verify_snippets():
                            positions=seq_lens.long(), seq_lens=seq_lens, filter_order="joint")
     assert torch.equal(sampled["correct_len"], want.accept_len)
     assert torch.equal(sampled["bonus"], want.bonus.long())
+
+
+def test_sglang_draft_attention_snippet():
+    # SGLang's DFlashAttention with a token pool: req_to_token rows are a page-size-1 block
+    # table, narrowed to a host-known bound; the pool's buffers viewed as [slots, 1, Hkv, D].
+    g = torch.Generator().manual_seed(5)
+    dt = torch.bfloat16
+    bs, S, Hq, Hkv, D, H, size = 2, 3, 2, 1, 64, 64, 20
+    wqkv = (torch.randn((Hq + 2 * Hkv) * D, H, generator=g) / 8).to(dt)
+    attn = NS(q_size=Hq * D, kv_size=Hkv * D, head_dim=D, num_heads=Hq, num_kv_heads=Hkv,
+              qkv_proj=lambda x: (x @ wqkv.T, None),
+              q_norm=NS(weight=torch.rand(D, generator=g).to(dt) + 0.5, variance_epsilon=1e-6),
+              k_norm=NS(weight=torch.rand(D, generator=g).to(dt) + 0.5),
+              rotary_emb=NS(is_neox_style=True), scaling=D ** -0.5)
+    hidden_states = torch.randn(bs * S, H, generator=g).to(dt)
+    positions = torch.tensor([5, 6, 7, 2, 3, 4])
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    ang = torch.arange(64).float()[:, None] * inv[None]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], -1)
+    k_buf = torch.randn(size, Hkv, D, generator=g).to(dt)
+    v_buf = torch.randn(size, Hkv, D, generator=g).to(dt)
+    req_to_token = torch.randint(1, size, (4, 16), generator=g, dtype=torch.int32)
+    prefix = torch.tensor([5, 2], dtype=torch.int32)
+    scope = dict(dk=dk, self=attn, hidden_states=hidden_states, positions=positions,
+                 cos_sin=cos_sin, bs=bs, S=S, k_caches=[None, k_buf.unsqueeze(1)],
+                 v_caches=[None, v_buf.unsqueeze(1)], i=1, draft_req_to_token=req_to_token,
+                 forward_batch=NS(req_pool_indices=torch.tensor([3, 1])), max_len=8,
+                 draft_prefix_lens=prefix)
+    exec(snippet("DFlashAttention.forward"), scope)
+
+    qkv = hidden_states @ wqkv.T
+    q = qkv[:, :Hq * D].reshape(-1, Hq, D).contiguous()
+    k = qkv[:, Hq * D:(Hq + Hkv) * D].reshape(-1, Hkv, D).contiguous()
+    v = qkv[:, (Hq + Hkv) * D:].reshape(-1, Hkv, D).contiguous()
+    dk.norm_rope(q, k, positions, cos_sin, q_norm_weight=attn.q_norm.weight,
+                 k_norm_weight=attn.k_norm.weight, eps=1e-6, rope_style="neox")
+    # Dense attention from first principles: each request's context tokens, then its block.
+    for b, r in enumerate((3, 1)):
+        ctx = req_to_token[r, :int(prefix[b])].long()
+        keys = torch.cat([k_buf[ctx], k[b * S:(b + 1) * S]]).float()      # [n, Hkv, D]
+        vals = torch.cat([v_buf[ctx], v[b * S:(b + 1) * S]]).float()
+        qs = q[b * S:(b + 1) * S].float()                                  # [S, Hq, D]
+        kk = keys.repeat_interleave(Hq // Hkv, 1)
+        vv = vals.repeat_interleave(Hq // Hkv, 1)
+        p = torch.einsum("shd,nhd->hsn", qs, kk).mul(D ** -0.5).softmax(-1)
+        want = torch.einsum("hsn,nhd->shd", p, vv)
+        torch.testing.assert_close(scope["out"][b].float(), want, atol=2e-2, rtol=2e-2)
