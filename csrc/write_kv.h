@@ -211,7 +211,9 @@ const char* write_kv_launches(const WriteKVArgs<Caches>& a, Launch&& launch) {
                                        l0 * nw.stride[0] * dtype_size(nw.dtype)
                                  : nullptr;
     p.num_layers = static_cast<int32_t>(nl);
-    for (int64_t i = 0; i < nl; ++i) {
+    // A uniform chunk may hold more than kWriteKVMaxLayerPtrs layers: fill only the table.
+    const int64_t entries = nl < kWriteKVMaxLayerPtrs ? nl : kWriteKVMaxLayerPtrs;
+    for (int64_t i = 0; i < entries; ++i) {
       // A uniform list needs only the chunk's first base (the kernel adds l * layer stride).
       p.k_cache_base[i] = k_uniform && i > 0 ? nullptr : a.k_caches[l0 + i].data;
       p.v_cache_base[i] = v_uniform && i > 0 ? nullptr : a.v_caches[l0 + i].data;
