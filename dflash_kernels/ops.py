@@ -750,8 +750,6 @@ def verify_chain(
     # given): the registry then routes around backends that lack it.
     joint = "joint" if filter_order == "joint" and top_k is not None and top_p is not None else None
     if tp_group is not None:
-        if joint is not None:
-            raise ValueError("filter_order: 'joint' is not supported with tp_group yet")
         if ragged:
             # The shard protocol works on [B, S] rows: one gather of this rank's shard.
             from .reference.verify_chain import padded_from_ragged
@@ -762,7 +760,7 @@ def verify_chain(
         verify_chain_tp(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
                         positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
                         new_seq_lens, group=tp_group, vocab_start=vocab_start,
-                        vocab_size=vocab_size)
+                        vocab_size=vocab_size, joint=joint is not None)
         return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
     _run("verify_chain", dev.type, backend, logits, block_tokens, num_drafts, temperature, top_k,
          top_p, seeds, positions, draft_probs, seq_lens, cu_rows, joint, accept_len, out_tokens,

@@ -15,7 +15,10 @@ the single-device op on the concatenated (unpadded) logits:
   order-preserving key of the scaled logits, ``32 / radix_bits`` passes, each
   a per-row histogram (counts for top-k, fixed-point masses for top-p)
   summed across ranks; it finds exactly the k-th largest value and the
-  largest value whose kept mass reaches ``top_p * Z``.
+  largest value whose kept mass reaches ``top_p * Z``. ``filter_order="joint"``
+  (SGLang) takes that target from the full row's mass instead of the top-k
+  set's: the full mass rides as one extra column in the first top-p pass, so
+  joint makes the same number of collectives as sequential.
 - masses are the reference's integer fixed point
   (:func:`~dflash_kernels.reference.verify_chain.token_mass`), so ``Z`` and
   every mass are exact integer sums whatever the shard layout.
@@ -134,8 +137,8 @@ def _local_best(score: Tensor, vocab_start: int) -> Tensor:
 # Radix threshold search
 # --------------------------------------------------------------------------
 
-def radix_select(keys: Tensor, weight: Tensor, target: Callable[[Tensor], Tensor], comm: Comm,
-                 bits: int = RADIX_BITS):
+def radix_select(keys: Tensor, weight: Tensor, target: Callable[..., Tensor], comm: Comm,
+                 bits: int = RADIX_BITS, extra: Optional[Tensor] = None):
     """Largest key ``v`` with ``sum(weight[keys >= v]) >= target``, per row, across ranks.
 
     keys: int64 ``[R, n]`` (:func:`f32_key`); weight: int32 / int64 ``[R, n]``
@@ -143,6 +146,9 @@ def radix_select(keys: Tensor, weight: Tensor, target: Callable[[Tensor], Tensor
     total weight (known after the first pass) to an int64 target ``[R]``
     (clamped to >= 1, so the key found is always some element's).
     ``32 / bits`` passes, each one SUM of ``[R, 2**bits]`` weights.
+    ``extra``: a per-row partial ``[R]`` (weight's dtype) summed across ranks
+    as one more column of the first pass's histogram (``[R, 2**bits + 1]``,
+    no extra collective); the target is then ``target(total, extra_sum)``.
 
     Returns ``(found [R] bool, key [R] int64, mass_ge [R] int64, total [R] int64)``:
     ``mass_ge = sum(weight[keys >= key])``; ``found`` False where even the total
@@ -160,13 +166,19 @@ def radix_select(keys: Tensor, weight: Tensor, target: Callable[[Tensor], Tensor
     for shift in range(32 - bits, -1, -bits):
         hi = shift + bits
         match = (uk >> hi) == (prefix >> hi).unsqueeze(1)
-        hist = torch.zeros((R, nb), dtype=weight.dtype, device=keys.device)
+        first_pass = tgt is None
+        width = nb + 1 if first_pass and extra is not None else nb
+        buf = torch.zeros((R, width), dtype=weight.dtype, device=keys.device)
+        hist = buf[:, :nb]
         hist.scatter_add_(1, (uk >> shift) & (nb - 1), torch.where(match, weight, zero))
-        comm.sum_(hist)
+        if width > nb:
+            buf[:, nb] = extra
+        comm.sum_(buf)
         suffix = hist.flip(-1).cumsum(-1, dtype=torch.int64).flip(-1)   # weight in bucket >= j
-        if tgt is None:
+        if first_pass:
             total = suffix[:, 0]
-            tgt = target(total).clamp_min(1)
+            tgt = (target(total) if extra is None else target(total, buf[:, nb].to(torch.int64)))
+            tgt = tgt.clamp_min(1)
         ok = above.unsqueeze(1) + suffix >= tgt.unsqueeze(1)  # non-increasing in j: a prefix
         n_ok = ok.sum(-1)
         if found is None:
@@ -195,7 +207,7 @@ class Rows(NamedTuple):
 def filter_rows(scaled: Tensor, valid: Tensor, vocab_start: int, vocab_size: int,
                 sampled: Tensor, top_k: Optional[Tensor], top_p: Optional[Tensor],
                 seeds: Tensor, pos: Tensor, comm: Comm, *, need_mass: bool,
-                bits: int = RADIX_BITS) -> Rows:
+                bits: int = RADIX_BITS, joint: bool = False) -> Rows:
     """Top-k / top-p kept sets and Gumbel noise of R sampled-or-not rows of a shard.
 
     scaled: fp32 ``[R, Vl]`` (NaN and padded ids already -inf); valid: bool
@@ -206,6 +218,12 @@ def filter_rows(scaled: Tensor, valid: Tensor, vocab_start: int, vocab_size: int
     ``[R]`` fp32 (the max, when top_p or need_mass), top-k's count passes,
     top-p's mass passes, one SUM of ``[R]`` int64 (Z, when need_mass without
     top_p).
+
+    ``joint`` (SGLang's order, the reference's ``kept_set(..., joint=True)``;
+    only with both top_k and top_p): a row whose top-k is active takes the
+    top-p target ``clamp(ceil(top_p * Z_full), 1, Z_full)`` from its FULL
+    mass ``Z_full`` (summed in the first top-p pass's extra column) and keeps
+    its whole top-k set when that target reaches the top-k mass.
     """
     R, Vl = scaled.shape
     keep = torch.ones_like(scaled, dtype=torch.bool)
@@ -214,20 +232,36 @@ def filter_rows(scaled: Tensor, valid: Tensor, vocab_start: int, vocab_size: int
         # The kept set always holds the row max (top-k and top-p keep it): no filter needed.
         mx = comm.max_(scaled.amax(-1).contiguous())
         m = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)).unsqueeze(1)
+    k_active = None
     if top_k is not None:
         k = top_k.to(torch.int64)
-        active = sampled & (k > 0) & (k < vocab_size)
+        k_active = sampled & (k > 0) & (k < vocab_size)
         keys = f32_key(scaled)
         cnt = valid.to(torch.int32).unsqueeze(0).expand(R, Vl)
         _, kk, _, _ = radix_select(keys, cnt, lambda total: k.clamp(1, vocab_size), comm, bits)
-        kth = torch.where(active, key_f32(kk), NEG_INF).unsqueeze(1)
+        kth = torch.where(k_active, key_f32(kk), NEG_INF).unsqueeze(1)
         keep &= scaled >= kth
     if top_p is not None:
         active = sampled & (top_p < 1)
         masked = torch.where(keep, scaled, NEG_INF)
         w = ref.token_mass(masked, m)
-        found, tk, ge, total = radix_select(f32_key(masked), w,
-                                            lambda total: ref.top_p_target(top_p, total), comm, bits)
+        if joint and k_active is not None:
+            # m is the full row's max (the top-k set holds it): the full row's masses are
+            # the reference's token_mass(scaled, m), padded ids -inf (0).
+            z_full = ref.token_mass(scaled, m).sum(-1)
+
+            def target(total, z_full):
+                t_full = ref.top_p_target(top_p, z_full)
+                # A target at or past the top-k mass keeps the whole top-k set: total + 1
+                # is never reached (found False), so tau stays -inf and Z the top-k mass.
+                t_joint = torch.where(t_full >= total, total + 1, t_full)
+                return torch.where(k_active, t_joint, ref.top_p_target(top_p, total))
+
+            found, tk, ge, total = radix_select(f32_key(masked), w, target, comm, bits,
+                                                extra=z_full)
+        else:
+            found, tk, ge, total = radix_select(
+                f32_key(masked), w, lambda total: ref.top_p_target(top_p, total), comm, bits)
         on = active & found
         tau = torch.where(on, key_f32(tk), NEG_INF).unsqueeze(1)
         keep &= scaled >= tau
@@ -276,7 +310,8 @@ def shard_rows(logits: Tensor, vocab_start: int, vocab_size: int) -> Tuple[Tenso
 
 
 def row_winners(x: Tensor, valid: Tensor, temperature, top_k, top_p, seeds, pos, comm: Comm, *,
-                vocab_start: int, vocab_size: int, need_mass: bool, bits: int):
+                vocab_start: int, vocab_size: int, need_mass: bool, bits: int,
+                joint: bool = False):
     """Local packed winners int64 ``[R]`` of the target token of every row of B
     requests (``R = B*S``, rows request-major, from :func:`shard_rows`), and the
     filtered :class:`Rows` (None without ``temperature``). MAX-reduce the
@@ -286,7 +321,7 @@ def row_winners(x: Tensor, valid: Tensor, temperature, top_k, top_p, seeds, pos,
     of the token each row decides (chain: ``positions + j + 1``; tree:
     ``positions + depth(i) + 1``), None without ``temperature``.
     Collectives: one MAX (rows holding +inf, :func:`scale_logits`), then those
-    of :func:`filter_rows` (none when greedy).
+    of :func:`filter_rows` (none when greedy). ``joint``: :func:`filter_rows`.
     """
     if temperature is None:
         return _local_best(x, vocab_start), None
@@ -299,7 +334,8 @@ def row_winners(x: Tensor, valid: Tensor, temperature, top_k, top_p, seeds, pos,
     gid = torch.arange(vocab_start, vocab_start + x.shape[1], device=x.device, dtype=torch.int64)
     scaled = scale_logits(x, rep(inv_t).unsqueeze(1), gid, comm)
     rows = filter_rows(scaled, valid, vocab_start, vocab_size, sampled, rep(top_k), rep(top_p),
-                       rep(seeds), pos.reshape(R), comm, need_mass=need_mass, bits=bits)
+                       rep(seeds), pos.reshape(R), comm, need_mass=need_mass, bits=bits,
+                       joint=joint)
     return token_keys(x, rows, sampled, vocab_start), rows
 
 
@@ -308,11 +344,15 @@ def row_winners(x: Tensor, valid: Tensor, temperature, top_k, top_p, seeds, pos,
 # --------------------------------------------------------------------------
 
 def collectives(B: int, S: int, *, temperature: bool, top_k: bool, top_p: bool,
-                draft_probs: bool, radix_bits: Optional[int] = None) -> List[Tuple[str, torch.dtype, tuple]]:
+                draft_probs: bool, radix_bits: Optional[int] = None,
+                joint: bool = False) -> List[Tuple[str, torch.dtype, tuple]]:
     """The all_reduces one ``verify_chain`` call makes, in order: ``(op, dtype, shape)``.
 
     Host-known: depends only on which optional arguments are given and B, S.
     ``verify_tree`` with N node slots makes those of ``(B, N)`` without ``draft_probs``.
+    ``joint`` (``filter_order="joint"``): with top_k and top_p, the first top-p
+    pass is ``[R, 2**radix_bits + 1]`` (the full row's mass in the extra
+    column); the same number of collectives as sequential.
     """
     R = B * S
     radix_bits = radix_bits or RADIX_BITS
@@ -327,7 +367,9 @@ def collectives(B: int, S: int, *, temperature: bool, top_k: bool, top_p: bool,
     if top_k:
         out += [("SUM", torch.int32, (R, 1 << radix_bits))] * passes
     if top_p:
-        out += [("SUM", torch.int64, (R, 1 << radix_bits))] * passes
+        first = (1 << radix_bits) + (1 if joint and top_k else 0)
+        out.append(("SUM", torch.int64, (R, first)))
+        out += [("SUM", torch.int64, (R, 1 << radix_bits))] * (passes - 1)
     elif dp:
         out.append(("SUM", torch.int64, (R,)))
     if dp:
@@ -345,11 +387,13 @@ def payload_bytes(plan) -> int:
 def verify_chain_tp(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
                     positions, draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens,
                     *, group, vocab_start: int, vocab_size: int,
-                    radix_bits: Optional[int] = None) -> None:
+                    radix_bits: Optional[int] = None, joint: bool = False) -> None:
     """verify_chain on a vocab shard: same arguments as the reference backend
     (``logits [B, S, Vl]``, ``draft_probs [B, S-1, Vl]`` shards of global ids
     ``vocab_start ..``), outputs bit for bit those of the single-device op on
     the concatenated logits ``[..., :vocab_size]``, on every rank.
+    ``joint``: ``filter_order="joint"`` (:func:`filter_rows`; the reference's
+    ``filter_order="joint"``), collectives :func:`collectives` with ``joint``.
 
     ``group``: a ``torch.distributed`` process group (or ``"local"``: no
     communication, for a single shard covering the vocab).
@@ -366,7 +410,7 @@ def verify_chain_tp(logits, block_tokens, num_drafts, temperature, top_k, top_p,
         pos = positions.view(B, 1) + torch.arange(S, device=dev).view(1, S) + 1
     keys, rows = row_winners(x, valid, temperature, top_k, top_p, seeds, pos, comm,
                              vocab_start=vocab_start, vocab_size=vocab_size, need_mass=need,
-                             bits=radix_bits)
+                             bits=radix_bits, joint=joint)
     dp = None
     if not need:
         t = unpack_ids(comm.max_(keys))[1].view(B, S)

@@ -277,16 +277,15 @@ def test_traced_ragged_joint_call_goes_through_the_custom_op():
 
 def test_ragged_tensor_parallel_local_shard(device):
     """The vocab-parallel path gathers this rank's flat shard into [B, max_rows] rows:
-    one local shard gives the single-device result."""
+    one local shard gives the single-device result, in both filter orders."""
     B, S, V = 4, 4, 90
     kw = make_verify_case(B, S, V, draft_probs=True, top_k=True, top_p=True, gen_seed=6,
                           device=device)
     rg = to_ragged(kw, [4, 1, 3, 2])
-    want = run_ragged("reference", rg, S)
-    got = run_ragged(None, dict(rg, tp_group="local", vocab_size=V), S)
-    assert_same_verify(got, want)
-    with pytest.raises(ValueError, match="filter_order"):
-        run_ragged(None, dict(rg, tp_group="local", vocab_size=V, filter_order="joint"), S)
+    for order in ("sequential", "joint"):
+        want = run_ragged("reference", dict(rg, filter_order=order), S)
+        got = run_ragged(None, dict(rg, tp_group="local", vocab_size=V, filter_order=order), S)
+        assert_same_verify(got, want)
 
 
 # ---------------------------------------------------------------------------

@@ -8,8 +8,16 @@ ties across shard borders, NaN / -inf rows). Each rank's outputs must equal
 the reference backend on the concatenated unpadded logits, and its
 collectives must be exactly :func:`vocab_parallel.collectives`. Every spawn
 is joined with a deadline, then terminated: no process outlives its test.
+
+``filter_order="joint"`` (SGLang's top-k + top-p) runs in the same spawns: the
+random modes with both filters, and :func:`_joint_rows`, rows built around a
+shard border where the full row's top-p target reaches the top-k mass (the
+row keeps its top-k set) and where it does not (the nucleus lies inside the
+top-k set), with top-k / top-p off, NaN / -inf and greedy rows beside them;
+each joint case also runs as "sequential", and the two must differ.
 """
 
+import math
 import time
 
 import pytest
@@ -73,6 +81,89 @@ def _stress(V, borders, gen_seed):
     return kw
 
 
+# SGLang's test row (tests/test_verify_chain_ragged.py): top-4, top_p 0.82 keeps 4 in joint
+# order, 3 in sequential order.
+SGL_PROBS = [0.35, 0.25, 0.20, 0.05, 0.03, 0.03, 0.03, 0.03, 0.03]
+
+
+def _joint_rows(V, borders, gen_seed, *, draft_probs=False, dtype=torch.float32):
+    """Sampled requests whose top-k / top-p sets straddle the first inner shard border b
+    (S = 3 rows per request, all the request's logit row; drafts from its top tokens).
+
+    Per request (logit row, temperature, top_k, top_p), each twice with other seeds:
+    the full row's target reaching the top-k mass (joint keeps the top-k set,
+    sequential cuts it; one with the k-th value tied across b), the target inside the
+    top-k set (joint's nucleus is larger than sequential's; one with tied masses at the
+    nucleus' edge), top-p off, top-k off (0 and >= V), NaN / -inf holes, all -inf,
+    all NaN, and a greedy request with both filters given.
+    """
+    g = torch.Generator().manual_seed(gen_seed)
+    inner = [b for b in borders[1:-1] if 0 < b < V]
+    b = inner[0]
+    ids = [(b + o) % V for o in (0, -1, 1, -2, 2, 3, -3, 4, 5)]   # ids[1] | b | ids[0], ids[2]
+    flat = torch.randn(V, generator=g) * 0.1
+
+    def placed(vals, rest):
+        r = torch.full((V,), rest) if isinstance(rest, float) else rest.clone()
+        r[ids[:len(vals)]] = torch.tensor(vals, dtype=torch.float32)
+        return r
+
+    L = lambda ps: [math.log(x) for x in ps]  # noqa: E731
+    holes = torch.randn(V, generator=g) * 2
+    holes[::3] = NAN
+    holes[1::4] = NINF
+    rows = [
+        (placed([1.5, 1.0, 0.5], flat), 1.0, 3, 0.7),            # reaches: joint 3, seq 2
+        (placed(L(SGL_PROBS), NINF), 1.0, 6, 0.82),              # inside: joint 4, seq 3
+        (placed(L(SGL_PROBS), NINF), 1.0, 4, 0.82),              # SGLang's row: joint 4, seq 3
+        (placed([3.0, 2.0, 2.0], -1.0), 1.0, 2, 0.5),            # k-th tied across b: reaches
+        (placed(L([0.3, 0.2, 0.2, 0.1, 0.1, 0.05, 0.05]), NINF), 1.0, 5, 0.75),  # tied edge
+        (placed([2.0, 1.0, 0.5, 0.4, 0.3], flat), 0.8, 5, 1.0),  # top-p off
+        (placed(L(SGL_PROBS), flat - 3.0), 1.0, 0, 0.5),         # top-k off
+        (placed(L(SGL_PROBS), NINF), 1.3, V, 0.6),               # top-k >= V: off
+        (holes, 1.0, 7, 0.4),                                    # NaN / -inf holes
+        (torch.full((V,), NINF), 1.0, 2, 0.5),
+        (torch.full((V,), NAN), 1.0, 3, 0.5),
+        (placed([1.5, 1.0, 0.5], flat), 0.0, 3, 0.7),            # greedy
+    ]
+    rows = rows + rows
+    B, S = len(rows), 3
+    logits = torch.stack([r[0] for r in rows])[:, None, :].expand(B, S, V).to(dtype).contiguous()
+    top = torch.tensor(ids[:4])
+    bt = top[torch.randint(0, 4, (B, S), generator=g)]
+    kw = dict(logits=logits, block_tokens=bt,
+              num_drafts=torch.full((B,), S - 1, dtype=torch.int32),
+              temperature=torch.tensor([r[1] for r in rows]),
+              top_k=torch.tensor([r[2] for r in rows], dtype=torch.int32),
+              top_p=torch.tensor([r[3] for r in rows]),
+              seeds=torch.randint(-2 ** 62, 2 ** 62, (B,), generator=g),
+              positions=torch.randint(0, 2 ** 34, (B,), generator=g),
+              seq_lens=torch.randint(0, 1000, (B,), generator=g, dtype=torch.int32),
+              filter_order="joint")
+    if draft_probs:
+        q = torch.softmax(torch.randn(B, S - 1, V, generator=g), -1)
+        q[..., ids[:4]] += 0.2                                 # drafts the target may keep
+        q = q / q.sum(-1, keepdim=True)
+        q[q < 0.2 / V] = 0.0
+        kw["draft_probs"] = q.to(dtype)
+    return kw
+
+
+def _joint_modes(world, V, borders, li):
+    """Joint cases of one layout: random rows (with and without draft_probs) and
+    :func:`_joint_rows` (fp32 and a half dtype, draft_probs)."""
+    half = (torch.float16, torch.bfloat16)[li % 2]
+    out = []
+    for i, dp in enumerate((False, True)):
+        kw = make_case(4, 3, V, dtype=half if dp else torch.float32, special_rows=True,
+                       gen_seed=500 * world + 10 * li + i, top_k=True, top_p=True, draft_probs=dp)
+        _border_ties(kw, borders, V)
+        out.append(dict(kw, filter_order="joint"))
+    out.append(_joint_rows(V, borders, 700 * world + li))
+    out.append(_joint_rows(V, borders, 800 * world + li, draft_probs=True, dtype=half))
+    return out
+
+
 def build_cases(world):
     def one(V, borders, mode, dtype, i):
         kw = make_case(4, 3, V, dtype=dtype, special_rows=True, gen_seed=100 * world + i, **mode)
@@ -85,18 +176,28 @@ def build_cases(world):
     cases.append((V, borders, make_case(3, 1, V, top_k=True, top_p=True, gen_seed=world)))   # S = 1
     cases.append((V, borders, make_case(1, 5, V, draft_probs=True, sampled="all",
                                         match_frac=0.9, gen_seed=world)))                 # B = 1
+    for li, (V, borders) in enumerate(LAYOUTS[world]):
+        for kw in _joint_modes(world, V, borders, li):
+            cases.append((V, borders, kw))
+            cases.append((V, borders, dict(kw, filter_order="sequential")))   # its twin
     return cases
+
+
+def _plan(kw):
+    B, S = kw["block_tokens"].shape
+    return vp.collectives(B, S, temperature="temperature" in kw, top_k="top_k" in kw,
+                          top_p="top_p" in kw, draft_probs="draft_probs" in kw,
+                          joint=kw.get("filter_order") == "joint")
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ranks_equal_single_device(world, tmp_path):
     cases = build_cases(world)
     per_rank = spawn(world, cases, tmp_path)
+    joint_differs = []
     for ci, (V, borders, kw) in enumerate(cases):
         want = tuple(run("reference", kw))
-        B, S = kw["block_tokens"].shape
-        plan = vp.collectives(B, S, temperature="temperature" in kw, top_k="top_k" in kw,
-                              top_p="top_p" in kw, draft_probs="draft_probs" in kw)
+        plan = _plan(kw)
         for rank in range(world):
             got, log = per_rank[rank][ci]
             for name, a, b in zip(("accept_len", "out_tokens", "bonus", "new_seq_lens"), got, want):
@@ -106,8 +207,18 @@ def test_ranks_equal_single_device(world, tmp_path):
                                                f"{sorted(k for k in kw if kw[k] is not None)}) "
                                                f"rank {rank} {name}:\n{a}\nwant\n{b}")
             assert log == plan, (ci, rank, log, plan)
+        if kw.get("filter_order") == "joint":
+            # The next case is its "sequential" twin: did the order change any output?
+            twin = per_rank[0][ci + 1][0]
+            joint_differs.append(any(not torch.equal(a, b)
+                                     for a, b in zip(per_rank[0][ci][0][:3], twin[:3])))
     # The cases did exercise acceptance and rejection.
     assert any(int(per_rank[0][ci][0][0].sum()) > 0 for ci in range(len(cases)))
+    # Joint is not sequential on the TP path (so the joint cases are not vacuous): each
+    # layout's joint cases are (random, random + draft_probs, built, built + draft_probs)
+    # (_joint_modes), and every built one changes some output.
+    assert len(joint_differs) == 4 * len(LAYOUTS[world]), joint_differs
+    assert all(d for i, d in enumerate(joint_differs) if i % 4 >= 2), joint_differs
 
 
 def test_hung_rank_is_killed(tmp_path):
@@ -124,6 +235,7 @@ def test_hung_rank_is_killed(tmp_path):
 # ---------------------------------------------------------------------------
 
 def _local(kw, V, bits):
+    joint = kw.get("filter_order") == "joint"
     B, S = kw["block_tokens"].shape
     out = [torch.full((B,), -777, dtype=torch.int32), torch.full((B, S), -777, dtype=torch.int32),
            torch.full((B,), -777, dtype=torch.int32),
@@ -132,7 +244,8 @@ def _local(kw, V, bits):
     logits = kw["logits"]
     vp.verify_chain_tp(logits, g("block_tokens"), g("num_drafts"), g("temperature"), g("top_k"),
                        g("top_p"), g("seeds"), g("positions"), g("draft_probs"), g("seq_lens"),
-                       *out, group="local", vocab_start=0, vocab_size=V, radix_bits=bits)
+                       *out, group="local", vocab_start=0, vocab_size=V, radix_bits=bits,
+                       joint=joint)
     return out
 
 
@@ -144,9 +257,74 @@ def test_local_shard_radix_widths(bits):
         want = run("reference", kw)
         for a, b in zip(_local(kw, V, bits), want):
             assert (a is None and b is None) or torch.equal(a, b), (mode, bits)
+    for kw in (dict(make_case(5, 4, V, special_rows=True, gen_seed=9, top_k=True, top_p=True,
+                              draft_probs=True), filter_order="joint"),
+               _joint_rows(V, [0, 100, V], 2)):
+        want = run("reference", kw)
+        for a, b in zip(_local(kw, V, bits), want):
+            assert (a is None and b is None) or torch.equal(a, b), ("joint", bits)
     kw = _stress(V, [0, V], 1)
     for a, b in zip(_local(kw, V, bits), run("reference", kw)):
         assert (a is None and b is None) or torch.equal(a, b), bits
+
+
+def _scaled_rows(kw):
+    """One row per request of a :func:`_joint_rows` case, scaled as the reference does."""
+    x = kw["logits"][:, 0].float()
+    x = x.masked_fill(torch.isnan(x), NINF)
+    T = kw["temperature"]
+    sampled = ref.is_sampled(T)
+    inv_t = torch.where(sampled, 1.0 / T, torch.ones_like(T))
+    return ref.scale_logits(x, inv_t[:, None]), sampled
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_joint_kept_sets_local(bits):
+    """filter_rows(joint=True) on one shard: the reference's joint kept set and its exact
+    mass on every row of the built cases, which hold both joint branches (the target
+    reaching the top-k mass, and a nucleus inside the top-k set), each differing from
+    sequential."""
+    V, borders = 500, [0, 200, 201, 500, 520]
+    kw = _joint_rows(V, borders, 5)
+    scaled, sampled = _scaled_rows(kw)
+    B = scaled.shape[0]
+    k, p = kw["top_k"], kw["top_p"]
+    rows = vp.filter_rows(scaled, torch.ones(V, dtype=torch.bool), 0, V, sampled, k, p,
+                          kw["seeds"], kw["positions"], vp.Comm("local"), need_mass=True,
+                          bits=bits, joint=True)
+    want = ref.kept_set(scaled[:, None], sampled, k, p, joint=True)[:, 0]
+    seq = ref.kept_set(scaled[:, None], sampled, k, p, joint=False)[:, 0]
+    topk = ref.kept_set(scaled[:, None], sampled, k, None)[:, 0]
+    assert torch.equal(rows.keep, want)
+    m = ref.row_max(torch.where(want, scaled, NINF))
+    assert torch.equal(rows.Z, ref.token_mass(torch.where(want, scaled, NINF), m).sum(-1, keepdim=True))
+    differs = (want != seq).any(-1)
+    reaches = differs & (want == topk).all(-1)
+    inside = differs & ~(want == topk).all(-1)
+    assert int(reaches.sum()) >= 2 and int(inside.sum()) >= 2, (reaches, inside)
+    # Sequential through the same code gives the sequential set (the flag is what changes it).
+    rows_seq = vp.filter_rows(scaled, torch.ones(V, dtype=torch.bool), 0, V, sampled, k, p,
+                              kw["seeds"], kw["positions"], vp.Comm("local"), need_mass=True,
+                              bits=bits, joint=False)
+    assert torch.equal(rows_seq.keep, seq)
+
+
+def test_joint_plan():
+    """Joint adds no collective: the first top-p pass carries the full row's mass."""
+    B, S = 3, 4
+    for dp in (False, True):
+        for bits in (4, 8):
+            flags = dict(temperature=True, top_k=True, top_p=True, draft_probs=dp, radix_bits=bits)
+            seq, joint = vp.collectives(B, S, **flags), vp.collectives(B, S, **flags, joint=True)
+            assert len(joint) == len(seq) == (12 if dp else 11) + (8 if bits == 4 else 0)
+            diff = [i for i, (a, b) in enumerate(zip(seq, joint)) if a != b]
+            first = 2 + 32 // bits                      # +inf MAX, row max, top-k passes
+            assert diff == [first] and joint[first] == ("SUM", torch.int64, (B * S, (1 << bits) + 1))
+            assert vp.payload_bytes(joint) == vp.payload_bytes(seq) + 8 * B * S
+    # Without both filters joint is sequential (ops passes the flag only with both).
+    for kw in (dict(top_k=True, top_p=False), dict(top_k=False, top_p=True)):
+        f = dict(temperature=True, draft_probs=False, **kw)
+        assert vp.collectives(B, S, **f, joint=True) == vp.collectives(B, S, **f)
 
 
 def test_radix_select_matches_sort():
