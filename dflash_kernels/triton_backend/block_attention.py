@@ -23,23 +23,37 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, nan_seen, q, k, v, visible, qk_scale, PARTIAL: tl.constexpr):
+def _bad_values(v):
+    """(``v`` with NaN / +-inf elements zeroed, where they were): all
+    exponent bits set, read on the 16-bit pattern (no fp32 copy of the tile)."""
+    EXP: tl.constexpr = 0x7F80 if v.dtype == tl.bfloat16 else 0x7C00
+    bits = v.to(tl.int16, bitcast=True)
+    bad = (bits & EXP) == EXP
+    return tl.where(bad, 0, bits).to(v.dtype, bitcast=True), bad
+
+
+@triton.jit
+def _mark_bad(acc, visible, bad):
+    """NaN in ``acc`` at the (row, column) pairs where a key the row sees held
+    a non-finite V element (the reference's 0 x NaN-free rule; NaN then
+    survives every rescale and the final division). Exact 0/1 counts in one
+    fp16 MMA."""
+    hits = tl.dot(visible.to(tl.float16), bad.to(tl.float16))
+    return tl.where(hits > 0.0, float("nan"), acc)
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, PARTIAL: tl.constexpr):
     """Online-softmax update with one key tile; scores in the log2 domain.
 
-    ``PARTIAL``: some rows may not see some in-range keys (block mask). Then a
-    non-finite V element of a key a row cannot see would reach that row as
-    0 x NaN in P x V; such elements are zeroed for the product and
-    ``nan_seen`` [BLOCK_M, D] marks the (row, column) pairs whose visible keys
-    held one (the reference gives NaN there). Keys past the range are loaded
-    as 0 and need none of this.
+    ``PARTIAL`` (some rows may not see some in-range keys): 0 no; 1 yes, and
+    non-finite V elements are zeroed for P x V (a key a row cannot see would
+    otherwise reach it as 0 x NaN), the caller marks the rows that see them
+    (:func:`_mark_bad`) later; 2 as 1, marked here. Keys past the range are
+    loaded as 0 and need none of this.
     """
-    if PARTIAL:
-        v_f = v.to(tl.float32)
-        bad = (v_f - v_f) != 0.0            # NaN or +-inf
-        v = tl.where(bad, 0.0, v_f).to(v.dtype)
-        # Exact 0/1 counts: which visible keys of each row were bad, per column.
-        hits = tl.dot(visible.to(tl.float16), bad.to(tl.float16))
-        nan_seen = nan_seen | (hits > 0.0)
+    if PARTIAL > 0:
+        v, bad = _bad_values(v)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -50,7 +64,15 @@ def _attend_tile(acc, m_i, l_i, nan_seen, q, k, v, visible, qk_scale, PARTIAL: t
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i, nan_seen
+    if PARTIAL == 2:
+        acc = _mark_bad(acc, visible, bad)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _window_visible(qpos, tok, tok_ok, window):
+    dist = qpos[:, None] - tok[None, :]
+    return tok_ok[None, :] & (dist < window) & (dist > -window)
 
 
 @triton.jit
@@ -81,6 +103,47 @@ def _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, 
     k = tl.load(KC + k_off, mask=tok_ok[:, None], other=0.0)
     v = tl.load(VC + v_off, mask=tok_ok[:, None], other=0.0)
     return k, v
+
+
+@triton.jit
+def _context_tile(acc, m_i, l_i, q, qpos, n0, end, window, ctx_scale, v_scale,
+                  KC, VC, BT, b, h, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
+                  sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
+                  PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KV_VEC: tl.constexpr,
+                  IS_FP8: tl.constexpr, EDGE: tl.constexpr):
+    """One context tile ``[n0, min(n0 + BLOCK_N, end))``. ``EDGE``: a window
+    edge tile, where rows see different keys (window test, non-finite V
+    zeroed; :func:`_mark_edge` marks its NaN afterwards); every other tile is
+    seen whole by every row and needs neither."""
+    tok = n0 + tl.arange(0, BLOCK_N)
+    tok_ok = tok < end
+    k, v = _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
+                      sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, KV_VEC)
+    if IS_FP8:
+        k = k.to(q.dtype)
+        v = (v.to(tl.float32) * v_scale).to(q.dtype)
+    visible = tok_ok[None, :]
+    if EDGE:
+        visible = _window_visible(qpos, tok, tok_ok, window)
+    return _attend_tile(acc, m_i, l_i, q, k, v, visible, ctx_scale, 1 if EDGE else 0)
+
+
+@triton.jit
+def _mark_edge(acc, qpos, lo, hi, end, window, v_scale, VC, BT, b, h, d64, num_pages,
+               sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+               KV_VEC: tl.constexpr, IS_FP8: tl.constexpr, DTYPE: tl.constexpr):
+    """:func:`_mark_bad` over the EDGE tiles ``[lo, hi)`` (V only), after the
+    loops: the marks then never share registers with the scores."""
+    for n0 in tl.range(lo, hi, BLOCK_N, num_stages=1):
+        tok = n0 + tl.arange(0, BLOCK_N)
+        tok_ok = tok < end
+        _, v = _gather_kv(VC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sv_p, sv_r, sv_h, sv_d,
+                          sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, KV_VEC)
+        if IS_FP8:
+            v = (v.to(tl.float32) * v_scale).to(DTYPE)
+        _, bad = _bad_values(v)
+        acc = _mark_bad(acc, _window_visible(qpos, tok, tok_ok, window), bad)
+    return acc
 
 
 @triton.jit
@@ -156,24 +219,45 @@ def _block_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    nan_seen = tl.zeros([BLOCK_M, D], tl.int1)
+    if not IS_FP8:
+        v_scale = ctx_scale
 
-    for n0 in range(start, end, BLOCK_N):
-        tok = n0 + tl.arange(0, BLOCK_N)
-        tok_ok = tok < end
-        k, v = _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
-                          sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, KV_VEC)
-        if IS_FP8:
-            k = k.to(q.dtype)
-            v = (v.to(tl.float32) * v_scale).to(q.dtype)
-        visible = tok_ok[None, :]
-        if HAS_WINDOW:
-            dist = qpos[:, None] - tok[None, :]
-            visible = visible & (dist < window) & (dist > -window)
-        # Not PARTIAL with a window: in the loop it costs 56 spills and 1 CTA/SM
-        # on sm_90a (docs/block_attention.md), so 0 x NaN there is still open.
-        acc, m_i, l_i, nan_seen = _attend_tile(acc, m_i, l_i, nan_seen, q, k, v, visible,
-                                               ctx_scale, False)
+    # With a window every row sees the keys in [q0 + S - window, q0 + window)
+    # and rows differ only within S - 1 keys of either end of [lo, hi): the
+    # split's tiles touching those ends are EDGE tiles (window test, NaN
+    # rule), the ones between are seen whole by every row and run the plain
+    # main loop. The tiles are the same and run in the same order either way.
+    mid_start = start
+    mid_end = end
+    if HAS_WINDOW:
+        mid_start = tl.minimum(
+            start + tl.cdiv(tl.maximum(q0 + S - window - start, 0), BLOCK_N) * BLOCK_N, end)
+        full_hi = q0 + window
+        n_full = tl.maximum(full_hi - mid_start, 0) // BLOCK_N
+        mid_end = tl.where(end <= full_hi, end,
+                           tl.maximum(tl.minimum(mid_start + n_full * BLOCK_N, end), mid_start))
+        acc = _mark_edge(acc, qpos, start, mid_start, end, window, v_scale, VC, BT, b, h, d64,
+                         num_pages, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, BLOCK_N, KV_VEC,
+                         IS_FP8, q.dtype)
+        acc = _mark_edge(acc, qpos, mid_end, end, end, window, v_scale, VC, BT, b, h, d64,
+                         num_pages, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, BLOCK_N, KV_VEC,
+                         IS_FP8, q.dtype)
+        for n0 in tl.range(start, mid_start, BLOCK_N, num_stages=2):
+            acc, m_i, l_i = _context_tile(
+                acc, m_i, l_i, q, qpos, n0, end, window, ctx_scale, v_scale, KC, VC, BT, b, h,
+                d64, num_pages, sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
+                PAGE, BLOCK_N, KV_VEC, IS_FP8, True)
+    for n0 in range(mid_start, mid_end, BLOCK_N):
+        acc, m_i, l_i = _context_tile(
+            acc, m_i, l_i, q, qpos, n0, end, window, ctx_scale, v_scale, KC, VC, BT, b, h,
+            d64, num_pages, sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
+            PAGE, BLOCK_N, KV_VEC, IS_FP8, False)
+    if HAS_WINDOW:
+        for n0 in tl.range(mid_end, end, BLOCK_N, num_stages=2):
+            acc, m_i, l_i = _context_tile(
+                acc, m_i, l_i, q, qpos, n0, end, window, ctx_scale, v_scale, KC, VC, BT, b, h,
+                d64, num_pages, sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
+                PAGE, BLOCK_N, KV_VEC, IS_FP8, True)
 
     if HAS_BLOCK or CACHED_BLOCK:
         if split == NUM_SPLITS - 1:
@@ -206,14 +290,12 @@ def _block_attention_kernel(
                 word = tl.load(MB + (b * S + s_idx)[:, None] * MASK_W + (j // 32)[None, :],
                                mask=row_ok[:, None] & j_ok[None, :], other=0)
                 visible = visible & (((word >> (j % 32)[None, :]) & 1) != 0)
-            acc, m_i, l_i, nan_seen = _attend_tile(acc, m_i, l_i, nan_seen, q, kb, vb, visible,
-                                                   b_scale, MASK_MODE != 0)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kb, vb, visible, b_scale,
+                                         2 if MASK_MODE != 0 or HAS_WINDOW else 0)
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     o = acc / l_safe[:, None]
-    if MASK_MODE != 0:
-        o = tl.where(nan_seen, float("nan"), o)
     if NUM_SPLITS == 1:
         tl.store(O + (b * so_b + s_idx * so_s + head * so_h)[:, None] + d[None, :],
                  o.to(O.dtype.element_ty), mask=row_ok[:, None])
