@@ -15,13 +15,22 @@ Environment:
 import os
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "9.0a;10.0a"
+# 64-bit shared-memory pointers, as NVRTC compiles them: nvcc's front end (cicc)
+# makes them 32-bit by default, NVRTC's has no option for that, and the width
+# changes the address arithmetic ptxas gets (write_kv_kernel with 32-bit
+# pointers: 48 registers on sm_90a for 16-bit caches and 40 on sm_100a; with
+# 64-bit ones 45 and 48). With this flag the extension's kernels have the
+# no-build path's registers and SASS (docs/cuda.md, "No-build path (NVRTC)").
+SHARED_PTR_FLAG = "-Xcicc=--sharedmem32=0"
 
 
 def _say(msg):
@@ -77,6 +86,23 @@ def _arch_flags():
     return archs, flags
 
 
+def _shared_ptr_flags(cuda_home):
+    """[SHARED_PTR_FLAG] when this nvcc takes it and it gives 64-bit shared
+    addresses (cicc's options are not a public interface), else [] and a line."""
+    probe = ("__global__ void k(float* p) { __shared__ float s[32];\n"
+             "  s[threadIdx.x] = *p; __syncthreads(); *p = s[31 - threadIdx.x]; }\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, ptx = Path(tmp) / "probe.cu", Path(tmp) / "probe.ptx"
+        src.write_text(probe)
+        res = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), SHARED_PTR_FLAG, "-ptx",
+                              str(src), "-o", str(ptx)], capture_output=True, text=True)
+        if res.returncode == 0 and re.search(r"st\.shared\.f32\s+\[%rd", ptx.read_text()):
+            return [SHARED_PTR_FLAG]
+    _say(f"nvcc does not take {SHARED_PTR_FLAG}: the kernels keep 32-bit shared pointers "
+         "and their registers may differ from the NVRTC path's")
+    return []
+
+
 def _extension():
     if os.environ.get("DFLASH_KERNELS_NO_EXTENSION", "0") not in ("", "0"):
         _say("DFLASH_KERNELS_NO_EXTENSION is set: pure-Python install (no dflash_kernels._C)")
@@ -111,7 +137,8 @@ def _extension():
             # The SASS targets, e.g. 90a_100a (one pp-number token: no shell quoting).
             "cxx": ["-O3", f"-DDFLASH_KERNELS_SM_TARGETS={sm_targets}"],
             # No --use_fast_math: it turns logf into __logf and would change the noise.
-            "nvcc": ["-O3", "-lineinfo", f"--threads={nvcc_threads}", *gencode],
+            "nvcc": ["-O3", "-lineinfo", *_shared_ptr_flags(cuda_home), f"--threads={nvcc_threads}",
+                     *gencode],
         },
     )
     return [ext], {"build_ext": BuildExtension}

@@ -64,6 +64,10 @@ KERNELS: Dict[str, Dict[tuple, str]] = {
 # torch.utils.cpp_extension.COMMON_NVCC_FLAGS; -std=c++17). NVRTC optimizes by
 # default (its -O3), and -fmad / -prec-div / -ftz keep nvcc's defaults. NVRTC has
 # no --expt-relaxed-constexpr (it changes which calls compile, not the code).
+# Shared-memory pointers: NVRTC's front end makes them 64-bit and has no option
+# for nvcc's 32-bit default (cicc --sharedmem32); the width changes the address
+# arithmetic ptxas gets, so the nvcc build takes -Xcicc=--sharedmem32=0 (setup.py,
+# CMakeLists.txt) and both give the same registers (tests/test_cuda_nvrtc.py).
 COMMON_OPTIONS = (
     "-std=c++17",
     "-lineinfo",
