@@ -36,12 +36,16 @@ def _to_bf16(h):
 def _patch_fp8_cast():
     """The interpreter rounds fp32 -> fp8 without carrying into the exponent
     (127.9 -> 64 in e4m3) and without ties-to-even; a GPU's cvt.rn does both.
-    Route those casts through torch's correctly rounded conversion."""
+    It also widens e4m3's NaN bytes (0x7F, 0xFF) to +-480 where a GPU's cvt
+    gives NaN. Route both directions through torch's conversions."""
     builder = _B
     if getattr(builder, "_dflash_fp8_patched", False):
         return
     to_torch = {tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2}
     src_np = {tl.float32: np.float32, tl.float16: np.float16}
+    # Widened results as the interpreter stores them (bf16 as raw uint16).
+    wide = {tl.float32: (torch.float32, np.float32), tl.float16: (torch.float16, np.float16),
+            tl.bfloat16: (torch.bfloat16, np.uint16)}
     orig = builder.create_fp_to_fp
 
     def create_fp_to_fp(self, src, dst_type, rounding_mode):
@@ -49,6 +53,14 @@ def _patch_fp8_cast():
         if dst in to_torch and sty in src_np:
             x = torch.from_numpy(np.ascontiguousarray(src.data).view(src_np[sty]).copy())
             data = x.to(to_torch[dst]).view(torch.uint8).numpy().reshape(src.data.shape)
+            return _interp.TensorHandle(data, dst)
+        if sty in to_torch and dst in wide:
+            x = torch.from_numpy(np.ascontiguousarray(src.data).view(np.uint8).copy())
+            tdt, ndt = wide[dst]
+            y = x.view(to_torch[sty]).to(tdt)
+            if tdt == torch.bfloat16:
+                y = y.view(torch.int16)
+            data = y.numpy().view(ndt).reshape(src.data.shape)
             return _interp.TensorHandle(data, dst)
         return orig(self, src, dst_type, rounding_mode)
 

@@ -116,6 +116,13 @@ def attention_call(rng, arena=None, poison=False, fp8=False):
             for t in range(lens[b]):
                 used[table[b, t // page], t % page] = True
         kc[~used], vc[~used] = NAN, NAN
+        # NaN in used V rows too: each reaches only the rows that see its key (a +-inf
+        # seen whole gives +-inf in Triton, NaN in the reference: docs/block_attention.md).
+        for _ in range(rng.choice([0, 2, 5])):
+            b = rng.randrange(B)
+            if lens[b]:
+                t = rng.randrange(lens[b])
+                vc[table[b, t // page], t % page, rng.randrange(Hkv), rng.randrange(D)] = NAN
     kc, vc = kc.to(cdt), vc.to(cdt)
     if fp8 and poison:                           # NaN bytes (0x7F, 0xFF) in unused slots
         for c in (kc, vc):
