@@ -84,6 +84,26 @@ def test_triton_fp8_cache(cache_dtype, scale_kind, device):
     assert_matches_reference(case, out, lse, 0.125, 9 if scale_kind == "float" else 0)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("block", [True, False])
+@pytest.mark.parametrize("q_scale", [1.0, 3e5, 1e-7])
+def test_triton_fp8_cache_bf16_queries(cache_dtype, block, q_scale, device):
+    # bf16 queries over an fp8 cache: the context MMAs run in fp16 on q times
+    # a power of two (_fp16_q). 3e5 overflows fp16 unscaled; 1e-7 would be
+    # fp16 subnormals; one head 1e3 x larger than the others shares the scale.
+    torch.manual_seed(int(q_scale * 1e7) % 1000 + block)
+    case = make_attention_case(S=4, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=[0, 17, 40],
+                               dtype=torch.bfloat16, cache_dtype=cache_dtype, block=block,
+                               device=device)
+    q = case["q"].float() * q_scale
+    q[:, :, 1] *= 1e3
+    case["q"] = q.to(torch.bfloat16)
+    sm_scale = 0.125 / q_scale if q_scale > 1 else 0.125
+    for window in (0, 7):
+        out, lse = run_triton(case, sm_scale, window, num_splits=2)
+        assert_matches_reference(case, out, lse, sm_scale, window, atol=3e-2)
+
+
 def test_triton_bf16(device):
     case = make_attention_case(S=4, Hq=8, Hkv=2, D=64, page_size=16, ctx_lens=[9, 70],
                                dtype=torch.bfloat16, device=device)

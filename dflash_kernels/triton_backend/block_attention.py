@@ -70,6 +70,31 @@ def _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, PARTIAL: tl.constexp
 
 
 @triton.jit
+def _fp16_q(q):
+    """``(q16, inv)``: bf16 ``q [BLOCK_M, D]`` as fp16 times the power of two
+    that puts its largest finite magnitude in [2^13, 2^14), and the inverse
+    power (fp32 scalar).
+
+    fp8 caches widen exactly and in one instruction per pair to fp16, but to
+    bf16 only through fp32 (two more per element), so with an fp8 cache the
+    context MMAs run in fp16. ``q16 * inv`` is ``q`` exactly for every element
+    within 2^30 of the tile's largest (fp16's 11 bits hold bf16's 8); a
+    smaller one is off by at most 2^-38 of that largest, far below its own
+    bf16 rounding in any score. NaN and +-inf stay. fp16 ``q`` is used as is.
+    """
+    if q.dtype == tl.float16:
+        return q, 1.0
+    qf = q.to(tl.float32)
+    qa = tl.abs(qf)
+    qmax = tl.max(tl.max(tl.where(qa < float("inf"), qa, 0.0), 1), 0)
+    eb = (qmax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    e = tl.where(qmax > 0.0, tl.minimum(140 - eb, 126), 0)        # in [-114, 126]
+    up = ((127 + e) << 23).to(tl.float32, bitcast=True)
+    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    return (qf * up).to(tl.float16), inv
+
+
+@triton.jit
 def _window_visible(qpos, tok, tok_ok, window):
     dist = qpos[:, None] - tok[None, :]
     return tok_ok[None, :] & (dist < window) & (dist > -window)
@@ -106,7 +131,7 @@ def _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, 
 
 
 @triton.jit
-def _context_tile(acc, m_i, l_i, q, qpos, n0, end, window, ctx_scale, v_scale,
+def _context_tile(acc, m_i, l_i, q, qpos, n0, end, window, ctx_scale,
                   KC, VC, BT, b, h, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
                   sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KV_VEC: tl.constexpr,
@@ -121,7 +146,7 @@ def _context_tile(acc, m_i, l_i, q, qpos, n0, end, window, ctx_scale, v_scale,
                       sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, KV_VEC)
     if IS_FP8:
         k = k.to(q.dtype)
-        v = (v.to(tl.float32) * v_scale).to(q.dtype)
+        v = v.to(q.dtype)
     visible = tok_ok[None, :]
     if EDGE:
         visible = _window_visible(qpos, tok, tok_ok, window)
@@ -129,7 +154,7 @@ def _context_tile(acc, m_i, l_i, q, qpos, n0, end, window, ctx_scale, v_scale,
 
 
 @triton.jit
-def _mark_edge(acc, qpos, lo, hi, end, window, v_scale, VC, BT, b, h, d64, num_pages,
+def _mark_edge(acc, qpos, lo, hi, end, window, VC, BT, b, h, d64, num_pages,
                sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                KV_VEC: tl.constexpr, IS_FP8: tl.constexpr, DTYPE: tl.constexpr):
     """:func:`_mark_bad` over the EDGE tiles ``[lo, hi)`` (V only), after the
@@ -140,7 +165,7 @@ def _mark_edge(acc, qpos, lo, hi, end, window, v_scale, VC, BT, b, h, d64, num_p
         _, v = _gather_kv(VC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sv_p, sv_r, sv_h, sv_d,
                           sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, KV_VEC)
         if IS_FP8:
-            v = (v.to(tl.float32) * v_scale).to(DTYPE)
+            v = v.to(DTYPE)
         _, bad = _bad_values(v)
         acc = _mark_bad(acc, _window_visible(qpos, tok, tok_ok, window), bad)
     return acc
@@ -210,17 +235,18 @@ def _block_attention_kernel(
     start = lo + split * per_split * BLOCK_N
     end = tl.minimum(hi, start + per_split * BLOCK_N)
 
+    ctx_q = q
     ctx_scale = qk_scale
     if IS_FP8:
-        # k's scale folds into the logits exactly; v's is applied to the tile.
-        ctx_scale = qk_scale * tl.load(KS)
+        # k's scale and q16's power of two fold into the logits exactly;
+        # v's scales the accumulator once (below).
+        ctx_q, inv = _fp16_q(q)
+        ctx_scale = qk_scale * tl.load(KS) * inv
         v_scale = tl.load(VS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if not IS_FP8:
-        v_scale = ctx_scale
 
     # With a window every row sees the keys in [q0 + S - window, q0 + window)
     # and rows differ only within S - 1 keys of either end of [lo, hi): the
@@ -236,29 +262,33 @@ def _block_attention_kernel(
         n_full = tl.maximum(full_hi - mid_start, 0) // BLOCK_N
         mid_end = tl.where(end <= full_hi, end,
                            tl.maximum(tl.minimum(mid_start + n_full * BLOCK_N, end), mid_start))
-        acc = _mark_edge(acc, qpos, start, mid_start, end, window, v_scale, VC, BT, b, h, d64,
+        acc = _mark_edge(acc, qpos, start, mid_start, end, window, VC, BT, b, h, d64,
                          num_pages, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, BLOCK_N, KV_VEC,
                          IS_FP8, q.dtype)
-        acc = _mark_edge(acc, qpos, mid_end, end, end, window, v_scale, VC, BT, b, h, d64,
+        acc = _mark_edge(acc, qpos, mid_end, end, end, window, VC, BT, b, h, d64,
                          num_pages, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, BLOCK_N, KV_VEC,
                          IS_FP8, q.dtype)
         for n0 in tl.range(start, mid_start, BLOCK_N, num_stages=2):
             acc, m_i, l_i = _context_tile(
-                acc, m_i, l_i, q, qpos, n0, end, window, ctx_scale, v_scale, KC, VC, BT, b, h,
+                acc, m_i, l_i, ctx_q, qpos, n0, end, window, ctx_scale, KC, VC, BT, b, h,
                 d64, num_pages, sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
                 PAGE, BLOCK_N, KV_VEC, IS_FP8, True)
     for n0 in range(mid_start, mid_end, BLOCK_N):
         acc, m_i, l_i = _context_tile(
-            acc, m_i, l_i, q, qpos, n0, end, window, ctx_scale, v_scale, KC, VC, BT, b, h,
+            acc, m_i, l_i, ctx_q, qpos, n0, end, window, ctx_scale, KC, VC, BT, b, h,
             d64, num_pages, sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
             PAGE, BLOCK_N, KV_VEC, IS_FP8, False)
     if HAS_WINDOW:
         for n0 in tl.range(mid_end, end, BLOCK_N, num_stages=2):
             acc, m_i, l_i = _context_tile(
-                acc, m_i, l_i, q, qpos, n0, end, window, ctx_scale, v_scale, KC, VC, BT, b, h,
+                acc, m_i, l_i, ctx_q, qpos, n0, end, window, ctx_scale, KC, VC, BT, b, h,
                 d64, num_pages, sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
                 PAGE, BLOCK_N, KV_VEC, IS_FP8, True)
 
+    if IS_FP8 and HAS_BLOCK:
+        # Cached V entered P x V unscaled (exact fp8 -> 16-bit casts): v_scale
+        # once per program here, before the block's own (unscaled) values.
+        acc = acc * v_scale
     if HAS_BLOCK or CACHED_BLOCK:
         if split == NUM_SPLITS - 1:
             j = tl.arange(0, BLOCK_S)
@@ -268,6 +298,10 @@ def _block_attention_kernel(
                              mask=j_ok[:, None], other=0.0)
                 vb = tl.load(VB + (b * svb_b + j * svb_s + h * svb_h)[:, None] + d[None, :],
                              mask=j_ok[:, None], other=0.0)
+                if IS_FP8:
+                    # Read again rather than held in registers through the loops.
+                    q = tl.load(Q + (b * sq_b + s_idx * sq_s + head * sq_h)[:, None] + d[None, :],
+                                mask=row_ok[:, None], other=0.0)
                 b_scale = qk_scale
             else:
                 # Block key j is cached token q0 + j (none below 0: a context shorter than S).
@@ -277,8 +311,9 @@ def _block_attention_kernel(
                                     sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
                                     PAGE, KV_VEC)
                 if IS_FP8:
-                    kb = kb.to(q.dtype)
-                    vb = (vb.to(tl.float32) * v_scale).to(q.dtype)
+                    kb = kb.to(ctx_q.dtype)
+                    vb = vb.to(ctx_q.dtype)
+                q = ctx_q
                 b_scale = ctx_scale
             visible = j_ok[None, :]
             if HAS_WINDOW:
@@ -293,6 +328,8 @@ def _block_attention_kernel(
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kb, vb, visible, b_scale,
                                          2 if MASK_MODE != 0 or HAS_WINDOW else 0)
 
+    if IS_FP8 and not HAS_BLOCK:
+        acc = acc * v_scale        # every value came from the cache, unscaled
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -385,11 +422,13 @@ def kernel_config(arch: Optional[int], D: int, block_m: int, page_size: int = 16
             # sm_100 needs 114 KB for 3 buffers of 64-token bf16 tiles: 1 CTA/SM.
             # 32-token tiles: 66 KB, 2 CTAs/SM, 2 tiles in flight each.
             cfg["BLOCK_N"] = 32
-        if arch == 90 and page_size == 1 and warps == 8:
-            # Capped at 128 registers this variant spills (8 bf16, 80 fp8);
-            # uncapped it takes 165-175 (1 CTA/SM). One warpgroup (4 warps,
-            # the whole 64-row wgmma) fits in 226-229 registers: 2 CTAs/SM,
-            # the same shared memory and bytes in flight per CTA.
+        if arch == 90 and (page_size == 1 or cache_bytes == 1) and warps == 8:
+            # Capped at 128 registers page 1 spills (8 bf16, 80 fp8) and so
+            # does an fp8 cache (16: its fp16 q operand stays in registers,
+            # see _fp16_q); uncapped they take 165-175 (1 CTA/SM). One
+            # warpgroup (4 warps, the whole 64-row wgmma) fits in 217-229
+            # registers: 2 CTAs/SM, the same shared memory and bytes in
+            # flight per CTA.
             cfg["num_warps"] = 4
         elif big_smem and warps == 8 and block_m <= 64:
             # 2 CTAs/SM of 256 threads need <= 128 registers each; uncapped the
