@@ -150,6 +150,24 @@ def test_split_count_uses_host_sizes_only():
     assert tri.plan(None, None, 1, 16, 32, 8, 128, 16, 256, 0)["NUM_SPLITS"] == tri.CPU_SPLITS
 
 
+@pytest.mark.parametrize("sms, B, Hkv, span, want", [
+    (132, 1, 8, 4096, 16),        # 128 programs: one wave, 4 tiles each
+    (132, 2, 8, 4096, 8),         # cdiv(132, 16) = 9 would make 144 programs: 2 waves
+    (148, 1, 8, 16384, 18),       # 144 programs on 148 SMs
+    (132, 3, 8, 131072, 11),      # 264 programs: exactly 2 waves beat 120 programs of 410 tiles
+    (132, 16, 8, 131072, 1),      # 128 programs already fill one wave
+    (132, 1, 8, 1024, 4),         # 16 tiles: at most 16 // MIN_TILES_PER_SPLIT splits
+    (132, 1, 8, 128, 1),          # 2 tiles: never split
+])
+def test_split_count_fills_whole_waves(sms, B, Hkv, span, want):
+    got = tri.num_splits_for(sms, B, Hkv, 1, span, 64)
+    assert got == want
+    # The model it minimises: the busiest SM's tiles, fill and partial included.
+    def cost(s):
+        return -(-B * Hkv * s // sms) * (-(-span // 64 // s) + 2 + (2 if s > 1 else 0))
+    assert all(cost(got) <= cost(s) for s in range(1, min(span // 64 // 4, 32) + 1))
+
+
 # Compile checks: the default launch of the main kernel for Hopper and
 # Blackwell uses the tensor-core instructions of each and never spills.
 # Each arch with both dtypes and both group sizes, in 4 compiles (~10 s each).
