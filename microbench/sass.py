@@ -336,8 +336,11 @@ def catalog(arch: int) -> List[tuple]:
     block_attention: D 128, Hkv 8, group 4, S 16 with the block's own keys
     (the production tile; the split count only changes the epilogue),
     bf16 and fp8-e4m3 caches, page 16 and 1. verify_chain: B 1, S 16,
-    V 151,936 bf16 logits, as verify_chain._launch would launch it. The
-    injection ops at H 4096, D 128, Hkv 8, N 16, bf16.
+    V 151,936 bf16 logits, as verify_chain._launch would launch it, padded
+    and ragged (``verify_chain.ragged.*``: flat ``[T, V]`` rows with
+    ``cu_rows``), and top-k + top-p in SGLang's joint order
+    (``verify_chain.joint.*``). The injection ops at
+    H 4096, D 128, Hkv 8, N 16, bf16.
     """
     import torch
 
@@ -371,28 +374,43 @@ def catalog(arch: int) -> List[tuple]:
                        thr_ptr="*fp32", S=S, V=V, CHUNK=chunk, NSPLIT=ns)
     variants = {"greedy": (False, False, False), "sampled": (True, False, False),
                 "topk_topp": (True, True, True)}
+    # The ragged layout (vLLM's cu_num_logits): logits [T, V] with T = B*S flat rows, row
+    # stride only (rows_pass: stride_lb 0), cu_rows int32 [B+1]; SGLang's joint top-k + top-p
+    # order on the padded layout (rows_pass passes JOINT only with both filters).
+    ragged = dict(RAGGED=_c(True), cu_ptr="*i32", T=B * S)
+    layouts = {"": (dict(_VERIFY_PADDED), {}), "ragged.": (ragged, dict(stride_lb=0))}
     for name, (temp, topk, topp) in variants.items():
         # Greedy-only calls take the wide tile and its own split count (rows_pass).
         blk = tv.BLOCK_V if temp else tv.GREEDY_BLOCK_V
         nsv = _verify_nsplit(arch, B * S, V, blk)
         chunk_v = -(-(-(-V // blk)) // nsv) * blk
-        out.append((f"verify_chain.rows.{name}", launch_job(vmod, "_verify_rows_kernel", dict(
-            rows_common, CHUNK=chunk_v, NSPLIT=nsv, HAS_TEMP=_c(temp), HAS_TOPK=_c(topk),
-            HAS_TOPP=_c(topp), NEED_MZ=_c(False),
-            BLOCK=_c(blk), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
-            HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0), PRUNE=_c(tv.PRUNE),
-            **_VERIFY_PADDED, JOINT=_c(False)),
+        joints = (False, True) if topk and topp else (False,)
+        for suffix, (lay, strides) in layouts.items():
+            for joint in joints:
+                if joint and suffix:
+                    continue            # joint comes from SGLang (padded), ragged from vLLM
+                tag = f"verify_chain.{suffix}{'joint.' if joint else ''}rows.{name}"
+                out.append((tag, launch_job(vmod, "_verify_rows_kernel", dict(
+                    rows_common, **strides, CHUNK=chunk_v, NSPLIT=nsv, HAS_TEMP=_c(temp),
+                    HAS_TOPK=_c(topk), HAS_TOPP=_c(topp), NEED_MZ=_c(False),
+                    BLOCK=_c(blk), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
+                    HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0), PRUNE=_c(tv.PRUNE),
+                    **lay, JOINT=_c(joint)),
+                    num_warps=4, options=dict(enable_fp_fusion=False))))
+    # The finish kernel with draft_probs (its residual pass streams one row); ragged: flat
+    # block_tokens [T] and draft_probs [T, V] (_launch's strides: 0, V, 1, 0, V).
+    finish_strides = {"": (dict(stride_lb=S * V, stride_tb=S, stride_db=(S - 1) * V), _VERIFY_PADDED),
+                      "ragged.": (dict(stride_lb=0, stride_tb=1, stride_db=0), ragged)}
+    for suffix, (st, lay) in finish_strides.items():
+        out.append((f"verify_chain.{suffix}finish", launch_job(vmod, "_verify_finish_kernel", dict(
+            logits_ptr="*bf16", stride_lb=st["stride_lb"], stride_ls=V, bt_ptr="*i64",
+            stride_tb=st["stride_tb"], nd_ptr="*i32", temp_ptr="*fp32", seed_ptr="*i64",
+            pos_ptr="*i64", dp_ptr="*bf16", stride_db=st["stride_db"], stride_ds=V,
+            seq_ptr="*i32", pval_ptr="*fp32", pidx_ptr="*i32", pm_ptr="*fp32", pz_ptr="*fp32",
+            thr_ptr="*fp32", acc_ptr="*i32", out_ptr="*i32", bonus_ptr="*i32", nsl_ptr="*i32",
+            S=S, V=V, NSPLIT=ns, HAS_TEMP=_c(True), HAS_DP=_c(True), HAS_SEQ=_c(True),
+            NSPLIT_P2=_c(1 << (ns - 1).bit_length()), S_P2=_c(16), BLOCK=_c(tv.BLOCK_V), **lay),
             num_warps=4, options=dict(enable_fp_fusion=False))))
-    # The finish kernel with draft_probs (its residual pass streams one row).
-    out.append(("verify_chain.finish", launch_job(vmod, "_verify_finish_kernel", dict(
-        logits_ptr="*bf16", stride_lb=S * V, stride_ls=V, bt_ptr="*i64", stride_tb=S,
-        nd_ptr="*i32", temp_ptr="*fp32", seed_ptr="*i64", pos_ptr="*i64", dp_ptr="*bf16",
-        stride_db=(S - 1) * V, stride_ds=V, seq_ptr="*i32", pval_ptr="*fp32", pidx_ptr="*i32",
-        pm_ptr="*fp32", pz_ptr="*fp32", thr_ptr="*fp32", acc_ptr="*i32", out_ptr="*i32",
-        bonus_ptr="*i32", nsl_ptr="*i32", S=S, V=V, NSPLIT=ns, HAS_TEMP=_c(True), HAS_DP=_c(True),
-        HAS_SEQ=_c(True), NSPLIT_P2=_c(1 << (ns - 1).bit_length()), S_P2=_c(16),
-        BLOCK=_c(tv.BLOCK_V), **_VERIFY_PADDED), num_warps=4,
-        options=dict(enable_fp_fusion=False))))
 
     out.append(("inject_kv.bf16", _inject_job("inject_kv", arch, torch.bfloat16)))
     out.append(("inject_kv.fp8", _inject_job("inject_kv", arch, torch.float8_e4m3fn)))

@@ -105,8 +105,7 @@ def test_every_kernel_is_reported(rows):
     names = {k for k, _ in rows}
     want = set(ATTN) | {"block_attention.merge", "verify_chain.finish", "inject_kv.bf16",
                         "inject_kv.fp8", "write_kv.bf16", "fuse_target_features.gemm",
-                        "fuse_target_features.norm"} | {f"verify_chain.rows.{v}" for v in
-                                                        ("greedy", "sampled", "topk_topp")}
+                        "fuse_target_features.norm"} | {f"verify_chain.{v}" for v in VERIFY}
     want |= set(TREE_BUDGET) | set(BUILD_TREE_BUDGET)
     assert want <= names
     cuda = [k for k in names if k.startswith("cuda.")]
@@ -117,13 +116,15 @@ def test_every_kernel_is_reported(rows):
 
 def test_no_spills_no_local_memory(rows):
     bad = {k: r["spills"] for k, r in rows.items()
-           if r["spills"] and k not in (("verify_chain.finish", 100), ("norm_rope.bf16", 100))}
+           if r["spills"] and k not in (("verify_chain.finish", 100), ("verify_chain.ragged.finish", 100),
+                                        ("norm_rope.bf16", 100))}
     assert not bad
 
 
+@pytest.mark.parametrize("name", ["finish", "ragged.finish"])
 @_xfail("issue 13: the verify finish kernel has an 8-byte stack frame on sm_100a")
-def test_verify_finish_sm100_no_stack(rows):
-    assert rows[("verify_chain.finish", 100)]["spills"] == 0
+def test_verify_finish_sm100_no_stack(rows, name):
+    assert rows[(f"verify_chain.{name}", 100)]["spills"] == 0
 
 
 @_xfail("issue 18: norm_rope's q / k branch leaves an 8-byte stack frame on sm_100a "
@@ -183,12 +184,21 @@ def test_attention_two_tiles_in_flight(rows, name, arch):
 
 
 # ---------------------------------------------------------------- verify_chain
+# Every variant at its production configuration (microbench/sass.py catalog): padded, ragged
+# (cu_rows, vLLM) and the joint top-k + top-p order (SGLang), under the budgets of the
+# padded sequential twin.
+
+VERIFY = ["rows.greedy", "rows.sampled", "rows.topk_topp", "finish", "ragged.rows.greedy",
+          "ragged.rows.sampled", "ragged.rows.topk_topp", "ragged.finish", "joint.rows.topk_topp"]
+SEARCH = [v for v in VERIFY if v.endswith("rows.topk_topp")]
+
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("variant", ["greedy", "sampled"])
+@pytest.mark.parametrize("variant", ["rows.greedy", "rows.sampled", "ragged.rows.greedy",
+                                     "ragged.rows.sampled"])
 def test_verify_streaming_loads_16_bytes(rows, variant, arch):
-    _streams_16_bytes(rows[(f"verify_chain.rows.{variant}", arch)],
-                      loads=4 if variant == "greedy" else 1)
+    _streams_16_bytes(rows[(f"verify_chain.{variant}", arch)],
+                      loads=4 if variant.endswith("greedy") else 1)
 
 
 def _streams_16_bytes(row, loads=1):
@@ -201,13 +211,22 @@ def _streams_16_bytes(row, loads=1):
     assert lp["barriers"] <= (0 if loads == 4 else 3), lp["barriers"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", ["rows.greedy", "rows.sampled", "rows.topk_topp", "finish"])
+def _verify_params():
+    for name in VERIFY:
+        for arch in ARCHS:
+            marks = ()
+            if (name, arch) == ("ragged.rows.greedy", 100):
+                marks = _xfail("issue 18: the ragged greedy row kernel takes 162 registers on "
+                               "sm_100a (3 CTAs/SM; its padded twin 126, 4 CTAs/SM)")
+            yield pytest.param(name, arch, marks=marks, id=f"{name}-{arch}")
+
+
+@pytest.mark.parametrize("name, arch", list(_verify_params()))
 def test_verify_resources(rows, name, arch):
     r = rows[(f"verify_chain.{name}", arch)]
     assert r["registers"] <= 128 and r["shared"] <= 4096 and r["ctas_per_sm"] >= 4, r["registers"]
     assert r["mma"] == []
-    if name != "rows.greedy":
+    if not name.endswith("rows.greedy"):
         assert "mul.hi.u32" in Path(r["ptx_file"]).read_text()     # Philox in registers
 
 
@@ -219,16 +238,18 @@ def _search_loops(row):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@_xfail("issue 13: the top-k/top-p search's element loops have BAR.SYNC (shared-memory transpose)")
-def test_verify_search_no_barrier_in_element_loop(rows, arch):
-    assert all(lp["barriers"] == 0 for lp in _search_loops(rows[("verify_chain.rows.topk_topp", arch)]))
+@pytest.mark.parametrize("name", SEARCH)
+def test_verify_search_no_barrier_in_element_loop(rows, name, arch):
+    # Issue 13 item 1: each thread owns 8 contiguous elements and every candidate; the
+    # counts / masses stay in its registers (no shared-memory transpose per tile).
+    assert all(lp["barriers"] == 0 for lp in _search_loops(rows[(f"verify_chain.{name}", arch)]))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@_xfail("issue 13: the top-k/top-p search loads one bf16 per thread per iteration (LDG.E.U16)")
-def test_verify_search_loads_16_bytes(rows, arch):
-    for lp in _search_loops(rows[("verify_chain.rows.topk_topp", arch)]):
-        assert lp["min_load_width"] == 16, lp["load_kinds"]
+@pytest.mark.parametrize("name", SEARCH)
+def test_verify_search_loads_16_bytes(rows, name, arch):
+    for lp in _search_loops(rows[(f"verify_chain.{name}", arch)]):
+        assert lp["load_kinds"] == {"LDG.128": 1} and lp["min_load_width"] == 16, lp["load_kinds"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -279,7 +300,9 @@ def test_fuse_norm_loads_16_bytes(rows, arch):
 # the masked attention the 2-CTA register cap (maxnreg 128) of the merged kernels.
 TREE_BUDGET = {
     "verify_tree.rows.sampled": {90: (64, 8), 100: (68, 7)},
-    "verify_tree.rows.topk_topp": {90: (72, 7), 100: (95, 5)},
+    # sm_90a: 80 since the register-resident threshold search (issue 13 item 1; ptxas gives the
+    # Gumbel-max loop of that kernel more registers; the search loops use <= 75): 6 CTAs/SM.
+    "verify_tree.rows.topk_topp": {90: (80, 6), 100: (95, 5)},
     "verify_tree.walk.n64": {90: (34, 32), 100: (34, 32)},
     "verify_tree.walk.n256": {90: (80, 25), 100: (96, 21)},
     "tree_mask.n64": {90: (28, 16), 100: (23, 16)},

@@ -7,8 +7,10 @@ with ``draft_probs``, the online max / sum-exp of the scaled logits. It
 writes one (value, index, max, sum) partial per (row, split). A sampled row
 with top-k / top-p is handled whole by its split-0 program: a K-way search
 for the threshold on the fp32 key (each pass over the row evaluates KWAY = 16
-candidate thresholds at once, per-lane ``[SBLOCK, KWAY]`` counts or masses,
-and keeps one of 16 buckets: at most 8 passes for top-k, whose first pass
+candidate thresholds at once: each thread loads 8 contiguous logits per tile
+in one 16-byte load and adds them into its own 16 counts or masses, in
+registers, with no barrier in the element loop; the lanes are summed after
+the row; the pass keeps one of 16 buckets: at most 8 passes for top-k, whose first pass
 also gives the row max, and 8 for top-p, whose first pass also gives the
 normaliser; top-p alone adds one max pass), then the Gumbel-max pass over the
 kept set; its other splits write neutral partials.
@@ -40,6 +42,10 @@ _RESIDUAL_EPS = tl.constexpr(RESIDUAL_EPS)
 # Above every fp32 Gumbel value -log(-log(u)): u <= 1 - 2**-24 gives g ~= 16.636 (an ulp
 # or two of log error moves it by ~1e-6), so s + GUMBEL_MAX bounds any score s + g.
 GUMBEL_MAX = tl.constexpr(17.0)
+
+# Contiguous elements per thread of the threshold search's tiles (8 bf16: one 16-byte load;
+# _columns splits exactly 8).
+_SEARCH_VEC = tl.constexpr(8)
 
 
 @triton.jit
@@ -92,18 +98,66 @@ def _row_max(row_ptr, V, inv_t, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _search_tile(off, BLOCK: tl.constexpr):
+    """Offsets of a search tile as ``[8, BLOCK // 8]``: column r holds the 8 contiguous
+    elements ``off + 8r .. off + 8r + 7``. Triton's default layout of that shape gives each
+    thread whole columns, which the coalescer keeps (one 16-byte load of bf16 per thread)."""
+    r = tl.arange(0, BLOCK // _SEARCH_VEC)
+    c = tl.arange(0, _SEARCH_VEC)
+    return off + r[None, :] * _SEARCH_VEC + c[:, None]
+
+
+@triton.jit
+def _columns(x):
+    """The 8 rows of a tile ``x [8, R]`` as 8 tensors ``[R]``, in element order. Each thread
+    holds whole columns, so the transpose, reshape and splits move no data (no shared memory,
+    no barrier)."""
+    y = tl.reshape(tl.trans(x), (x.shape[1], 2, 2, 2))   # element c = 4i + 2j + k at [., i, j, k]
+    k0, k1 = tl.split(y)
+    k0j0, k0j1 = tl.split(k0)
+    k1j0, k1j1 = tl.split(k1)
+    x0, x4 = tl.split(k0j0)
+    x2, x6 = tl.split(k0j1)
+    x1, x5 = tl.split(k1j0)
+    x3, x7 = tl.split(k1j1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _count_one(acc, s, live, c2):
+    return acc + ((s[None, :] >= c2) & live[None, :]).to(tl.int32)
+
+
+@triton.jit
 def _kway_count(row_ptr, V, inv_t, cand, K: tl.constexpr, BLOCK: tl.constexpr):
-    """Per candidate threshold ``cand [K]``: #(s >= cand); and the row max."""
-    # Per-lane [BLOCK, K] accumulators, reduced once after the row: no reduction per tile.
-    acc = tl.zeros((BLOCK, K), tl.int32)
-    mx = tl.full((BLOCK,), float("-inf"), tl.float32)
+    """Per candidate threshold ``cand [K]``: #(s >= cand); and the row max.
+
+    Each thread loads 8 contiguous elements per tile and adds them one by one into its
+    lane's K counters ``acc [K, BLOCK // 8]`` (every candidate in the thread's registers),
+    reduced across lanes once after the row."""
+    c2 = cand[:, None]
+    acc = tl.zeros((K, BLOCK // _SEARCH_VEC), tl.int32)
+    mx = tl.full((BLOCK // _SEARCH_VEC,), float("-inf"), tl.float32)
     for off in range(0, V, BLOCK):
-        offs = off + tl.arange(0, BLOCK)
+        offs = _search_tile(off, BLOCK)
         s = _load_scaled(row_ptr, offs, V, inv_t)
-        mx = tl.maximum(mx, s)
-        ge = (s[:, None] >= cand[None, :]) & (offs < V)[:, None]
-        acc += ge.to(tl.int32)
-    return tl.sum(acc, axis=0), tl.max(mx, axis=0)
+        mx = tl.maximum(mx, tl.max(s, axis=0))
+        s0, s1, s2, s3, s4, s5, s6, s7 = _columns(s)
+        v0, v1, v2, v3, v4, v5, v6, v7 = _columns(offs < V)
+        acc = _count_one(acc, s0, v0, c2)
+        acc = _count_one(acc, s1, v1, c2)
+        acc = _count_one(acc, s2, v2, c2)
+        acc = _count_one(acc, s3, v3, c2)
+        acc = _count_one(acc, s4, v4, c2)
+        acc = _count_one(acc, s5, v5, c2)
+        acc = _count_one(acc, s6, v6, c2)
+        acc = _count_one(acc, s7, v7, c2)
+    return tl.sum(acc, axis=1), tl.max(mx, axis=0)
+
+
+@triton.jit
+def _mass_one(acc, s, e, c2):
+    return acc + tl.where(s[None, :] >= c2, e[None, :], 0.0)
 
 
 @triton.jit
@@ -112,19 +166,30 @@ def _kway_mass(row_ptr, V, inv_t, cand, m, K: tl.constexpr, BLOCK: tl.constexpr,
     """Per candidate threshold ``cand [K]``: sum of exp(s - m) over s >= cand (m the finite row max);
     and (FULL) the mass of the whole row, else 0.
 
-    Every candidate sums in the same order, so the mass is monotone in the threshold. The
+    Every candidate sums the same terms in the same order (a lane adds its elements one by
+    one in element order, 0 for those the candidate drops; the lanes are summed after the
+    row), and fp32 addition is monotone, so the mass is monotone in the threshold. The
     whole row's mass adds the same terms in the same order as a candidate at -inf would.
     """
-    acc = tl.zeros((BLOCK, K), tl.float32)
-    full = tl.zeros((BLOCK,), tl.float32)
+    c2 = cand[:, None]
+    acc = tl.zeros((K, BLOCK // _SEARCH_VEC), tl.float32)
+    full = tl.zeros((BLOCK // _SEARCH_VEC,), tl.float32)
     for off in range(0, V, BLOCK):
-        offs = off + tl.arange(0, BLOCK)
-        s = _load_scaled(row_ptr, offs, V, inv_t)
-        e = tl.exp(s - m)
-        acc += tl.where(s[:, None] >= cand[None, :], e[:, None], 0.0)
+        offs = _search_tile(off, BLOCK)
+        s = _load_scaled(row_ptr, offs, V, inv_t)      # lanes past V: -inf, e = 0
+        s0, s1, s2, s3, s4, s5, s6, s7 = _columns(s)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _columns(tl.exp(s - m))
+        acc = _mass_one(acc, s0, e0, c2)
+        acc = _mass_one(acc, s1, e1, c2)
+        acc = _mass_one(acc, s2, e2, c2)
+        acc = _mass_one(acc, s3, e3, c2)
+        acc = _mass_one(acc, s4, e4, c2)
+        acc = _mass_one(acc, s5, e5, c2)
+        acc = _mass_one(acc, s6, e6, c2)
+        acc = _mass_one(acc, s7, e7, c2)
         if FULL:
-            full += e
-    return tl.sum(acc, axis=0), tl.sum(full, axis=0)
+            full = full + e0 + e1 + e2 + e3 + e4 + e5 + e6 + e7
+    return tl.sum(acc, axis=1), tl.sum(full, axis=0)
 
 
 @triton.jit
@@ -275,11 +340,11 @@ def _verify_rows_kernel(
                         hi = _key_of(tl.full((), float("inf"), tl.float32))
                         while lo < hi:
                             step = (hi - lo + KWAY) // KWAY
-                            ck = lo + slot * step
-                            cnt, mx = _kway_count(row_ptr, V, inv_t, _value_of(tl.minimum(ck, hi)),
-                                                  KWAY, SBLOCK)
+                            last = (hi - lo) // step  # the slots whose start lo + slot * step <= hi
+                            cand = _value_of(tl.minimum(lo + slot * step, hi))
+                            cnt, mx = _kway_count(row_ptr, V, inv_t, cand, KWAY, SBLOCK)
                             m = tl.maximum(m, mx)
-                            ok = (ck <= hi) & (cnt >= k)
+                            ok = (slot <= last) & (cnt >= k)
                             lo = lo + tl.max(tl.where(ok, slot, 0), axis=0) * step
                             hi = tl.minimum(lo + step - 1, hi)
                         thr = _value_of(lo)
@@ -296,10 +361,10 @@ def _verify_rows_kernel(
                                 k_on = (k > 0) & (k < V)
                             while lo < hi:
                                 step = (hi - lo + KWAY) // KWAY
-                                ck = lo + slot * step
-                                mass, z_full = _kway_mass(row_ptr, V, inv_t,
-                                                          _value_of(tl.minimum(ck, hi)), m, KWAY,
-                                                          SBLOCK, JOINT)
+                                last = (hi - lo) // step
+                                cand = _value_of(tl.minimum(lo + slot * step, hi))
+                                mass, z_full = _kway_mass(row_ptr, V, inv_t, cand, m, KWAY, SBLOCK,
+                                                          JOINT)
                                 # Slot 0 is lo: the first pass gives the normaliser (the mass
                                 # of the top-k set), later passes recompute it bit for bit.
                                 z0 = tl.sum(tl.where(slot == 0, mass, 0.0), axis=0)
@@ -315,7 +380,7 @@ def _verify_rows_kernel(
                                 else:
                                     target = tl.where(first_pass, tp * z0, target)
                                 npass += 1
-                                ok = (ck <= hi) & (mass >= target)
+                                ok = (slot <= last) & (mass >= target)
                                 lo_next = lo + tl.max(tl.where(ok, slot, 0), axis=0) * step
                                 if JOINT:
                                     hi = tl.where(whole, lo, tl.minimum(lo_next + step - 1, hi))
@@ -488,10 +553,11 @@ BLOCK_V = 1024
 # Sampled rows skip the noise of tiles that cannot hold the winner (_stream_best); the
 # tests switch it off to compare against the unpruned loop.
 PRUNE = True
-# Threshold search: KWAY candidates per pass over the row, on SEARCH_BLOCK_V-wide
-# tiles on a GPU ([SEARCH_BLOCK_V, KWAY] per-lane accumulators fit in registers).
+# Threshold search: KWAY candidates per pass over the row, on SEARCH_BLOCK_V-wide tiles
+# on a GPU: 128 threads x 8 contiguous elements (_SEARCH_VEC), KWAY per-lane accumulators
+# a thread in registers.
 KWAY = 16
-SEARCH_BLOCK_V = 128
+SEARCH_BLOCK_V = 1024
 
 
 # Greedy-only calls (temperature None) on a wider tile: 4x LDG.128 per thread per
