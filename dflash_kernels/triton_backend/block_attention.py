@@ -11,13 +11,14 @@ attended by the last split, after its context tiles. See docs/block_attention.md
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import TL_DTYPES, arch, num_sms, on_device
+from ._common import arch, cdiv, next_pow2, num_sms, on_device, TL_DTYPES
 
 _LOG2E = 1.4426950408889634
 
@@ -461,26 +462,30 @@ def num_splits_for(sms: Optional[int], B: int, Hkv: int, m_blocks: int, span: in
     B 2, Hkv 8 on 132 SMs it chose 9 splits, 144 programs, 2 waves).
     ``sms`` is the device's SM count, or None on CPU (a fixed small count).
     """
-    tiles = triton.cdiv(max(span, 0), block_n)
+    tiles = cdiv(max(span, 0), block_n)
     if sms is None:
         return max(1, min(CPU_SPLITS, tiles))
     base = max(B * Hkv * m_blocks, 1)
     best, best_cost = 1, None
     for s in range(1, max(1, min(tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS)) + 1):
         extra = SPLIT_FILL_TILES + (SPLIT_PARTIAL_TILES if s > 1 else 0)
-        cost = triton.cdiv(base * s, sms) * (triton.cdiv(tiles, s) + extra)
+        cost = cdiv(base * s, sms) * (cdiv(tiles, s) + extra)
         if best_cost is None or cost < best_cost:
             best, best_cost = s, cost
     return best
 
 
+@functools.lru_cache(maxsize=4096)
 def plan(arch: Optional[int], sms: Optional[int], B: int, S: int, Hq: int, Hkv: int, D: int,
          page_size: int, max_pages: int, window: int, num_splits: Optional[int] = None,
          cache_bytes: int = 2) -> dict:
-    """Launch configuration from host-known sizes (never from context_lens values)."""
+    """Launch configuration from host-known sizes (never from context_lens values).
+
+    Cached (a pure function of its ints; the split search is ~100 divisions):
+    callers must not modify the returned dict."""
     g = Hq // Hkv
-    block_m = min(max(16, triton.next_power_of_2(S * g)), max_block_m(D))
-    m_blocks = triton.cdiv(S * g, block_m)
+    block_m = min(max(16, next_pow2(S * g)), max_block_m(D))
+    m_blocks = cdiv(S * g, block_m)
     cfg = kernel_config(arch, D, block_m, page_size, cache_bytes)
     span = max_pages * page_size
     if window:
@@ -489,7 +494,7 @@ def plan(arch: Optional[int], sms: Optional[int], B: int, S: int, Hq: int, Hkv: 
     if num_splits is None:
         num_splits = num_splits_for(sms, B, Hkv, m_blocks, span, cfg["BLOCK_N"])
     return dict(cfg, BLOCK_M=block_m, NUM_M_BLOCKS=m_blocks, NUM_SPLITS=int(num_splits),
-                BLOCK_S=max(16, triton.next_power_of_2(S)))
+                BLOCK_S=max(16, next_pow2(S)))
 
 
 def kv_vec(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
@@ -598,7 +603,7 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
         if ns > 1:
             n_rows = B * S * Hq
             block_r = 16 if D <= 128 else 8
-            _merge_splits_kernel[(triton.cdiv(n_rows, block_r),)](
+            _merge_splits_kernel[(cdiv(n_rows, block_r),)](
                 part_o, part_lse, out, lse if lse is not None else out, n_rows,
                 *out.stride()[:3],
                 S=S, HQ=Hq, D=D, NUM_SPLITS=ns, BLOCK_R=block_r, HAS_LSE=lse is not None,

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .._rules import SAMPLING_EPS
-from ._common import num_sms, on_device
+from ._common import cdiv, next_pow2, num_sms, on_device
 
 import torch
 
@@ -221,10 +221,10 @@ def select_warps(N: int) -> int:
 def split(ctas, B, D, V, block):
     """(splits, chunk) of each draft row: about ``ctas`` CTAs in all (two per SM;
     host-known sizes only), at most 64 splits, whole tiles per split."""
-    tiles = triton.cdiv(V, block)
-    want = triton.cdiv(ctas, max(1, B * D))
-    chunk = triton.cdiv(tiles, max(1, min(want, tiles, 64))) * block
-    return triton.cdiv(V, chunk), chunk
+    tiles = cdiv(V, block)
+    want = cdiv(ctas, max(1, B * D))
+    chunk = cdiv(tiles, max(1, min(want, tiles, 64))) * block
+    return cdiv(V, chunk), chunk
 
 
 def _config(dev, B, D, V):
@@ -245,11 +245,11 @@ def build_tree(draft_logits, top_k, temperature, tree_tokens, parents, num_nodes
         return
     dev = draft_logits.device
     k = int(top_k)
-    KP = max(2, triton.next_power_of_2(k))
+    KP = max(2, next_pow2(k))
     block, splits, chunk = _config(dev, B, D, V)
     keys = torch.empty((max(1, B * D), splits, KP), dtype=torch.int64, device=dev)
     stats = torch.empty((max(1, B * D), splits, 3), dtype=torch.float32, device=dev)
-    DKP = max(2, triton.next_power_of_2(max(1, D * k)))
+    DKP = max(2, next_pow2(max(1, D * k)))
     tbl = torch.empty((B, 2, DKP + 1), dtype=torch.int32, device=dev)
     has_t = temperature is not None
     temp = temperature if has_t else stats
@@ -260,5 +260,5 @@ def build_tree(draft_logits, top_k, temperature, tree_tokens, parents, num_nodes
                 keys, stats, k, HAS_T=has_t, EPS=SAMPLING_EPS, KP=KP, BLOCK=block, num_warps=TOPK_WARPS)
         _build_tree_select_kernel[(B,)](
             keys, stats, temp, tbl, tree_tokens, parents, num_nodes, depth, D, N, k, splits, N if D > 0 else 1,
-            HAS_T=has_t, EPS=SAMPLING_EPS, KP=KP, SPP=max(2, triton.next_power_of_2(splits)),
-            DKP=DKP, NP=max(2, triton.next_power_of_2(N)), num_warps=select_warps(N))
+            HAS_T=has_t, EPS=SAMPLING_EPS, KP=KP, SPP=max(2, next_pow2(splits)),
+            DKP=DKP, NP=max(2, next_pow2(N)), num_warps=select_warps(N))

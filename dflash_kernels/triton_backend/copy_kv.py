@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device
+from ._common import cdiv, next_pow2, on_device
 
 from ._kv_epilogue import layer_addressing as _layer_addressing, layer_base as _layer_base
 
@@ -112,12 +112,12 @@ def copy_kv(src_slots, dst_slots, k_caches: list, v_caches: list) -> None:
     kc, k_layer, ktab, kuni = _layer_addressing(kraw)
     vc, v_layer, vtab, vuni = _layer_addressing(vraw)
     C = Hkv * D
-    cols = min(COLS, triton.next_power_of_2(C))
+    cols = min(COLS, next_pow2(C))
     staged = M > ROWS
     dev = src_slots.device
     stage = (torch.empty((L, 2, M, C), dtype=_BITS[esz], device=dev) if staged else src_slots)
     with on_device(dev):
-        _copy_kv_kernel[(L, triton.cdiv(C, cols))](
+        _copy_kv_kernel[(L, cdiv(C, cols))](
             src_slots, dst_slots, stage, M, P * page, page,
             kc, ktab if ktab is not None else src_slots, k_layer, kc.stride(0), kc.stride(1),
             kc.stride(2),
@@ -132,7 +132,7 @@ def compile_spec(staged: bool, Hkv: int = 8, D: int = 128, elt_bits: int = 16) -
     compile checks without a GPU."""
     t = f"*i{elt_bits}" if elt_bits > 8 else "*u8"
     C = Hkv * D
-    const = dict(D=D, C=C, ROWS=ROWS, COLS=min(COLS, triton.next_power_of_2(C)), STAGED=staged,
+    const = dict(D=D, C=C, ROWS=ROWS, COLS=min(COLS, next_pow2(C)), STAGED=staged,
                  UNIFORM_K=True, UNIFORM_V=False)
     sig = dict(src_ptr="*i64", dst_ptr="*i64", stage_ptr=t, M="i32", n_slots="i32",
                page_size="i32", kc_ptr=t, kc_table="*i64", k_layer="i64", k_page="i32",

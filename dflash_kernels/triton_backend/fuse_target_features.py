@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TL_DTYPES, arch, arch_family, num_sms, on_device
+from ._common import arch, arch_family, cdiv, next_pow2, num_sms, on_device, TL_DTYPES
 from ._common import compile_spec as _spec
 
 # Parts per launch (tuple arguments; each count compiles its own kernel); more are joined.
@@ -133,15 +133,15 @@ def fuse_target_features(features: list, fc_weight, norm_weight, eps: float, out
     starts, t = [], 0
     for w in widths:
         starts.append(t)
-        t += triton.cdiv(w, BLOCK_K)
+        t += cdiv(w, BLOCK_K)
     k_tiles = t
-    m_tiles, n_tiles = triton.cdiv(N, BLOCK_M), triton.cdiv(H, BLOCK_N)
+    m_tiles, n_tiles = cdiv(N, BLOCK_M), cdiv(H, BLOCK_N)
     splits = _fuse_split(m_tiles, n_tiles, k_tiles, out.device)
     # At least one split of one tile: with zero-width features (K = 0) it stores zeros.
-    tiles_per_split = max(1, triton.cdiv(k_tiles, splits))
-    splits = max(1, triton.cdiv(k_tiles, tiles_per_split))
+    tiles_per_split = max(1, cdiv(k_tiles, splits))
+    splits = max(1, cdiv(k_tiles, tiles_per_split))
     ws = torch.empty((splits, N, H), dtype=torch.float32, device=out.device)
-    block_h = min(_NORM_BLOCK_H[family], triton.next_power_of_2(H))
+    block_h = min(_NORM_BLOCK_H[family], next_pow2(H))
     with on_device(out):
         _fuse_gemm_kernel[(n_tiles, m_tiles, splits)](
             tuple(parts), tuple(p.stride(0) for p in parts), tuple(widths), tuple(starts),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import on_device
+from ._common import cdiv, on_device
 from ._kv_epilogue import head_columns, norm_rope as _epilogue_norm_rope
 
 BLOCK_M = 16     # token rows per program: one [16, D] head tile
@@ -54,7 +54,7 @@ def norm_rope(q, k, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps,
     N, Hq, D = q.shape
     Hkv = k.shape[1]
     with on_device(q.device):
-        _norm_rope_kernel[(triton.cdiv(N, BLOCK_M), Hq + Hkv)](
+        _norm_rope_kernel[(cdiv(N, BLOCK_M), Hq + Hkv)](
             q, k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), positions,
             q_norm_weight if q_norm_weight is not None else q,
             k_norm_weight if k_norm_weight is not None else k,

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device
+from ._common import next_pow2, on_device
 
 
 @triton.jit
@@ -60,15 +60,15 @@ def tree_mask(parents, mask, depth) -> None:
     dev = parents.device
     with on_device(dev):
         _tree_mask_kernel[(B,)](parents, mask, depth, N, W,
-                                N_P2=max(2, triton.next_power_of_2(N)),
-                                W_P2=max(1, triton.next_power_of_2(W)),
+                                N_P2=max(2, next_pow2(N)),
+                                W_P2=max(1, next_pow2(W)),
                                 num_warps=4 if N <= 128 else 8)
 
 
 def compile_spec(N: int = 256) -> dict:
     """Signature and constexprs of the launch for N slots (compile checks without a GPU)."""
     W = (N + 31) // 32
-    const = dict(N_P2=triton.next_power_of_2(N), W_P2=triton.next_power_of_2(W))
+    const = dict(N_P2=next_pow2(N), W_P2=next_pow2(W))
     sig = dict(par_ptr="*i32", mask_ptr="*i32", depth_ptr="*i32", N="i32", W="i32",
                **{n: "constexpr" for n in const})
     return dict(signature=sig, constexprs=const, num_warps=4 if N <= 128 else 8, num_stages=2)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import on_device
+from ._common import cdiv, on_device
 from ._kv_epilogue import (bounds_args, cache_kernel_args, check_caches, epilogue, fp8_args,
                            head_columns, knorm_args, program_rows)
 
@@ -55,7 +55,7 @@ def write_kv(k, v, k_norm_weight, positions, slot_mapping, k_caches: list, v_cac
         return
     kargs, vargs, kuni, vuni = cache_kernel_args(k_caches, v_caches)
     knw, knw_stride = knorm_args(k_norm_weight)
-    grid = (triton.cdiv(N, BLOCK_M), L * 2 * Hkv)
+    grid = (cdiv(N, BLOCK_M), L * 2 * Hkv)
     with on_device(k):
         _write_kv_kernel[grid](
             k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
