@@ -158,8 +158,9 @@ def _context_tile(acc, m_i, l_i, q, qpos, n0, end, window, ctx_scale,
 def _mark_edge(acc, qpos, lo, hi, end, window, VC, BT, b, h, d64, num_pages,
                sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                KV_VEC: tl.constexpr, IS_FP8: tl.constexpr, DTYPE: tl.constexpr):
-    """:func:`_mark_bad` over the EDGE tiles ``[lo, hi)`` (V only), after the
-    loops: the marks then never share registers with the scores."""
+    """:func:`_mark_bad` over the EDGE tiles ``[lo, hi)`` (V only), before the
+    context loops: the marks then never share registers with the scores (NaN
+    set here survives every later rescale)."""
     for n0 in tl.range(lo, hi, BLOCK_N, num_stages=1):
         tok = n0 + tl.arange(0, BLOCK_N)
         tok_ok = tok < end
