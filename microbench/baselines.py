@@ -9,6 +9,11 @@ length), so they are CUDA-graph capturable like an engine's.
 importable (never required). They read the block's keys from the cache, so
 their cases hold the block K/V as the last S cached tokens (the bench writes
 them there when it builds the inputs).
+
+``flashinfer`` for ``verify_chain``'s sampled modes: FlashInfer's samplers
+(``flashinfer.sampling``) composed into the same step, when importable:
+:func:`flashinfer_verify_chain` (the calls per mode are listed there and in
+docs/verify_chain.md, "Benchmark").
 """
 
 from __future__ import annotations
@@ -177,18 +182,141 @@ def torch_injection(inp):
 
 def torch_verify_greedy(inp):
     """softmax, argmax, compare with the drafts, cumprod prefix match, gather the bonus."""
-    logits, tokens, num_drafts = inp["logits"], inp["block_tokens"], inp["num_drafts"]
-    B, S, _ = logits.shape
+    logits = inp["logits"]
     target = torch.softmax(logits.float(), dim=-1).argmax(dim=-1)   # [B, S]
-    cols = torch.arange(1, S, device=logits.device)[None, :]
+    return chain_accept(target, inp["block_tokens"], inp["num_drafts"])
+
+
+def chain_accept(target, tokens, num_drafts):
+    """The chain walk over per-row target tokens ``target [B, S]`` (row j's token decides
+    draft j+1): compare with the drafts, cumprod prefix match, gather the bonus, lay out
+    ``out_tokens`` (accepted drafts, the bonus, -1). Device ops only, no host sync."""
+    B, S = target.shape
+    dev = target.device
+    cols = torch.arange(1, S, device=dev)[None, :]
     match = (tokens[:, 1:] == target[:, :-1]) & (cols <= num_drafts[:, None])
     accept = match.to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
     bonus = target.gather(1, accept.long()[:, None]).squeeze(1).to(torch.int32)
-    pos = torch.arange(S, device=logits.device)[None, :]
+    pos = torch.arange(S, device=dev)[None, :]
     drafts = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).to(torch.int32)
     out = torch.where(pos < accept[:, None], drafts, torch.full_like(drafts, -1))
     out = torch.where(pos == accept[:, None], bonus[:, None], out)
     return accept, out, bonus
+
+
+# Sampler flags of verify_chain's sampled modes (microbench/suites/verify_chain.py).
+VERIFY_SAMPLERS = {
+    "sampled": {},
+    "top_k": {"top_k": True},
+    "top_p": {"top_p": True},
+    "top_k+top_p": {"top_k": True, "top_p": True},
+    "top_k+top_p_joint": {"top_k": True, "top_p": True, "joint": True},
+    "draft_probs": {"draft_probs": True},
+}
+
+
+def flashinfer_verify_calls(mode):
+    """The ``flashinfer.sampling`` functions :func:`flashinfer_verify_chain` calls for ``mode``."""
+    flags = VERIFY_SAMPLERS[mode]
+    if flags.get("draft_probs"):
+        return ("softmax", "chain_speculative_sampling")
+    if flags.get("top_k") and flags.get("top_p"):
+        return ("softmax", "top_k_top_p_sampling_from_probs")
+    if flags.get("top_k"):
+        return ("softmax", "top_k_sampling_from_probs")
+    if flags.get("top_p"):
+        return ("softmax", "top_p_sampling_from_probs")
+    return ("sampling_from_logits",)
+
+
+def _takes(fn, *names):
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(n in params for n in names)
+
+
+def flashinfer_takes_seed(sampling, mode) -> bool:
+    """Whether this FlashInfer's samplers for ``mode`` take ``seed`` / ``offset`` tensors
+    (the CUDA-graph capturable form; without them each call reads and advances the
+    torch generator's state on the host, so the row is timed with events)."""
+    samplers = [n for n in flashinfer_verify_calls(mode) if n != "softmax"]
+    return all(_takes(getattr(sampling, n, None), "seed", "offset") for n in samplers)
+
+
+def flashinfer_verify_chain(sampling, mode):
+    """verify_chain's sampled ``mode`` composed from FlashInfer's samplers (``sampling``:
+    the ``flashinfer.sampling`` module). Per request parameters are expanded to the
+    ``B*S`` rows (views and one copy each: device ops).
+
+    - ``sampled``: ``sampling_from_logits(logits / T)`` (Gumbel-max over the logits),
+      then :func:`chain_accept` (compare with the drafts, cumprod, bonus).
+    - ``top_k`` / ``top_p`` / ``top_k+top_p`` (``filter_apply_order="top_k_first"``) /
+      ``top_k+top_p_joint`` (``"joint"``): ``softmax(logits, temperature=T)``, then
+      ``top_k_sampling_from_probs`` / ``top_p_sampling_from_probs`` /
+      ``top_k_top_p_sampling_from_probs``, then :func:`chain_accept`.
+    - ``draft_probs``: ``softmax(logits, temperature=T)`` as ``target_probs``, then
+      ``chain_speculative_sampling(draft_probs, drafts, target_probs)`` (the rejection
+      rule), whose ``output_emitted_draft_token_num`` is ``accept_len``.
+
+    With ``seed`` / ``offset`` in the samplers' signatures the calls get per-row seed
+    tensors (the request's seed) and offsets (its position + row + 1), as an engine
+    would pass them under CUDA graphs. Returns our four outputs plus the library's own
+    per-row (or per-request) sampled tokens as a fifth tensor, which tells the suite's
+    check that these tokens come from another random stream.
+    """
+    flags = VERIFY_SAMPLERS[mode]
+    seeded = flashinfer_takes_seed(sampling, mode)
+
+    def run(inp):
+        logits, tokens, nd = inp["logits"], inp["block_tokens"], inp["num_drafts"]
+        B, S, V = logits.shape
+        R = B * S
+
+        def rows(x):                       # per request [B] -> per row [B*S]
+            return x[:, None].expand(B, S).reshape(R)
+
+        temp = rows(inp["temperature"])
+        flat = logits.reshape(R, V)
+        kw = {}
+        if seeded:
+            steps = torch.arange(1, S + 1, device=logits.device, dtype=torch.int64)
+            if flags.get("draft_probs"):
+                kw = {"seed": inp["seeds"], "offset": inp["positions"] + 1}
+            else:
+                kw = {"seed": rows(inp["seeds"]),
+                      "offset": (inp["positions"][:, None] + steps).reshape(R)}
+        if flags.get("draft_probs"):
+            probs = sampling.softmax(flat, temperature=temp).view(B, S, V)
+            drafts = tokens[:, 1:].to(torch.int32).contiguous()
+            out, _, emitted = sampling.chain_speculative_sampling(
+                inp["draft_probs_f32"], drafts, probs, **kw)
+            accept = emitted.to(torch.int32)
+            out = out.to(torch.int32)
+            bonus = out.gather(1, accept.long()[:, None]).squeeze(1)
+            raw = out
+        else:
+            if flags.get("top_k") or flags.get("top_p"):
+                probs = sampling.softmax(flat, temperature=temp)
+                if flags.get("top_k") and flags.get("top_p"):
+                    order = "joint" if flags.get("joint") else "top_k_first"
+                    t = sampling.top_k_top_p_sampling_from_probs(
+                        probs, rows(inp["top_k"]), rows(inp["top_p"]),
+                        filter_apply_order=order, **kw)
+                elif flags.get("top_k"):
+                    t = sampling.top_k_sampling_from_probs(probs, rows(inp["top_k"]), **kw)
+                else:
+                    t = sampling.top_p_sampling_from_probs(probs, rows(inp["top_p"]), **kw)
+            else:
+                t = sampling.sampling_from_logits(flat.float() / temp[:, None], **kw)
+            raw = t.view(B, S)
+            accept, out, bonus = chain_accept(raw, tokens, nd)
+        return accept, out, bonus, inp["seq_lens"] + accept + 1, raw
+
+    return run
 
 
 # ---------------------------------------------------------------- trees
