@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"available; the oracle always runs for the check)")
     p.add_argument("--ops", type=_name_list, help="ops within the suites (default: all)")
     p.add_argument("--modes", type=_name_list, help="modes of the ops that have them (verify_chain: "
-                                                    "greedy, sampled; tree_mask, copy_kv, build_tree: n16, n32, "
+                                                    "greedy, sampled, top_k, top_p, top_k+top_p, top_k+top_p_joint, "
+                                                    "draft_probs; tree_mask, copy_kv, build_tree: n16, n32, "
                                                     "n64, n128; verify_tree: greedy-n16 .. "
                                                     "sampled-n128; default: all)")
     p.add_argument("--dtype", choices=("bf16", "fp16"), help="activation dtype (default: bf16 on a GPU, "
