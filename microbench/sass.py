@@ -385,6 +385,7 @@ def catalog(arch: int) -> List[tuple]:
         nsv = _verify_nsplit(arch, B * S, V, blk)
         chunk_v = -(-(-(-V // blk)) // nsv) * blk
         joints = (False, True) if topk and topp else (False,)
+        cap = {} if temp else dict(maxnreg=tv.GREEDY_MAXNREG)     # rows_pass: greedy-only
         for suffix, (lay, strides) in layouts.items():
             for joint in joints:
                 if joint and suffix:
@@ -396,7 +397,7 @@ def catalog(arch: int) -> List[tuple]:
                     BLOCK=_c(blk), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
                     HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0), PRUNE=_c(tv.PRUNE),
                     **lay, JOINT=_c(joint)),
-                    num_warps=4, options=dict(enable_fp_fusion=False))))
+                    num_warps=4, options=dict(enable_fp_fusion=False, **cap))))
     # The finish kernel with draft_probs (its residual pass streams one row); ragged: flat
     # block_tokens [T] and draft_probs [T, V] (_launch's strides: 0, V, 1, 0, V).
     finish_strides = {"": (dict(stride_lb=S * V, stride_tb=S, stride_db=(S - 1) * V), _VERIFY_PADDED),
