@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .._rules import RESIDUAL_EPS, SAMPLING_EPS
 from . import noise as tnoise
-from ._common import num_sms, on_device
+from ._common import cdiv, next_pow2, num_sms, on_device
 
 _SAMPLING_EPS = tl.constexpr(SAMPLING_EPS)
 _RESIDUAL_EPS = tl.constexpr(RESIDUAL_EPS)
@@ -576,7 +576,7 @@ GREEDY_MAXNREG = 128
 def block_size(V: int, greedy: bool = False) -> int:
     """Vocab tile: BLOCK_V (GREEDY_BLOCK_V for greedy-only calls), or the next power of
     two of a small vocabulary."""
-    return min(GREEDY_BLOCK_V if greedy else BLOCK_V, max(16, triton.next_power_of_2(V)))
+    return min(GREEDY_BLOCK_V if greedy else BLOCK_V, max(16, next_pow2(V)))
 
 
 def search_block(V: int, device: torch.device) -> int:
@@ -587,15 +587,15 @@ def search_block(V: int, device: torch.device) -> int:
 
 def num_splits(rows: int, V: int, device: torch.device, greedy: bool = False) -> int:
     """Vocab splits per row from host-known sizes: enough programs to fill the GPU."""
-    n_blocks = triton.cdiv(V, block_size(V, greedy))
+    n_blocks = cdiv(V, block_size(V, greedy))
     sms = num_sms(device)
     if sms is not None:
         target, cap = 4 * sms, 64
     else:  # interpreter: programs run one after another; keep a few to test the splits
         target, cap = 4, 4
-    want = max(1, min(n_blocks, triton.cdiv(target, rows), cap))
-    per = triton.cdiv(n_blocks, want)
-    return triton.cdiv(n_blocks, per)
+    want = max(1, min(n_blocks, cdiv(target, rows), cap))
+    per = cdiv(n_blocks, want)
+    return cdiv(n_blocks, per)
 
 
 def verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
@@ -649,7 +649,7 @@ def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False
     has_temp = temperature is not None
     block = block_size(V, greedy=not has_temp)
     nsplit = num_splits(rows, V, dev, greedy=not has_temp)
-    chunk = triton.cdiv(triton.cdiv(V, block), nsplit) * block
+    chunk = cdiv(cdiv(V, block), nsplit) * block
     f32 = dict(dtype=torch.float32, device=dev)
     pval = torch.empty(rows * nsplit, **f32)
     pidx = torch.empty(rows * nsplit, dtype=torch.int32, device=dev)
@@ -709,6 +709,6 @@ def _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, 
         pval, pidx, pm, pz, thr, accept_len, out_tokens, bonus,
         new_seq_lens if new_seq_lens is not None else dummy, S, V, nsplit,
         HAS_TEMP=has_temp, HAS_DP=has_dp, HAS_SEQ=new_seq_lens is not None,
-        NSPLIT_P2=triton.next_power_of_2(nsplit), S_P2=triton.next_power_of_2(S),
+        NSPLIT_P2=next_pow2(nsplit), S_P2=next_pow2(S),
         BLOCK=block, **_ragged_args(cu_rows, logits.shape[0]), num_warps=4,
         enable_fp_fusion=False)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device
+from ._common import next_pow2, on_device
 
 from . import verify_chain as vc
 
@@ -90,7 +90,7 @@ def verify_tree(logits, tree_tokens, parents, num_nodes, temperature, top_k, top
             accept_len, accepted_nodes, out_tokens, bonus,
             new_seq_lens if new_seq_lens is not None else dummy, N, V, rp["nsplit"],
             HAS_NN=num_nodes is not None, HAS_SEQ=new_seq_lens is not None,
-            NSPLIT_P2=triton.next_power_of_2(rp["nsplit"]), N_P2=max(2, triton.next_power_of_2(N)),
+            NSPLIT_P2=next_pow2(rp["nsplit"]), N_P2=max(2, next_pow2(N)),
             num_warps=1)
 
 
@@ -113,7 +113,7 @@ def compile_spec(kernel: str, N: int = 64) -> dict:
                    pval_ptr="*fp32", pidx_ptr="*i32", acc_ptr="*i32", nodes_ptr="*i32",
                    out_ptr="*i32", bonus_ptr="*i32", nsl_ptr="*i32", N="i32", V="i32",
                    NSPLIT="i32")
-        const = dict(HAS_NN=True, HAS_SEQ=True, NSPLIT_P2=64, N_P2=triton.next_power_of_2(N))
+        const = dict(HAS_NN=True, HAS_SEQ=True, NSPLIT_P2=64, N_P2=next_pow2(N))
         warps = 1
     else:
         raise ValueError(f"kernel: unknown {kernel!r}")
