@@ -335,7 +335,8 @@ def catalog(arch: int) -> List[tuple]:
 
     block_attention: D 128, Hkv 8, group 4, S 16 with the block's own keys
     (the production tile; the split count only changes the epilogue),
-    bf16 and fp8-e4m3 caches, page 16 and 1. verify_chain: B 1, S 16,
+    bf16 and fp8-e4m3 caches, page 16 and 1, and page 16 with a window of
+    256 (``block_attention.window.*``). verify_chain: B 1, S 16,
     V 151,936 bf16 logits, as verify_chain._launch would launch it, padded
     and ragged (``verify_chain.ragged.*``: flat ``[T, V]`` rows with
     ``cu_rows``), and top-k + top-p in SGLang's joint order
@@ -354,6 +355,15 @@ def catalog(arch: int) -> List[tuple]:
             out.append((f"block_attention.{cache}.page{page}", TritonJob(
                 f"{_TB}.block_attention", "_block_attention_kernel", s["signature"],
                 s["constexprs"], s["num_warps"], s["num_stages"], s["divisibility"], s["options"])))
+    # A sliding window (256, bf16 activations, the block's own keys): the main loop between
+    # the window's edge tiles, and the edge and NaN-mark loops (docs/block_attention.md).
+    for cache in ("bf16", "fp8"):
+        cdt = torch.bfloat16 if cache == "bf16" else torch.float8_e4m3fn
+        s = ba.compile_spec(arch, torch.bfloat16, cdt, S=16, Hq=32, Hkv=8, D=128, page_size=16,
+                            window=256)
+        out.append((f"block_attention.window.{cache}.page16", TritonJob(
+            f"{_TB}.block_attention", "_block_attention_kernel", s["signature"],
+            s["constexprs"], s["num_warps"], s["num_stages"], s["divisibility"], s["options"])))
     # The split merge at B 1, ctx 4k on an H200 (16 splits), 512 rows.
     nsp = ba.plan(arch, SMS[arch], 1, 16, 32, 8, 128, 16, 256, 0)["NUM_SPLITS"]
     out.append(("block_attention.merge", launch_job(

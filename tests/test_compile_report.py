@@ -20,6 +20,7 @@ from microbench import sass
 ARCHS = (90, 100)
 MMA = {90: "wgmma", 100: "tcgen05"}
 ATTN = [f"block_attention.{c}.page{p}" for c in ("bf16", "fp8") for p in (16, 1)]
+ATTN_WINDOW = [f"block_attention.window.{c}.page16" for c in ("bf16", "fp8")]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_cli(tmp_path, capsys):
 
 def test_every_kernel_is_reported(rows):
     names = {k for k, _ in rows}
-    want = set(ATTN) | {"block_attention.merge", "verify_chain.finish", "inject_kv.bf16",
+    want = set(ATTN) | set(ATTN_WINDOW) | {"block_attention.merge", "verify_chain.finish", "inject_kv.bf16",
                         "inject_kv.fp8", "write_kv.bf16", "fuse_target_features.gemm",
                         "fuse_target_features.norm"} | {f"verify_chain.{v}" for v in VERIFY}
     want |= set(TREE_BUDGET) | set(BUILD_TREE_BUDGET)
@@ -181,6 +182,46 @@ def test_attention_kv_loads_16_bytes(rows, name, arch):
 @pytest.mark.parametrize("name", ATTN)
 def test_attention_two_tiles_in_flight(rows, name, arch):
     assert (_main(rows[(name, arch)])["tiles_in_flight"] or 0) >= 2
+
+
+def _attention_launch(name, arch):
+    """(warps, BLOCK_N) of a block_attention row's launch."""
+    import torch
+
+    from dflash_kernels.triton_backend import block_attention as ba
+    cdt = torch.float8_e4m3fn if ".fp8." in name else torch.bfloat16
+    spec = ba.compile_spec(arch, torch.bfloat16, cdt, S=16, Hq=32, Hkv=8, D=128,
+                           page_size=int(name.rsplit("page", 1)[1]),
+                           window=256 if ".window." in name else 0)
+    return spec["num_warps"], spec["constexprs"]["BLOCK_N"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("page", [16, 1])
+def test_attention_fp8_fewer_instructions_per_token(rows, page, arch):
+    # Issue 12: fp8 reads half the bytes per token at no more instructions per token
+    # than bf16 (instructions of the CTA's main loop per cached token).
+    per_token = {}
+    for cache in ("bf16", "fp8"):
+        name = f"block_attention.{cache}.page{page}"
+        warps, block_n = _attention_launch(name, arch)
+        per_token[cache] = _main(rows[(name, arch)])["instructions"] * warps / block_n
+    assert per_token["fp8"] <= per_token["bf16"], per_token
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ATTN_WINDOW)
+def test_attention_window_main_loop_is_the_plain_one(rows, name, arch):
+    # With a window only the edge tiles pay the window test and the NaN rule: the loop
+    # between them is the pipelined main loop of the unwindowed kernel (within 5%), and
+    # the kernel keeps 2 CTAs/SM without spills.
+    r = rows[(name, arch)]
+    assert r["spills"] == 0 and r["ctas_per_sm"] >= 2 and r["mma"] == [MMA[arch]]
+    plain = _main(rows[(name.replace(".window", ""), arch)])
+    piped = [lp for lp in r["loops"] if (lp["tiles_in_flight"] or 0) >= 2
+             and lp["load_kinds"].get("LDGSTS.128", 0) >= 2]
+    assert piped and min(lp["instructions"] for lp in piped) <= 1.05 * plain["instructions"], \
+        [(lp["instructions"], lp["load_kinds"]) for lp in r["loops"]]
 
 
 # ---------------------------------------------------------------- verify_chain
