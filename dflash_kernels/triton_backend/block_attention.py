@@ -103,8 +103,14 @@ def _window_visible(qpos, tok, tok_ok, window):
 
 @triton.jit
 def _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
-               sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE: tl.constexpr, KV_VEC: tl.constexpr):
+               sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE: tl.constexpr, KV_VEC: tl.constexpr,
+               n0=0, end=0, TILE: tl.constexpr = 0):
     """K and V tiles ``[len(tok), D]`` of cached tokens ``tok`` (0 where not ``tok_ok``).
+
+    ``TILE`` = len(tok) > 0 says ``tok = n0 + arange(TILE)``, ``tok_ok = tok <
+    end`` and ``n0 < end``; with ``TILE <= PAGE`` the tile lies in at most two
+    pages, so the block table is read page-granular: two scalar entries (of
+    pages holding in-range tokens) instead of one per token.
 
     ``KV_VEC`` > 1 (host-checked, ``kv_vec``: K and V with the same strides,
     unit last stride, the others and both base pointers multiples of
@@ -115,8 +121,17 @@ def _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, 
     """
     # Page ids only for tokens in range, clamped: garbage entries past the
     # used pages are never followed.
-    page = tl.load(BT + b * sbt_b + (tok // PAGE) * sbt_p, mask=tok_ok, other=0)
-    page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+    if TILE > 0 and TILE <= PAGE:
+        j0 = n0 // PAGE
+        j1 = tl.minimum(n0 + TILE - 1, end - 1) // PAGE
+        p0 = tl.load(BT + b * sbt_b + j0 * sbt_p)
+        p1 = tl.load(BT + b * sbt_b + j1 * sbt_p)
+        p0 = tl.minimum(tl.maximum(p0, 0), num_pages - 1).to(tl.int64)
+        p1 = tl.minimum(tl.maximum(p1, 0), num_pages - 1).to(tl.int64)
+        page = tl.where(tok // PAGE == j0, p0, p1)
+    else:
+        page = tl.load(BT + b * sbt_b + (tok // PAGE) * sbt_p, mask=tok_ok, other=0)
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
     row = (tok % PAGE).to(tl.int64)
     k_row = page * sk_p + row * sk_r + h * sk_h
     if KV_VEC > 1:
@@ -144,7 +159,7 @@ def _context_tile(acc, m_i, l_i, q, qpos, n0, end, window, ctx_scale,
     tok = n0 + tl.arange(0, BLOCK_N)
     tok_ok = tok < end
     k, v = _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
-                      sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, KV_VEC)
+                      sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, KV_VEC, n0, end, BLOCK_N)
     if IS_FP8:
         k = k.to(q.dtype)
         v = v.to(q.dtype)
@@ -165,7 +180,7 @@ def _mark_edge(acc, qpos, lo, hi, end, window, VC, BT, b, h, d64, num_pages,
         tok = n0 + tl.arange(0, BLOCK_N)
         tok_ok = tok < end
         _, v = _gather_kv(VC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sv_p, sv_r, sv_h, sv_d,
-                          sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, KV_VEC)
+                          sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE, KV_VEC, n0, end, BLOCK_N)
         if IS_FP8:
             v = v.to(DTYPE)
         _, bad = _bad_values(v)
