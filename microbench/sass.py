@@ -306,8 +306,9 @@ def _c(v):
     return ("constexpr", v)
 
 
-def _inject_job(op: str, arch: int, cache_dtype) -> TritonJob:
-    """inject_kv / fuse GEMM from the op module's ``compile_spec`` (H 4096, D 128, bf16)."""
+def _inject_job(op: str, arch: int, cache_dtype, split: bool = False) -> TritonJob:
+    """inject_kv / fuse GEMM from the op module's ``compile_spec`` (H 4096, D 128, bf16;
+    ``split``: inject_kv's split-K kernel)."""
     import importlib
 
     import torch
@@ -315,7 +316,7 @@ def _inject_job(op: str, arch: int, cache_dtype) -> TritonJob:
     mod = f"{_TB}.{op}"
     fn = importlib.import_module(mod).compile_spec
     if op == "inject_kv":
-        spec = fn(arch, torch.bfloat16, cache_dtype, D=128)
+        spec = fn(arch, torch.bfloat16, cache_dtype, D=128, split=split)
     else:
         spec = fn(arch, torch.bfloat16)
     return TritonJob(mod, spec["kernel"], spec["signature"], spec["constexprs"], spec["num_warps"],
@@ -425,6 +426,10 @@ def catalog(arch: int) -> List[tuple]:
 
     out.append(("inject_kv.bf16", _inject_job("inject_kv", arch, torch.bfloat16)))
     out.append(("inject_kv.fp8", _inject_job("inject_kv", arch, torch.float8_e4m3fn)))
+    # The split-K kernel (N 16 .. 128 at L 5 on an H200 / B200; docs/inject.md).
+    out.append(("inject_kv.split.bf16", _inject_job("inject_kv", arch, torch.bfloat16, split=True)))
+    out.append(("inject_kv.split.fp8", _inject_job("inject_kv", arch, torch.float8_e4m3fn,
+                                                   split=True)))
     # write_kv: N 16, L 5, Hkv 8, D 128, stacked bf16 caches of 4096 pages of 16.
     L, Hkv, D, page, pages = 5, 8, 128, 16, 4096
     cache_layer = pages * page * Hkv * D

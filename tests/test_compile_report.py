@@ -105,7 +105,7 @@ def test_cli(tmp_path, capsys):
 def test_every_kernel_is_reported(rows):
     names = {k for k, _ in rows}
     want = set(ATTN) | set(ATTN_WINDOW) | {"block_attention.merge", "verify_chain.finish", "inject_kv.bf16",
-                        "inject_kv.fp8", "write_kv.bf16", "fuse_target_features.gemm",
+                        "inject_kv.fp8", "inject_kv.split.bf16", "inject_kv.split.fp8", "write_kv.bf16", "fuse_target_features.gemm",
                         "fuse_target_features.norm"} | {f"verify_chain.{v}" for v in VERIFY}
     want |= set(TREE_BUDGET) | set(BUILD_TREE_BUDGET)
     assert want <= names
@@ -305,7 +305,8 @@ def test_cuda_split_argmax_unrolled(rows, arch):
 # ---------------------------------------------------------------- injection
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", ["inject_kv.bf16", "inject_kv.fp8", "fuse_target_features.gemm"])
+@pytest.mark.parametrize("name", ["inject_kv.bf16", "inject_kv.fp8", "inject_kv.split.bf16",
+                                  "inject_kv.split.fp8", "fuse_target_features.gemm"])
 def test_injection_gemms_pipelined(rows, name, arch):
     r = rows[(name, arch)]
     lp = _main(r)
@@ -315,9 +316,27 @@ def test_injection_gemms_pipelined(rows, name, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_inject_fp8_quantizes_saturating(rows, arch):
-    ptx = Path(rows[("inject_kv.fp8", arch)]["ptx_file"]).read_text()
+@pytest.mark.parametrize("name", ["inject_kv.fp8", "inject_kv.split.fp8"])
+def test_inject_fp8_quantizes_saturating(rows, name, arch):
+    ptx = Path(rows[(name, arch)]["ptx_file"]).read_text()
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx                 # saturating, round-to-nearest-even
+
+
+# Split-K inject_kv (issue 13 item 4): registers of today's compile, 0 spills, 2 CTAs/SM; the
+# last split's CTA finds itself by an acquire-release counter and reads the others' fp32
+# partials past L1.
+INJECT_SPLIT_REGS = {("inject_kv.split.bf16", 90): 165, ("inject_kv.split.fp8", 90): 166,
+                     ("inject_kv.split.bf16", 100): 164, ("inject_kv.split.fp8", 100): 168}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ["inject_kv.split.bf16", "inject_kv.split.fp8"])
+def test_inject_split_budget(rows, name, arch):
+    r = rows[(name, arch)]
+    assert r["spills"] == 0 and r["ctas_per_sm"] >= 2, r
+    assert r["registers"] <= INJECT_SPLIT_REGS[(name, arch)], r["registers"]
+    ptx = Path(r["ptx_file"]).read_text()
+    assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
 
 
 @pytest.mark.parametrize("arch", ARCHS)
