@@ -98,39 +98,41 @@ def _cuobjdump(*args):
                           check=True).stdout
 
 
-def _resources(path, arch=None):
-    """{(arch, mangled name): (REG, STACK, SHARED, LOCAL)} from cuobjdump (a
-    bare cubin names no arch: ``arch``)."""
-    rows, name = {}, None
-    for line in _cuobjdump("--dump-resource-usage", path).splitlines():
+def _per_function(args, path, arch, header, on_line):
+    """Walk cuobjdump's output section by section: ``arch = sm_..`` lines set
+    the arch (a bare cubin names none: ``arch``), ``header`` (a regex with the
+    mangled name as group 1) starts a function, and ``on_line(rows, key,
+    line)`` reads each line under it. Returns ``rows``."""
+    rows, key = {}, None
+    for line in _cuobjdump(*args, path).splitlines():
         m = re.match(r"\s*arch = (sm_\w+)", line)
         if m:
             arch = m.group(1)
-        m = re.match(r"\s*Function (\S+):", line)
+        m = re.match(header, line)
         if m:
-            name = m.group(1)
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
-        if m and name:
-            rows[(arch, name)] = tuple(map(int, m.groups()))
-            name = None
+            key = (arch, m.group(1))
+        elif key:
+            on_line(rows, key, line)
     return rows
+
+
+def _resources(path, arch=None):
+    """{(arch, mangled name): (REG, STACK, SHARED, LOCAL)} from cuobjdump."""
+    def read(rows, key, line):
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if m and key not in rows:
+            rows[key] = tuple(map(int, m.groups()))
+    return _per_function(["--dump-resource-usage"], path, arch, r"\s*Function (\S+):", read)
 
 
 def _spill_code(path, arch=None):
     """{(arch, mangled name): number of LDL / STL (local-memory loads and stores:
-    the spill code) in its SASS} from cuobjdump (a bare cubin names no arch: ``arch``)."""
-    rows, key = {}, None
-    for line in _cuobjdump("-sass", path).splitlines():
-        m = re.match(r"\s*arch = (sm_\w+)", line)
-        if m:
-            arch = m.group(1)
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            key = (arch, m.group(1))
-            rows[key] = 0
-        elif key and re.search(r"\b(LDL|STL)(\.\w+)*\s", line):
+    the spill code) in its SASS} from cuobjdump."""
+    def read(rows, key, line):
+        rows.setdefault(key, 0)
+        if re.search(r"\b(LDL|STL)(\.\w+)*\s", line):
             rows[key] += 1
-    return rows
+    return _per_function(["-sass"], path, arch, r"\s*Function : (\S+)", read)
 
 
 # ---------------------------------------------------------------- compilation
