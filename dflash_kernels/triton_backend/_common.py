@@ -27,6 +27,22 @@ def next_pow2(n: int) -> int:
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
+def wave_split(programs: int, sms: int, tiles: int, fill: int, partial: int,
+               max_splits: int) -> int:
+    """The split count ``s`` in ``[1, max_splits]`` that minimises the busiest
+    SM's work in tile-times, fewest splits on ties: ``programs * s`` programs
+    go round-robin over ``sms`` SMs and share an SM's bandwidth, each streams
+    ``cdiv(tiles, s)`` tiles plus ``fill`` (pipeline fill) plus ``partial``
+    when split (its partial written and read back). The bandwidth-bound
+    kernels' split model (block_attention's context, inject_kv's K)."""
+    best, best_cost = 1, None
+    for s in range(1, max(1, max_splits) + 1):
+        cost = cdiv(programs * s, sms) * (cdiv(tiles, s) + fill + (partial if s > 1 else 0))
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
 @functools.lru_cache(maxsize=None)
 def arch(device: torch.device) -> Optional[int]:
     """Compute capability as ``10 * major + minor`` (90 for sm_90), None for CPU

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import arch, cdiv, next_pow2, num_sms, on_device, TL_DTYPES
+from ._common import arch, cdiv, next_pow2, num_sms, on_device, TL_DTYPES, wave_split
 
 _LOG2E = 1.4426950408889634
 
@@ -334,8 +334,7 @@ def _block_attention_kernel(
                 b_scale = ctx_scale
             visible = j_ok[None, :]
             if HAS_WINDOW:
-                dist = s_idx[:, None] - j[None, :]
-                visible = visible & (dist < window) & (dist > -window)
+                visible = _window_visible(s_idx, j, j_ok, window)
             if MASK_MODE == 1:
                 visible = visible & (j[None, :] <= s_idx[:, None])
             if MASK_MODE == 2:
@@ -481,14 +480,8 @@ def num_splits_for(sms: Optional[int], B: int, Hkv: int, m_blocks: int, span: in
     tiles = cdiv(max(span, 0), block_n)
     if sms is None:
         return max(1, min(CPU_SPLITS, tiles))
-    base = max(B * Hkv * m_blocks, 1)
-    best, best_cost = 1, None
-    for s in range(1, max(1, min(tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS)) + 1):
-        extra = SPLIT_FILL_TILES + (SPLIT_PARTIAL_TILES if s > 1 else 0)
-        cost = cdiv(base * s, sms) * (cdiv(tiles, s) + extra)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = s, cost
-    return best
+    return wave_split(max(B * Hkv * m_blocks, 1), sms, tiles, SPLIT_FILL_TILES,
+                      SPLIT_PARTIAL_TILES, min(tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
 
 
 @functools.lru_cache(maxsize=4096)

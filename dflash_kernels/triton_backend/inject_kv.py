@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TL_DTYPES, arch, arch_family, cdiv, num_sms, on_device
+from ._common import TL_DTYPES, arch, arch_family, cdiv, num_sms, on_device, wave_split
 from ._common import compile_spec as _spec
 from ._kv_epilogue import (bounds_args, cache_kernel_args, check_caches, epilogue, fp8_args,
                            head_columns, knorm_args, program_rows)
@@ -41,6 +41,16 @@ CONFIGS = {
     ("default", 64): (32, 64, 4, 3), ("default", 128): (32, 64, 4, 3), ("default", 256): (32, 32, 8, 2),
     ("interp", 64): (16, 32, 4, 1), ("interp", 128): (16, 32, 4, 1), ("interp", 256): (16, 32, 4, 1),
 }
+
+
+@triton.jit
+def _k_tile(acc_a, acc_b, h_rows, wa_ptr, wb_ptr, row_in, k, k_end):
+    """One K tile of both half-head GEMMs: columns ``k`` below ``k_end``."""
+    k_in = k < k_end
+    x = tl.load(h_rows + k[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0)
+    wa = tl.load(wa_ptr + k[:, None], mask=k_in[:, None], other=0.0)
+    wb = tl.load(wb_ptr + k[:, None], mask=k_in[:, None], other=0.0)
+    return tl.dot(x, wa, acc_a), tl.dot(x, wb, acc_b)
 
 
 @triton.jit
@@ -83,22 +93,12 @@ def _inject_kv_kernel(
         wa_ptr += k_lo
         wb_ptr += k_lo
         for kt in range(0, tl.cdiv(k_len, BLOCK_K)):
-            k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_in = k < k_len
-            x = tl.load(h_rows + k[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0)
-            wa = tl.load(wa_ptr + k[:, None], mask=k_in[:, None], other=0.0)
-            wb = tl.load(wb_ptr + k[:, None], mask=k_in[:, None], other=0.0)
-            acc_a = tl.dot(x, wa, acc_a)
-            acc_b = tl.dot(x, wb, acc_b)
+            acc_a, acc_b = _k_tile(acc_a, acc_b, h_rows, wa_ptr, wb_ptr, row_in,
+                                   kt * BLOCK_K + tl.arange(0, BLOCK_K), k_len)
     else:
         for k0 in range(0, H, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_in = k < H
-            x = tl.load(h_rows + k[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0)
-            wa = tl.load(wa_ptr + k[:, None], mask=k_in[:, None], other=0.0)
-            wb = tl.load(wb_ptr + k[:, None], mask=k_in[:, None], other=0.0)
-            acc_a = tl.dot(x, wa, acc_a)
-            acc_b = tl.dot(x, wb, acc_b)
+            acc_a, acc_b = _k_tile(acc_a, acc_b, h_rows, wa_ptr, wb_ptr, row_in,
+                                   k0 + tl.arange(0, BLOCK_K), H)
 
     if SPLIT:
         # ws [P, S, N, D] fp32, P = L * 2 * Hkv (grid axis 1): A in [0, D/2), B after.
@@ -181,13 +181,8 @@ def num_splits_for(sms: Optional[int], tiles: int, k_tiles: int, rows: int, D: i
     sms = sms or CPU_SMS
     if tiles >= CTAS_PER_SM.get(D, 1) * sms:
         return 1
-    partial = cdiv(4 * rows, block_k)
-    best, best_cost = 1, None
-    for s in range(1, max(1, min(k_tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS)) + 1):
-        cost = cdiv(tiles * s, sms) * (cdiv(k_tiles, s) + FILL_TILES + (partial if s > 1 else 0))
-        if best_cost is None or cost < best_cost:
-            best, best_cost = s, cost
-    return best
+    return wave_split(tiles, sms, k_tiles, FILL_TILES, cdiv(4 * rows, block_k),
+                      min(k_tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
 
 
 @functools.lru_cache(maxsize=4096)
