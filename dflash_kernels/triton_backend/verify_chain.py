@@ -124,8 +124,21 @@ def _columns(x):
 
 
 @triton.jit
-def _count_one(acc, s, live, c2):
-    return acc + ((s[None, :] >= c2) & live[None, :]).to(tl.int32)
+def _add_columns(acc, s, w, c2):
+    """``acc [K, R] += w`` where ``s >= c2`` for each of the tile's 8 columns
+    ``s, w [8, R]`` (:func:`_columns`), one element after the other in element
+    order: every candidate adds the same terms in the same order."""
+    s0, s1, s2, s3, s4, s5, s6, s7 = _columns(s)
+    w0, w1, w2, w3, w4, w5, w6, w7 = _columns(w)
+    acc += tl.where(s0[None, :] >= c2, w0[None, :], 0)
+    acc += tl.where(s1[None, :] >= c2, w1[None, :], 0)
+    acc += tl.where(s2[None, :] >= c2, w2[None, :], 0)
+    acc += tl.where(s3[None, :] >= c2, w3[None, :], 0)
+    acc += tl.where(s4[None, :] >= c2, w4[None, :], 0)
+    acc += tl.where(s5[None, :] >= c2, w5[None, :], 0)
+    acc += tl.where(s6[None, :] >= c2, w6[None, :], 0)
+    acc += tl.where(s7[None, :] >= c2, w7[None, :], 0)
+    return acc
 
 
 @triton.jit
@@ -142,22 +155,8 @@ def _kway_count(row_ptr, V, inv_t, cand, K: tl.constexpr, BLOCK: tl.constexpr):
         offs = _search_tile(off, BLOCK)
         s = _load_scaled(row_ptr, offs, V, inv_t)
         mx = tl.maximum(mx, tl.max(s, axis=0))
-        s0, s1, s2, s3, s4, s5, s6, s7 = _columns(s)
-        v0, v1, v2, v3, v4, v5, v6, v7 = _columns(offs < V)
-        acc = _count_one(acc, s0, v0, c2)
-        acc = _count_one(acc, s1, v1, c2)
-        acc = _count_one(acc, s2, v2, c2)
-        acc = _count_one(acc, s3, v3, c2)
-        acc = _count_one(acc, s4, v4, c2)
-        acc = _count_one(acc, s5, v5, c2)
-        acc = _count_one(acc, s6, v6, c2)
-        acc = _count_one(acc, s7, v7, c2)
+        acc = _add_columns(acc, s, (offs < V).to(tl.int32), c2)
     return tl.sum(acc, axis=1), tl.max(mx, axis=0)
-
-
-@triton.jit
-def _mass_one(acc, s, e, c2):
-    return acc + tl.where(s[None, :] >= c2, e[None, :], 0.0)
 
 
 @triton.jit
@@ -177,17 +176,10 @@ def _kway_mass(row_ptr, V, inv_t, cand, m, K: tl.constexpr, BLOCK: tl.constexpr,
     for off in range(0, V, BLOCK):
         offs = _search_tile(off, BLOCK)
         s = _load_scaled(row_ptr, offs, V, inv_t)      # lanes past V: -inf, e = 0
-        s0, s1, s2, s3, s4, s5, s6, s7 = _columns(s)
-        e0, e1, e2, e3, e4, e5, e6, e7 = _columns(tl.exp(s - m))
-        acc = _mass_one(acc, s0, e0, c2)
-        acc = _mass_one(acc, s1, e1, c2)
-        acc = _mass_one(acc, s2, e2, c2)
-        acc = _mass_one(acc, s3, e3, c2)
-        acc = _mass_one(acc, s4, e4, c2)
-        acc = _mass_one(acc, s5, e5, c2)
-        acc = _mass_one(acc, s6, e6, c2)
-        acc = _mass_one(acc, s7, e7, c2)
+        e = tl.exp(s - m)
+        acc = _add_columns(acc, s, e, c2)
         if FULL:
+            e0, e1, e2, e3, e4, e5, e6, e7 = _columns(e)
             full = full + e0 + e1 + e2 + e3 + e4 + e5 + e6 + e7
     return tl.sum(acc, axis=1), tl.sum(full, axis=0)
 
