@@ -90,11 +90,20 @@ def normalize_scale(name, scale, cache, device):
         check_tensor(name, scale, dtypes=(torch.float32,), device=device)
         if scale.numel() != 1:
             raise ValueError(f"{name}: expected a 1-element tensor, got shape {list(scale.shape)}")
-        return scale.reshape(1)
+        return scale_tensor(scale, device)
     if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        scale = check_float(name, scale, positive=True)
-        return torch.full((1,), scale, dtype=torch.float32, device=device)
+        return scale_tensor(check_float(name, scale, positive=True), device)
     raise ValueError(f"{name}: expected a float or a 1-element fp32 tensor, got {type(scale).__name__}")
+
+
+def scale_tensor(scale, device):
+    """The kernels' form of a scale :func:`normalize_scale` accepted: None, or a
+    1-element fp32 tensor (a float becomes one with ``torch.full``, a device fill)."""
+    if scale is None:
+        return None
+    if isinstance(scale, torch.Tensor):
+        return scale.reshape(1)
+    return torch.full((1,), float(scale), dtype=torch.float32, device=device)
 
 
 def check_int(name, value, *, minimum=None):

@@ -23,7 +23,7 @@ import torch.autograd.profiler as _profiler
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import _registry, _schema
+from . import _fastpath, _registry, _schema
 from ._dtypes import ACT_DTYPES
 from ._validation import (
     check_cache_dtype,
@@ -34,6 +34,7 @@ from ._validation import (
     check_tensor,
     check_vector,
     normalize_scale,
+    scale_tensor,
 )
 
 __all__ = [
@@ -174,6 +175,45 @@ def block_attention(
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse``.
     """
+    items = (q, k_cache, v_cache, block_table, context_lens, k_block, v_block, sm_scale, window,
+             k_scale, v_scale, out, return_lse, lse_out, block_mask)
+    fast = _fastpath.validate(_FAST_BLOCK_ATTENTION, _WRITTEN_BLOCK_ATTENTION, items,
+                              _check_block_attention)
+    dev = q.device
+    B, S, Hq, D = q.shape
+    sm_scale = D ** -0.5 if sm_scale is None else float(sm_scale)
+    window = 0 if window is None else int(window)
+    if window >= block_table.shape[1] * k_cache.shape[1] + S:
+        # Wider than any query and key can be apart: no window (and an int
+        # that fits the kernels' arguments whatever the caller passed).
+        window = 0
+    k_scale = scale_tensor(k_scale, dev)
+    v_scale = scale_tensor(v_scale, dev)
+    causal = isinstance(block_mask, str) and block_mask == "causal"
+    mask_bits = block_mask if isinstance(block_mask, torch.Tensor) else None
+    if out is None:
+        out = _fastpath.empty(q, _fastpath.KIND_LIKE, (B, S, Hq, D))[0]
+    lse = None
+    if return_lse:
+        lse = lse_out if lse_out is not None else (
+            _fastpath.empty(q, _fastpath.KIND_FLOAT32, (B, S, Hq))[0])
+    if out.numel() == 0:
+        return (out, lse) if return_lse else out
+    if fast is not True:
+        block_table, context_lens, mask_bits = _dense(block_table, context_lens, mask_bits)
+    _run("block_attention", dev.type, backend, q, k_cache, v_cache, block_table, context_lens,
+         k_block, v_block, sm_scale, window, k_scale, v_scale, out, lse, causal, mask_bits)
+    return (out, lse) if return_lse else out
+
+
+_FAST_BLOCK_ATTENTION = _fastpath.OPS["block_attention"]
+_WRITTEN_BLOCK_ATTENTION = _fastpath.written_mask(11, 13)  # out, lse_out
+
+
+def _check_block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
+                           sm_scale, window, k_scale, v_scale, out, return_lse, lse_out,
+                           block_mask) -> None:
+    """block_attention's contract: a ValueError naming the argument, else nothing."""
     check_tensor("q", q, ndim=4, dtypes=ACT_DTYPES, last_contiguous=True)
     dev = q.device
     B, S, Hq, D = q.shape
@@ -200,41 +240,27 @@ def block_attention(
                      last_contiguous=True)
         check_tensor("v_block", v_block, dtypes=(q.dtype,), device=dev, shape=(B, S, Hkv, D),
                      last_contiguous=True)
-    sm_scale = D ** -0.5 if sm_scale is None else check_float("sm_scale", sm_scale, positive=True)
-    window = 0 if window is None else check_int("window", window, minimum=1)
-    if window >= block_table.shape[1] * k_cache.shape[1] + S:
-        # Wider than any query and key can be apart: no window (and an int
-        # that fits the kernels' arguments whatever the caller passed).
-        window = 0
+    if sm_scale is not None:
+        check_float("sm_scale", sm_scale, positive=True)
+    if window is not None:
+        check_int("window", window, minimum=1)
     k_scale = normalize_scale("k_scale", k_scale, k_cache, dev)
     v_scale = normalize_scale("v_scale", v_scale, v_cache, dev)
     causal, mask_bits = _block_mask(block_mask, B, S, dev)
-    given_out = out is not None or lse_out is not None
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    else:
+    if out is not None:
         check_tensor("out", out, dtypes=(q.dtype,), device=dev, shape=(B, S, Hq, D), contiguous=True)
-    lse = None
     if return_lse:
-        if lse_out is None:
-            lse = torch.empty((B, S, Hq), dtype=torch.float32, device=dev)
-        else:
-            lse = check_tensor("lse_out", lse_out, dtypes=(torch.float32,), device=dev,
-                               shape=(B, S, Hq), contiguous=True)
+        if lse_out is not None:
+            check_tensor("lse_out", lse_out, dtypes=(torch.float32,), device=dev,
+                         shape=(B, S, Hq), contiguous=True)
     elif lse_out is not None:
         raise ValueError("lse_out: only valid with return_lse=True")
-    if given_out:
-        check_no_overlap((("out", out), ("lse_out", lse)),
+    if out is not None or lse_out is not None:
+        check_no_overlap((("out", out), ("lse_out", lse_out)),
                          (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
                           ("block_table", block_table), ("context_lens", context_lens),
                           ("k_block", k_block), ("v_block", v_block), ("k_scale", k_scale),
                           ("v_scale", v_scale), ("block_mask", mask_bits)))
-    if out.numel() == 0:
-        return (out, lse) if return_lse else out
-    block_table, context_lens, mask_bits = _dense(block_table, context_lens, mask_bits)
-    _run("block_attention", dev.type, backend, q, k_cache, v_cache, block_table, context_lens,
-         k_block, v_block, sm_scale, window, k_scale, v_scale, out, lse, causal, mask_bits)
-    return (out, lse) if return_lse else out
 
 
 def _block_mask(block_mask, B, S, dev):
@@ -272,6 +298,24 @@ def fuse_target_features(
     Returns:
         ``[N, H]`` in the features' dtype.
     """
+    items = (features, fc_weight, norm_weight, eps, out)
+    _fastpath.validate(_FAST_FUSE, _WRITTEN_FUSE, items, _check_fuse_target_features)
+    parts = [features] if isinstance(features, torch.Tensor) else list(features)
+    if out is None:
+        out = _fastpath.empty(parts[0], _fastpath.KIND_LIKE, (parts[0].shape[0], fc_weight.shape[0]))[0]
+    if out.numel() == 0:
+        return out
+    _run("fuse_target_features", out.device.type, backend, parts, fc_weight, norm_weight,
+         float(eps), out)
+    return out
+
+
+_FAST_FUSE = _fastpath.OPS["fuse_target_features"]
+_WRITTEN_FUSE = _fastpath.written_mask(4)  # out
+
+
+def _check_fuse_target_features(features, fc_weight, norm_weight, eps, out) -> None:
+    """fuse_target_features' contract: a ValueError naming the argument, else nothing."""
     if isinstance(features, torch.Tensor):
         check_tensor("features", features, ndim=2, dtypes=ACT_DTYPES, last_contiguous=True)
         parts = [features]
@@ -291,18 +335,12 @@ def fuse_target_features(
                          f"got shape {list(fc_weight.shape)}")
     H = fc_weight.shape[0]
     check_tensor("norm_weight", norm_weight, dtypes=FLOAT_DTYPES, device=dev, shape=(H,))
-    eps = check_float("eps", eps, positive=True)
-    if out is None:
-        out = torch.empty((N, H), dtype=dtype, device=dev)
-    else:
+    check_float("eps", eps, positive=True)
+    if out is not None:
         check_tensor("out", out, dtypes=(dtype,), device=dev, shape=(N, H), contiguous=True)
         check_no_overlap((("out", out),),
                          [(f"features[{i}]", p) for i, p in enumerate(parts)]
                          + [("fc_weight", fc_weight), ("norm_weight", norm_weight)])
-    if out.numel() == 0:
-        return out
-    _run("fuse_target_features", dev.type, backend, parts, fc_weight, norm_weight, eps, out)
-    return out
 
 
 # --------------------------------------------------------------------------
@@ -424,6 +462,37 @@ def inject_kv(
 
     The caches are written in place; nothing is returned.
     """
+    items = (hidden, kv_weight, k_norm_weight, positions, slot_mapping, k_cache, v_cache,
+             cos_sin_cache, kv_bias, eps, rope_style, rotary_dim, k_scale, v_scale)
+    fast = _fastpath.validate(_FAST_INJECT_KV, _WRITTEN_KV, items, _check_inject_kv)
+    if hidden.shape[0] == 0:
+        return
+    k_caches, v_caches, rotary_dim, k_scale, v_scale = _kv_prepare(
+        hidden.device, k_cache, v_cache, rotary_dim, k_scale, v_scale)
+    if fast is not True:
+        positions, slot_mapping, cos_sin_cache = _dense(positions, slot_mapping, cos_sin_cache)
+    _run("inject_kv", hidden.device.type, backend, hidden, kv_weight, kv_bias, k_norm_weight,
+         positions, slot_mapping, k_caches, v_caches, cos_sin_cache, float(eps),
+         rope_style == "neox", rotary_dim, k_scale, v_scale)
+
+
+_FAST_INJECT_KV = _fastpath.OPS["inject_kv"]
+_FAST_WRITE_KV = _fastpath.OPS["write_kv"]
+_WRITTEN_KV = _fastpath.written_mask(5, 6)  # k_cache, v_cache (both ops)
+
+
+def _kv_prepare(dev, k_cache, v_cache, rotary_dim, k_scale, v_scale):
+    """The backends' form of validated inject_kv / write_kv arguments: per-layer
+    cache lists, the rotary dim, scale tensors."""
+    k_caches = list(k_cache.unbind(0)) if isinstance(k_cache, torch.Tensor) else list(k_cache)
+    v_caches = list(v_cache.unbind(0)) if isinstance(v_cache, torch.Tensor) else list(v_cache)
+    rotary_dim = k_caches[0].shape[3] if rotary_dim is None else int(rotary_dim)
+    return k_caches, v_caches, rotary_dim, scale_tensor(k_scale, dev), scale_tensor(v_scale, dev)
+
+
+def _check_inject_kv(hidden, kv_weight, k_norm_weight, positions, slot_mapping, k_cache, v_cache,
+                     cos_sin_cache, kv_bias, eps, rope_style, rotary_dim, k_scale, v_scale) -> None:
+    """inject_kv's contract: a ValueError naming the argument, else nothing."""
     check_tensor("hidden", hidden, ndim=2, dtypes=ACT_DTYPES, last_contiguous=True)
     dev, (N, H) = hidden.device, hidden.shape
     check_tensor("kv_weight", kv_weight, ndim=4, dtypes=(hidden.dtype,), device=dev,
@@ -442,12 +511,6 @@ def inject_kv(
     if kv_bias is not None:
         check_tensor("kv_bias", kv_bias, dtypes=FLOAT_DTYPES, device=dev, shape=(L, 2, Hkv * D))
     _check_cache_overlap(k_cache, v_cache, reads)
-    if N == 0:
-        return
-    positions, slot_mapping, cos_sin_cache = _dense(positions, slot_mapping, cos_sin_cache)
-    _run("inject_kv", dev.type, backend, hidden, kv_weight, kv_bias, k_norm_weight, positions,
-         slot_mapping, k_caches, v_caches, cos_sin_cache, eps, rope_style == "neox", rotary_dim,
-         k_scale, v_scale)
 
 
 def write_kv(
@@ -461,6 +524,23 @@ def write_kv(
         k, v: ``[N, L, Hkv, D]`` fp16/bf16 projected keys and values.
         Everything else as in :func:`inject_kv`.
     """
+    items = (k, v, k_norm_weight, positions, slot_mapping, k_cache, v_cache, cos_sin_cache, eps,
+             rope_style, rotary_dim, k_scale, v_scale)
+    fast = _fastpath.validate(_FAST_WRITE_KV, _WRITTEN_KV, items, _check_write_kv)
+    if k.shape[0] == 0:
+        return
+    k_caches, v_caches, rotary_dim, k_scale, v_scale = _kv_prepare(
+        k.device, k_cache, v_cache, rotary_dim, k_scale, v_scale)
+    if fast is not True:
+        positions, slot_mapping, cos_sin_cache = _dense(positions, slot_mapping, cos_sin_cache)
+    _run("write_kv", k.device.type, backend, k, v, k_norm_weight, positions, slot_mapping,
+         k_caches, v_caches, cos_sin_cache, float(eps), rope_style == "neox", rotary_dim, k_scale,
+         v_scale)
+
+
+def _check_write_kv(k, v, k_norm_weight, positions, slot_mapping, k_cache, v_cache, cos_sin_cache,
+                    eps, rope_style, rotary_dim, k_scale, v_scale) -> None:
+    """write_kv's contract: a ValueError naming the argument, else nothing."""
     check_tensor("k", k, ndim=4, dtypes=ACT_DTYPES, last_contiguous=True)
     dev, (N, L, Hkv, D) = k.device, k.shape
     check_tensor("v", v, dtypes=(k.dtype,), device=dev, shape=(N, L, Hkv, D), last_contiguous=True)
@@ -469,11 +549,6 @@ def write_kv(
         k_cache, v_cache, cos_sin_cache, rope_style, rotary_dim, k_scale, v_scale, eps,
         (("k", k), ("v", v)))
     _check_cache_overlap(k_cache, v_cache, reads)
-    if N == 0:
-        return
-    positions, slot_mapping, cos_sin_cache = _dense(positions, slot_mapping, cos_sin_cache)
-    _run("write_kv", dev.type, backend, k, v, k_norm_weight, positions, slot_mapping, k_caches,
-         v_caches, cos_sin_cache, eps, rope_style == "neox", rotary_dim, k_scale, v_scale)
 
 
 def _heads_view(name, x, lead):
@@ -680,6 +755,69 @@ def verify_chain(
     Returns:
         :class:`VerifyOutput`. The noise scheme is in docs/DESIGN.md.
     """
+    fast = _fastpath.validate(
+        _FAST_VERIFY_CHAIN, _WRITTEN_VERIFY_CHAIN,
+        (logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
+         draft_probs, seq_lens, out, backend, tp_group, vocab_start, vocab_size, cu_rows, max_rows,
+         filter_order), _check_verify_chain)
+    ragged = cu_rows is not None
+    dev = block_tokens.device
+    if ragged:
+        B, S = cu_rows.shape[0] - 1, max_rows
+    else:
+        B, S = block_tokens.shape
+        if logits.dim() == 2:
+            logits = logits.view(B, S, logits.shape[1])
+    if num_drafts is None:
+        num_drafts = _all_drafts(B, S, dev)
+    if out is None:
+        if seq_lens is None:
+            accept_len, out_tokens, bonus = _fastpath.empty(
+                block_tokens, _fastpath.KIND_INT32, (B,), (B, S), (B,))
+            new_seq_lens = None
+        else:
+            accept_len, out_tokens, bonus, new_seq_lens = _fastpath.empty(
+                block_tokens, _fastpath.KIND_INT32, (B,), (B, S), (B,), (B,))
+    else:
+        accept_len, out_tokens, bonus, new_seq_lens = out
+        if seq_lens is None:
+            new_seq_lens = None
+    if B == 0:
+        return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
+    if fast is not True:
+        block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens, cu_rows = (
+            _dense(block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens,
+                   cu_rows))
+    # "joint" goes to the backends only where it differs from "sequential" (both filters
+    # given): the registry then routes around backends that lack it.
+    joint = "joint" if filter_order == "joint" and top_k is not None and top_p is not None else None
+    if tp_group is not None:
+        if ragged:
+            # The shard protocol works on [B, S] rows: one gather of this rank's shard.
+            from .reference.verify_chain import padded_from_ragged
+            logits, block_tokens, num_drafts, draft_probs = padded_from_ragged(
+                cu_rows, S, logits, block_tokens, num_drafts, draft_probs)
+        # Collectives cannot run inside the custom op: the shard protocol calls them itself.
+        from .vocab_parallel import verify_chain_tp
+        verify_chain_tp(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
+                        positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
+                        new_seq_lens, group=tp_group, vocab_start=vocab_start,
+                        vocab_size=vocab_size, joint=joint is not None)
+        return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
+    _run("verify_chain", dev.type, backend, logits, block_tokens, num_drafts, temperature, top_k,
+         top_p, seeds, positions, draft_probs, seq_lens, cu_rows, joint, accept_len, out_tokens,
+         bonus, new_seq_lens)
+    return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
+
+
+_FAST_VERIFY_CHAIN = _fastpath.OPS["verify_chain"]
+_WRITTEN_VERIFY_CHAIN = _fastpath.written_mask(10)  # out
+
+
+def _check_verify_chain(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
+                        positions, draft_probs, seq_lens, out, backend, tp_group, vocab_start,
+                        vocab_size, cu_rows, max_rows, filter_order) -> None:
+    """verify_chain's contract: a ValueError naming the argument, else nothing."""
     ragged = cu_rows is not None
     if ragged:
         B, S = _check_ragged(logits, block_tokens, cu_rows, max_rows, num_drafts)
@@ -702,9 +840,7 @@ def verify_chain(
         check_tp_args(vocab_start, vocab_size, V, backend)
     elif vocab_start != 0 or vocab_size is not None:
         raise ValueError("vocab_start, vocab_size: only used with tp_group")
-    if num_drafts is None:
-        num_drafts = _all_drafts(B, S, dev)
-    else:
+    if num_drafts is not None:
         check_vector("num_drafts", num_drafts, torch.int32, B, dev)
     if temperature is None and draft_probs is not None:
         raise ValueError("draft_probs: only used with temperature; pass temperature (<= 0 for greedy rows)")
@@ -714,13 +850,7 @@ def verify_chain(
                      shape=tuple(logits.shape) if ragged else (B, S - 1, V), last_contiguous=True)
     if seq_lens is not None:
         check_vector("seq_lens", seq_lens, torch.int32, B, dev)
-    if out is None:
-        # (Views of one buffer cost as much host time as separate empties.)
-        accept_len = torch.empty((B,), dtype=torch.int32, device=dev)
-        out_tokens = torch.empty((B, S), dtype=torch.int32, device=dev)
-        bonus = torch.empty((B,), dtype=torch.int32, device=dev)
-        new_seq_lens = None if seq_lens is None else torch.empty((B,), dtype=torch.int32, device=dev)
-    else:
+    if out is not None:
         if not isinstance(out, (tuple, list)) or len(out) != 4:
             raise ValueError("out: expected a VerifyOutput or a 4-tuple "
                              "(accept_len, out_tokens, bonus, new_seq_lens)")
@@ -742,30 +872,6 @@ def verify_chain(
                           ("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
                           ("positions", positions), ("draft_probs", draft_probs),
                           ("seq_lens", seq_lens), ("cu_rows", cu_rows)))
-    if B == 0:
-        return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
-    block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens, cu_rows = _dense(
-        block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions, seq_lens, cu_rows)
-    # "joint" goes to the backends only where it differs from "sequential" (both filters
-    # given): the registry then routes around backends that lack it.
-    joint = "joint" if filter_order == "joint" and top_k is not None and top_p is not None else None
-    if tp_group is not None:
-        if ragged:
-            # The shard protocol works on [B, S] rows: one gather of this rank's shard.
-            from .reference.verify_chain import padded_from_ragged
-            logits, block_tokens, num_drafts, draft_probs = padded_from_ragged(
-                cu_rows, S, logits, block_tokens, num_drafts, draft_probs)
-        # Collectives cannot run inside the custom op: the shard protocol calls them itself.
-        from .vocab_parallel import verify_chain_tp
-        verify_chain_tp(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds,
-                        positions, draft_probs, seq_lens, accept_len, out_tokens, bonus,
-                        new_seq_lens, group=tp_group, vocab_start=vocab_start,
-                        vocab_size=vocab_size, joint=joint is not None)
-        return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
-    _run("verify_chain", dev.type, backend, logits, block_tokens, num_drafts, temperature, top_k,
-         top_p, seeds, positions, draft_probs, seq_lens, cu_rows, joint, accept_len, out_tokens,
-         bonus, new_seq_lens)
-    return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
 
 
 # --------------------------------------------------------------------------

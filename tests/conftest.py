@@ -4,12 +4,17 @@ Without a GPU, Triton kernels run under the interpreter on CPU tensors; the
 interpreter must be switched on before any kernel module is imported, so it is
 set here, at collection time. The interpreter's bf16 arithmetic and fp32 to
 fp8 rounding are patched (see _interpreter_patches.py) so bf16 and fp8 kernels
-can be tested on CPU too.
+can be tested on CPU too. The host fast path double-checks every call it
+lets through (DFLASH_KERNELS_FASTPATH_VERIFY).
 """
 
 import os
 
-import torch
+# Every call the host fast path lets through also runs the Python checks here, and
+# a ValueError from them fails the test (dflash_kernels/_fastpath.py, VERIFY).
+os.environ.setdefault("DFLASH_KERNELS_FASTPATH_VERIFY", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

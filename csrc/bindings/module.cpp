@@ -1,10 +1,14 @@
 // The importable module dflash_kernels._C: importing it loads the library,
-// which runs the registrations of registration.cpp.
+// which runs the registrations of registration.cpp; it also holds the host
+// fast path of the public ops (fastpath.cpp).
 #include <Python.h>
+
+// The host fast path's functions (fastpath.cpp).
+extern PyMethodDef dflash_fastpath_methods[];
 
 static PyModuleDef dflash_c_module = {PyModuleDef_HEAD_INIT, "_C",
                                       "Compiled CUDA kernels of dflash_kernels (torch.ops.dflash)",
-                                      -1, nullptr};
+                                      -1, dflash_fastpath_methods};
 
 #define DFLASH_STR_(x) #x
 #define DFLASH_STR(x) DFLASH_STR_(x)
