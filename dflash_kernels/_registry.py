@@ -74,7 +74,10 @@ def _getenv(name: str):
 
 
 def _triton_interpreted() -> bool:
-    return (_getenv("TRITON_INTERPRET") or "0") != "0"
+    if isinstance(_ENV_BYTES, dict):
+        value = _ENV_BYTES.get(b"TRITON_INTERPRET")
+        return value is not None and value != b"0" and value != b""
+    return (os.environ.get("TRITON_INTERPRET") or "0") != "0"
 
 
 def _device_reason(backend: str, device_type: str, interpreted: bool) -> str:
@@ -120,7 +123,7 @@ def resolve(op: str, device_type: str, backend: str | None = None,
     take one of them is skipped (automatic choice) or refused (explicit).
     """
     from_env = backend is None
-    requested = _getenv(ENV_VAR) or None if from_env else backend
+    requested = (_getenv(ENV_VAR) or None) if from_env else backend
     return _resolve(op, device_type, requested, from_env, tuple(given), _triton_interpreted())
 
 

@@ -14,7 +14,6 @@ Every public function takes ``backend=None | "reference" | "triton" | "cuda"``.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import List, NamedTuple, Optional, Sequence, Union
 
@@ -100,11 +99,12 @@ def _run(op: str, device_type: str, backend: Optional[str], *args) -> None:
     call the backend directly: the same function the op's kernel calls.
     """
     given = tuple([name for i, name in _OPTIONAL[op] if args[i] is not None])
-    chosen = _resolve(op, device_type, backend, given)
-    if (torch.compiler.is_compiling() or _profiler._is_profiler_enabled
-            or _get_current_dispatch_mode() is not None or torch._C._get_tracing_state() is not None):
-        _OVERLOADS[op](*args, chosen)
-    elif _NVTX:
+    if (_profiler._is_profiler_enabled or _is_compiling() or _get_current_dispatch_mode() is not None
+            or _tracing_state() is not None):
+        _OVERLOADS[op](*args, _resolve(op, device_type, backend, given))
+        return
+    chosen = _registry.resolve(op, device_type, backend, given)
+    if _NVTX:
         torch.cuda.nvtx.range_push(f"dflash::{op} [{chosen}]")
         try:
             _registry.get(op, chosen)(*args)
@@ -115,6 +115,8 @@ def _run(op: str, device_type: str, backend: Optional[str], *args) -> None:
 
 
 _NVTX = (os.environ.get("DFLASH_KERNELS_NVTX") or "0") != "0"
+_is_compiling = torch.compiler.is_compiling
+_tracing_state = torch._C._get_tracing_state
 
 
 def set_nvtx(enabled: bool) -> None:
@@ -482,11 +484,13 @@ _WRITTEN_KV = _fastpath.written_mask(5, 6)  # k_cache, v_cache (both ops)
 
 
 def _kv_prepare(dev, k_cache, v_cache, rotary_dim, k_scale, v_scale):
-    """The backends' form of validated inject_kv / write_kv arguments: per-layer
-    cache lists, the rotary dim, scale tensors."""
-    k_caches = list(k_cache.unbind(0)) if isinstance(k_cache, torch.Tensor) else list(k_cache)
-    v_caches = list(v_cache.unbind(0)) if isinstance(v_cache, torch.Tensor) else list(v_cache)
-    rotary_dim = k_caches[0].shape[3] if rotary_dim is None else int(rotary_dim)
+    """The backends' form of validated inject_kv / write_kv arguments: cache
+    lists, the rotary dim, scale tensors."""
+    # A stacked cache goes to the backends as a list of one 5-D tensor (docs/DESIGN.md,
+    # "The backend interface"): no per-layer views made per call.
+    k_caches = [k_cache] if isinstance(k_cache, torch.Tensor) else list(k_cache)
+    v_caches = [v_cache] if isinstance(v_cache, torch.Tensor) else list(v_cache)
+    rotary_dim = k_caches[0].shape[-1] if rotary_dim is None else int(rotary_dim)
     return k_caches, v_caches, rotary_dim, scale_tensor(k_scale, dev), scale_tensor(v_scale, dev)
 
 
@@ -625,19 +629,25 @@ def norm_rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor, *,
 # verify_chain
 # --------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=64)
-def _all_drafts_cached(B: int, S: int, dev: torch.device) -> Tensor:
-    return torch.full((B,), S - 1, dtype=torch.int32, device=dev)
+_DRAFTS: dict = {}
+_MAX_DRAFTS = 1024
 
 
 def _all_drafts(B: int, S: int, dev: torch.device) -> Tensor:
     """The default ``num_drafts`` (S-1 everywhere). A read-only input, so eager
-    calls share one tensor per shape and device (no fill per call). Never made
-    during graph capture: its fill would only run on replay."""
-    if torch.compiler.is_compiling() or (
-            dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return torch.full((B,), S - 1, dtype=torch.int32, device=dev)
-    return _all_drafts_cached(B, S, dev)
+    calls share one tensor per shape and device (no fill per call), never freed
+    (a captured CUDA graph may hold its address). Never made during graph
+    capture: its fill would only run on replay."""
+    if not _is_compiling():
+        key = (B, S, dev)
+        t = _DRAFTS.get(key)
+        if t is not None:
+            return t
+        if len(_DRAFTS) < _MAX_DRAFTS and not (
+                dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            t = _DRAFTS[key] = torch.full((B,), S - 1, dtype=torch.int32, device=dev)
+            return t
+    return torch.full((B,), S - 1, dtype=torch.int32, device=dev)
 
 
 def _check_row_logits(logits, B, R, dev, letter):

@@ -32,8 +32,10 @@ of its rounds:
   ``public+cuda``: the full stack through the extension (the registry hands
   out ``dflash_kernels.cuda.<op>``, whose ``torch.ops.dflash.<op>_cuda``
   points at the probe during the run). SKIP rows where the probes are absent.
-- ``alloc``, ``resolve``: pieces of the public layer, timed on their own: one
-  ``torch.empty`` per output the public function allocates, and
+- ``alloc``, ``resolve``: pieces of the public layer, timed on their own: the
+  outputs the public function allocates, made as it makes them
+  (``_fastpath.empty``: one extension call per dtype, or ``torch.empty``
+  each without the extension), and
   ``_registry.resolve``. The breakdown's ``validation (derived)`` is
   ``public - alloc - resolve``.
 - ``dispatch``: the ``torch.ops.dflash.<op>`` OpOverload call with the no-op
@@ -421,7 +423,7 @@ def build_cases() -> List[Case]:
     Call it under :func:`_fake_triton_driver` (the Triton rows need it)."""
     import torch
 
-    from dflash_kernels import _registry
+    from dflash_kernels import _fastpath, _registry
 
     cases: List[Case] = []
     triton_reason = _triton_unavailable_reason()
@@ -460,12 +462,20 @@ def build_cases() -> List[Case]:
                           lambda packet=packet, bargs=bargs, b=backend_name: packet(*bargs, b),
                           {op: _noop}))
         allocs = _allocated_outputs(op, bargs, args, kwargs)
+        kinds = {torch.int32: _fastpath.KIND_INT32, torch.float32: _fastpath.KIND_FLOAT32}
+        # As the public op allocates: one _fastpath.empty call per output dtype.
+        groups: Dict[torch.dtype, list] = {}
+        for shape, dtype in allocs:
+            groups.setdefault(dtype, []).append(shape)
+        groups = [(torch.empty(0, dtype=dtype), kinds.get(dtype, _fastpath.KIND_LIKE), shapes)
+                  for dtype, shapes in groups.items()]
 
-        def alloc(allocs=allocs):
-            for shape, dtype in allocs:
-                torch.empty(shape, dtype=dtype)
+        def alloc(groups=groups):
+            for like, kind, shapes in groups:
+                _fastpath.empty(like, kind, *shapes)
 
-        cases.append(Case("alloc", op, mode, f"torch.empty x{len(allocs)} (the outputs it allocates)",
+        cases.append(Case("alloc", op, mode,
+                          f"{len(allocs)} outputs, _fastpath.empty (what the public op allocates)",
                           alloc))
         cases.append(Case("resolve", op, mode, "_registry.resolve",
                           lambda op=op: _registry.resolve(op, "cpu", None)))

@@ -156,6 +156,8 @@ def test_public_call_passes_the_given_optionals(monkeypatch):
         seen[op] = given
         return "reference"
 
+    # Eager calls ask the registry; traced ones the constant-folded ops._resolve.
+    monkeypatch.setattr(_registry, "resolve", spy_resolve)
     monkeypatch.setattr(ops, "_resolve", spy_resolve)
     B, S, V = 2, 3, 11
     logits = torch.randn(B, S, V)

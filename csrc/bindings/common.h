@@ -57,11 +57,27 @@ inline TensorDesc describe(const Tensor& t) {
 
 inline TensorDesc describe(const OptTensor& t) { return t.has_value() ? describe(*t) : TensorDesc{}; }
 
-// A Tensor[] argument as the host path's cache list.
+// A Tensor[] argument as the host path's cache list: L per-layer caches, or a
+// list of one stacked [L, P, page, Hkv, D] cache, whose layer l is described
+// without making a view (the public op passes stacked caches so).
 struct TensorListDescs {
   at::TensorList list;
-  int64_t size() const { return static_cast<int64_t>(list.size()); }
-  TensorDesc operator[](int64_t i) const { return describe(list[i]); }
+  bool stacked() const { return list.size() == 1 && list[0].dim() == 5; }
+  int64_t size() const {
+    return stacked() ? list[0].size(0) : static_cast<int64_t>(list.size());
+  }
+  TensorDesc operator[](int64_t i) const {
+    if (!stacked()) return describe(list[i]);
+    const Tensor& t = list[0];
+    TensorDesc d = describe(t);  // ndim 5: only ndim is kept
+    d.data = static_cast<char*>(t.data_ptr()) + i * t.stride(0) * static_cast<int64_t>(t.element_size());
+    d.ndim = 4;
+    for (int32_t k = 0; k < 4; ++k) {
+      d.size[k] = t.size(k + 1);
+      d.stride[k] = t.stride(k + 1);
+    }
+    return d;
+  }
 };
 
 // SM count of a device, cached (one attribute query per device per process;

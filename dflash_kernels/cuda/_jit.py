@@ -238,6 +238,10 @@ def write_kv_launches(k, v, k_norm_weight, positions, slot_mapping, k_caches, v_
     N, L, H, D = k.shape
     if D not in (64, 128, 256):
         raise _KERNEL_ERROR("write_kv_cuda: k: head dim must be 64, 128 or 256")
+    if len(k_caches) == 1 and k_caches[0].dim() == 5:
+        k_caches = list(k_caches[0].unbind(0))    # a stacked cache (the public op's form)
+    if len(v_caches) == 1 and v_caches[0].dim() == 5:
+        v_caches = list(v_caches[0].unbind(0))
     if len(k_caches) != L or len(v_caches) != L:
         raise _KERNEL_ERROR("write_kv_cuda: k_caches, v_caches: expected L per-layer caches")
     if N == 0 or L == 0 or H == 0:

@@ -106,9 +106,18 @@ def scatter_rows(cache: torch.Tensor, slot_mapping: torch.Tensor, valid: torch.T
     icache.index_put_((page, row), vals)
 
 
+def per_layer(caches) -> list:
+    """The backend interface's cache list as L per-layer caches: a list of one
+    stacked ``[L, P, page, Hkv, D]`` cache is its L layers."""
+    if len(caches) == 1 and caches[0].dim() == 5:
+        return list(caches[0].unbind(0))
+    return list(caches)
+
+
 def write_layers(k_all, v_all, k_norm_weight, positions, slot_mapping, k_caches, v_caches,
                  cos_sin_cache, eps, rope_neox, rotary_dim, k_scale, v_scale):
     """k_all, v_all: fp32 ``[N, L, Hkv, D]`` before norm / RoPE."""
+    k_caches, v_caches = per_layer(k_caches), per_layer(v_caches)
     # Positions outside the table are clamped into it (not wrapped); skipped rows
     # (padding) may carry any position. Slots: written_rows.
     positions = positions.clamp(0, max(cos_sin_cache.shape[0] - 1, 0))

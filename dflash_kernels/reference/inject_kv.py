@@ -15,7 +15,7 @@ def inject_kv(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping
     K norm + RoPE, and write into the L paged caches at ``slot_mapping``."""
     N = hidden.shape[0]
     L = kv_weight.shape[0]
-    Hkv, D = k_caches[0].shape[2], k_caches[0].shape[3]
+    Hkv, D = k_caches[0].shape[-2], k_caches[0].shape[-1]
     proj = torch.einsum("nh,ljoh->nljo", hidden.float(), kv_weight.float())   # [N, L, 2, Hkv*D]
     if kv_bias is not None:
         proj = proj + kv_bias.float().unsqueeze(0)

@@ -28,12 +28,15 @@ _PTR_TABLES: dict = {}
 def layer_addressing(caches: list):
     """(base tensor, layer stride in elements or 0, pointer table or None, uniform).
 
-    Uniform: every cache sits at ``base + l * stride`` (one allocation, e.g. a
-    stacked ``[L, ...]`` tensor): decided from data_ptr() on the host.
+    Uniform: every cache sits at ``base + l * stride``: a list of one stacked
+    ``[L, P, page, Hkv, D]`` cache (the public op passes stacked caches so), or
+    per-layer caches of one allocation, decided from data_ptr() on the host.
     Otherwise an int64 device table of the L base addresses, cached on the
     addresses so a steady-state call (and CUDA-graph replay) builds nothing.
     """
     c0 = caches[0]
+    if c0.dim() == 5:
+        return c0, c0.stride(0), None, True
     ptrs = tuple(c.data_ptr() for c in caches)
     esz = c0.element_size()
     if len(ptrs) == 1:
@@ -55,7 +58,7 @@ def layer_addressing(caches: list):
 def check_caches(k_caches, v_caches):
     """What the kernels rely on (ops.py checks shapes, dtypes, equal strides per list)."""
     for name, cs in (("k_caches", k_caches), ("v_caches", v_caches)):
-        if cs[0].stride(3) != 1:
+        if cs[0].stride(-1) != 1:
             raise ValueError(f"{name}: expected a unit stride in the head dim, got {cs[0].stride()}")
         if any(c.stride() != cs[0].stride() for c in cs):
             raise ValueError(f"{name}: expected every layer's cache to have the same strides")
@@ -67,7 +70,7 @@ def bounds_args(k_caches, cos_sin_cache):
     """(num_slots, max_pos): the slot range a kernel writes and the rows of the
     cos/sin table it reads (an empty table, rejected by ops.py, reads row 0)."""
     c = k_caches[0]
-    return c.shape[0] * c.shape[1], max(cos_sin_cache.shape[0], 1)
+    return c.shape[-4] * c.shape[-3], max(cos_sin_cache.shape[0], 1)
 
 
 def cache_kernel_args(k_caches, v_caches):
@@ -75,8 +78,8 @@ def cache_kernel_args(k_caches, v_caches):
     base, pointer table, layer stride, page / row / head strides."""
     kc, kstride, ktab, kuni = layer_addressing(k_caches)
     vc, vstride, vtab, vuni = layer_addressing(v_caches)
-    args = (kc, ktab, kstride, kc.stride(0), kc.stride(1), kc.stride(2))
-    vargs = (vc, vtab, vstride, vc.stride(0), vc.stride(1), vc.stride(2))
+    args = (kc, ktab, kstride, kc.stride(-4), kc.stride(-3), kc.stride(-2))
+    vargs = (vc, vtab, vstride, vc.stride(-4), vc.stride(-3), vc.stride(-2))
     return args, vargs, kuni, vuni
 
 

@@ -242,7 +242,7 @@ def inject_kv(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping
     check_caches(k_caches, v_caches)
     N, H = hidden.shape
     L = kv_weight.shape[0]
-    Hkv, D = k_caches[0].shape[2], k_caches[0].shape[3]
+    Hkv, D = k_caches[0].shape[-2], k_caches[0].shape[-1]
     if N == 0:
         return
     BLOCK_M, BLOCK_K, num_warps, num_stages = CONFIGS[(arch_family(arch(hidden.device)), D)]
@@ -267,7 +267,7 @@ def inject_kv(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping
             positions, positions.stride(0), slot_mapping, slot_mapping.stride(0),
             cos_sin_cache, cos_sin_cache.stride(0),
             *kargs, k_scale, *vargs, v_scale,
-            N, H, Hkv, k_caches[0].shape[1], *bounds_args(k_caches, cos_sin_cache),
+            N, H, Hkv, k_caches[0].shape[-3], *bounds_args(k_caches, cos_sin_cache),
             rotary_dim // 2, eps,
             D=D, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, NEOX=rope_neox, HAS_BIAS=kv_bias is not None,
             HAS_KNORM=k_norm_weight is not None, **fp8_args(k_caches[0].dtype),

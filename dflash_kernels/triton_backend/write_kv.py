@@ -62,7 +62,7 @@ def write_kv(k, v, k_norm_weight, positions, slot_mapping, k_caches: list, v_cac
             knw, knw_stride, positions, positions.stride(0), slot_mapping, slot_mapping.stride(0),
             cos_sin_cache, cos_sin_cache.stride(0),
             *kargs, k_scale, *vargs, v_scale,
-            N, Hkv, k_caches[0].shape[1], *bounds_args(k_caches, cos_sin_cache),
+            N, Hkv, k_caches[0].shape[-3], *bounds_args(k_caches, cos_sin_cache),
             rotary_dim // 2, eps,
             D=D, BLOCK_M=BLOCK_M, NEOX=rope_neox, HAS_KNORM=k_norm_weight is not None,
             **fp8_args(k_caches[0].dtype), UNIFORM_K=kuni, UNIFORM_V=vuni,
