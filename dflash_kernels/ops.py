@@ -467,15 +467,7 @@ def inject_kv(
     items = (hidden, kv_weight, k_norm_weight, positions, slot_mapping, k_cache, v_cache,
              cos_sin_cache, kv_bias, eps, rope_style, rotary_dim, k_scale, v_scale)
     fast = _fastpath.validate(_FAST_INJECT_KV, _WRITTEN_KV, items, _check_inject_kv)
-    if hidden.shape[0] == 0:
-        return
-    k_caches, v_caches, rotary_dim, k_scale, v_scale = _kv_prepare(
-        hidden.device, k_cache, v_cache, rotary_dim, k_scale, v_scale)
-    if fast is not True:
-        positions, slot_mapping, cos_sin_cache = _dense(positions, slot_mapping, cos_sin_cache)
-    _run("inject_kv", hidden.device.type, backend, hidden, kv_weight, kv_bias, k_norm_weight,
-         positions, slot_mapping, k_caches, v_caches, cos_sin_cache, float(eps),
-         rope_style == "neox", rotary_dim, k_scale, v_scale)
+    _run_kv("inject_kv", fast, backend, (hidden, kv_weight, kv_bias), *items[2:8], *items[9:])
 
 
 _FAST_INJECT_KV = _fastpath.OPS["inject_kv"]
@@ -483,15 +475,23 @@ _FAST_WRITE_KV = _fastpath.OPS["write_kv"]
 _WRITTEN_KV = _fastpath.written_mask(5, 6)  # k_cache, v_cache (both ops)
 
 
-def _kv_prepare(dev, k_cache, v_cache, rotary_dim, k_scale, v_scale):
-    """The backends' form of validated inject_kv / write_kv arguments: cache
-    lists, the rotary dim, scale tensors."""
+def _run_kv(op, fast, backend, head, k_norm_weight, positions, slot_mapping, k_cache, v_cache,
+            cos_sin_cache, eps, rope_style, rotary_dim, k_scale, v_scale):
+    """Run validated inject_kv / write_kv arguments (``head``: the op's own leading
+    inputs) in the backends' form: cache lists, the rotary dim, scale tensors."""
+    if head[0].shape[0] == 0:
+        return
+    dev = head[0].device
     # A stacked cache goes to the backends as a list of one 5-D tensor (docs/DESIGN.md,
     # "The backend interface"): no per-layer views made per call.
     k_caches = [k_cache] if isinstance(k_cache, torch.Tensor) else list(k_cache)
     v_caches = [v_cache] if isinstance(v_cache, torch.Tensor) else list(v_cache)
     rotary_dim = k_caches[0].shape[-1] if rotary_dim is None else int(rotary_dim)
-    return k_caches, v_caches, rotary_dim, scale_tensor(k_scale, dev), scale_tensor(v_scale, dev)
+    if fast is not True:
+        positions, slot_mapping, cos_sin_cache = _dense(positions, slot_mapping, cos_sin_cache)
+    _run(op, dev.type, backend, *head, k_norm_weight, positions, slot_mapping, k_caches, v_caches,
+         cos_sin_cache, float(eps), rope_style == "neox", rotary_dim, scale_tensor(k_scale, dev),
+         scale_tensor(v_scale, dev))
 
 
 def _check_inject_kv(hidden, kv_weight, k_norm_weight, positions, slot_mapping, k_cache, v_cache,
@@ -531,15 +531,7 @@ def write_kv(
     items = (k, v, k_norm_weight, positions, slot_mapping, k_cache, v_cache, cos_sin_cache, eps,
              rope_style, rotary_dim, k_scale, v_scale)
     fast = _fastpath.validate(_FAST_WRITE_KV, _WRITTEN_KV, items, _check_write_kv)
-    if k.shape[0] == 0:
-        return
-    k_caches, v_caches, rotary_dim, k_scale, v_scale = _kv_prepare(
-        k.device, k_cache, v_cache, rotary_dim, k_scale, v_scale)
-    if fast is not True:
-        positions, slot_mapping, cos_sin_cache = _dense(positions, slot_mapping, cos_sin_cache)
-    _run("write_kv", k.device.type, backend, k, v, k_norm_weight, positions, slot_mapping,
-         k_caches, v_caches, cos_sin_cache, float(eps), rope_style == "neox", rotary_dim, k_scale,
-         v_scale)
+    _run_kv("write_kv", fast, backend, (k, v), *items[2:])
 
 
 def _check_write_kv(k, v, k_norm_weight, positions, slot_mapping, k_cache, v_cache, cos_sin_cache,

@@ -215,6 +215,15 @@ def _adam(params, steps, lr, wd=0.0):
     return opt, sched
 
 
+def _step(opt, sched, loss, p):
+    """One clipped Adam step on the loss (both trainings)."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(p.values()), 1.0)
+    opt.step()
+    sched.step()
+
+
 def train_target(data, cs, steps, batch, seq, gen, log):
     p = target_init(gen)
     for v in p.values():
@@ -226,11 +235,7 @@ def train_target(data, cs, steps, batch, seq, gen, log):
         chunk = data[idx]
         logits, _ = target_forward(p, chunk[:, :-1], cs)
         loss = F.cross_entropy(logits.reshape(-1, VOCAB), chunk[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(p.values()), 1.0)
-        opt.step()
-        sched.step()
+        _step(opt, sched, loss, p)
         if s % 50 == 0 or s == steps - 1:
             log(f"target step {s:4d} loss {loss.item():.3f} ({loss.item() / math.log(2):.2f} bits/byte)")
     return _fp16_round(p)
@@ -272,11 +277,7 @@ def train_drafter(tp, seqs, cs, steps, batch, anchors_per_seq, min_ctx, gen, log
         labels = toks[:, anchors[:, None] + torch.arange(1, S)]                 # [B, A, S-1]
         ce = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="none")
         loss = (ce.view(batch, anchors_per_seq, S - 1) * wpos).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(p.values()), 1.0)
-        opt.step()
-        sched.step()
+        _step(opt, sched, loss, p)
         if s % 50 == 0 or s == steps - 1:
             with torch.no_grad():
                 hit = (logits.argmax(-1) == labels).float()

@@ -250,12 +250,7 @@ class Engine:
         B = len(prompts)
         rows = torch.arange(S, device=dev)
         history = []
-        max_steps = max_new if max_steps is None else max_steps
-        for _ in range(max_steps):
-            active = st.generated < max_new
-            # Host read to stop: the only sync of the step.
-            if not bool(active.any()):
-                break
+        for active in _active_steps(st, max_new, max_steps):
             drafts = self.drafter.propose(st.anchor, st.seq_len, st.block_table, st.dk_cache,
                                           st.dv_cache, state=st, backend=self.backend)
             block = torch.cat([st.anchor[:, None], drafts.long()], dim=1)          # [B, S]
@@ -303,12 +298,7 @@ class Engine:
         nodes = torch.arange(N, device=dev)
         rows = torch.arange(S, device=dev)   # the accepted path, root included, has at most S rows
         history = []
-        max_steps = max_new if max_steps is None else max_steps
-        for _ in range(max_steps):
-            active = st.generated < max_new
-            # Host read to stop: the only sync of the step.
-            if not bool(active.any()):
-                break
+        for active in _active_steps(st, max_new, max_steps):
             draft = self.drafter.draft_logits(st.anchor, st.seq_len, st.block_table, st.dk_cache,
                                               st.dv_cache, backend=self.backend)       # [B, S-1, V]
             tree = dk.build_tree(draft, N, top_k=top_k, backend=_pick(self.backend, "build_tree"))
@@ -343,3 +333,14 @@ class Engine:
                                 backend=self.backend)
             self._advance(st, v, active, history, on_step)
         return self._result(st, history, max_new)
+
+
+def _active_steps(st, max_new: int, max_steps: Optional[int]):
+    """Each step's ``active [B]`` mask (requests below ``max_new`` emitted tokens),
+    until all are done or ``max_steps`` (default ``max_new``) steps ran. The host
+    read to stop is the only sync of a step."""
+    for _ in range(max_new if max_steps is None else max_steps):
+        active = st.generated < max_new
+        if not bool(active.any()):
+            return
+        yield active
