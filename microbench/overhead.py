@@ -322,7 +322,11 @@ def _probe_ops() -> Dict[str, Callable]:
         import dflash_kernels.cuda  # noqa: F401  (loads the extension)
     except Exception:
         return {}
-    ns = torch.ops.dflash
+    from dflash_kernels import _C
+
+    # The direct bindings (csrc/bindings/direct.cpp) where the backend calls them,
+    # else the torch.ops probes.
+    ns = _C if hasattr(_C, "_probe_verify_chain_cuda") else torch.ops.dflash
     out = {}
     for op in CUDA_OPS:
         try:

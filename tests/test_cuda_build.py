@@ -129,18 +129,43 @@ def _write_kv_args(N=5, L=3, H=2, D=64, P=4, page=4, **change):
     return list(args.values())
 
 
-def test_probe_ops_run_the_host_path_without_launching():
+# The bindings through the dispatcher (torch.ops.dflash) and without it
+# (dflash_kernels._C, csrc/bindings/direct.cpp: what the cuda backend calls).
+PROBES = {"dispatcher": lambda op: getattr(torch.ops.dflash, f"_probe_{op}_cuda"),
+          "direct": lambda op: getattr(_C, f"_probe_{op}_cuda")}
+
+
+@pytest.mark.parametrize("via", sorted(PROBES))
+def test_probe_ops_run_the_host_path_without_launching(via):
     """The measurement-only probes accept what the real ops accept and write nothing."""
+    probe = PROBES[via]
     args = _verify_args()
-    assert torch.ops.dflash._probe_verify_chain_cuda(*args) is None
+    assert probe("verify_chain")(*args) is None
     assert all((t == -7).all() for t in args[10:])
     args = _write_kv_args()
-    torch.ops.dflash._probe_write_kv_cuda(*args)
+    probe("write_kv")(*args)
     assert all(not c.any() for c in args[5] + args[6])
     # A layer list at no uniform distance: 34 layers go as two pointer-table launches.
     caches = [torch.zeros(4, 4, 2, 64).half() for _ in range(34)]
-    torch.ops.dflash._probe_write_kv_cuda(*_write_kv_args(L=34, k_norm_weight=None,
-                                                          k_caches=caches, v_caches=caches))
+    probe("write_kv")(*_write_kv_args(L=34, k_norm_weight=None, k_caches=caches, v_caches=caches))
+    # A list of one stacked [L, P, page, Hkv, D] cache is its L layers.
+    stacked = torch.zeros(3, 4, 4, 2, 64).half()
+    probe("write_kv")(*_write_kv_args(k_caches=[stacked], v_caches=[stacked.clone()]))
+    with pytest.raises(RuntimeError, match="k_caches, v_caches: expected L per-layer caches"):
+        probe("write_kv")(*_write_kv_args(k_caches=[stacked[:2]], v_caches=[stacked[:2]]))
+
+
+def test_direct_bindings_refuse_wrong_argument_types():
+    args = _verify_args()
+    with pytest.raises(TypeError, match="expected 14 arguments"):
+        _C._probe_verify_chain_cuda(*args[:13])
+    with pytest.raises(TypeError, match="logits: expected a Tensor"):
+        _C._probe_verify_chain_cuda(None, *args[1:])
+    args = _write_kv_args()
+    with pytest.raises(TypeError, match="k_caches: expected a list"):
+        _C._probe_write_kv_cuda(*args[:5], args[5][0], *args[6:])
+    with pytest.raises(TypeError, match="eps, rope_neox, rotary_dim"):
+        _C._probe_write_kv_cuda(*args[:8], 1, *args[9:])
 
 
 _STRIDED_I32 = torch.zeros(3, 2, dtype=torch.int32)[:, 0]  # a column: stride 2
@@ -158,11 +183,12 @@ _STRIDED_I32 = torch.zeros(3, 2, dtype=torch.int32)[:, 0]  # a column: stride 2
     (dict(new_seq_lens=None), "seq_lens, new_seq_lens: pass both"),
     (dict(block_tokens=torch.zeros(3, 4, dtype=torch.int16)), "block_tokens"),
 ])
-def test_verify_chain_guards_stop_direct_calls(change, message):
+@pytest.mark.parametrize("via", sorted(PROBES))
+def test_verify_chain_guards_stop_direct_calls(change, message, via):
     """Direct callers of torch.ops.dflash.verify_chain_cuda get a guard, never an
     out-of-bounds access (the same host path as the CUDA op, on CPU tensors)."""
     with pytest.raises(RuntimeError, match="verify_chain_cuda: " + message):
-        torch.ops.dflash._probe_verify_chain_cuda(*_verify_args(**change))
+        PROBES[via]("verify_chain")(*_verify_args(**change))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -187,11 +213,12 @@ def test_verify_chain_guards_stop_direct_calls(change, message):
     (dict(cos_sin_cache=torch.randn(9, 32)), "cos_sin_cache: expected fp32"),
     (dict(k_norm_weight=torch.ones(3, 32)), "k_norm_weight: expected"),
 ])
-def test_write_kv_guards_stop_direct_calls(change, message):
+@pytest.mark.parametrize("via", sorted(PROBES))
+def test_write_kv_guards_stop_direct_calls(change, message, via):
     """Direct callers of torch.ops.dflash.write_kv_cuda get a guard, never an
     out-of-bounds access (the same host path as the CUDA op, on CPU tensors)."""
     with pytest.raises(RuntimeError, match="write_kv_cuda: " + message):
-        torch.ops.dflash._probe_write_kv_cuda(*_write_kv_args(**change))
+        PROBES[via]("write_kv")(*_write_kv_args(**change))
 
 
 def test_binary_holds_sass_for_every_target():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from . import IMPL
 
 # The compiled kernels do no top-k / top-p filtering, no rejection sampling
@@ -12,9 +10,12 @@ from . import IMPL
 # first three too; cu_rows and filter_order never reach it.
 UNSUPPORTED_ARGS = frozenset({"top_k", "top_p", "draft_probs", "cu_rows", "filter_order"})
 
-# Registered by the package (importing dflash_kernels._C), or the NVRTC path.
+# The extension's binding called without the dispatcher (csrc/bindings/direct.cpp;
+# torch.ops.dflash.verify_chain_cuda runs the same host path), or the NVRTC path.
 if IMPL == "extension":
-    _op = torch.ops.dflash.verify_chain_cuda.default
+    from .. import _C
+
+    _op = _C.verify_chain_cuda
 else:
     from ._jit import verify_chain as _op
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import torch
-
 from . import IMPL
 
 UNSUPPORTED_ARGS = frozenset()
 
-# Registered by the package (importing dflash_kernels._C), or the NVRTC path.
+# The extension's binding called without the dispatcher (csrc/bindings/direct.cpp;
+# torch.ops.dflash.write_kv_cuda runs the same host path), or the NVRTC path.
 if IMPL == "extension":
-    _op = torch.ops.dflash.write_kv_cuda.default
+    from .. import _C
+
+    _op = _C.write_kv_cuda
 else:
     from ._jit import write_kv as _op
 
