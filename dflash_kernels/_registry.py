@@ -146,6 +146,20 @@ def _resolve(op, device_type, requested, from_env, given, interpreted) -> str:
     raise AssertionError("the reference backend runs every call")
 
 
+def given_matters(op: str, device_type: str) -> bool:
+    """Whether ``given`` can change :func:`resolve`'s answer for ``op`` on
+    ``device_type``: some backend that can run there refuses an optional
+    argument. When not, callers may pass ``given=()`` (ops._run skips
+    computing it)."""
+    return _given_matters(op, device_type, _triton_interpreted())
+
+
+@functools.lru_cache(maxsize=None)
+def _given_matters(op, device_type, interpreted) -> bool:
+    return any(_load(op, b)[1] for b in BACKENDS
+               if not _device_reason(b, device_type, interpreted))
+
+
 def get(op: str, backend: str):
     """The function of ``backend`` implementing ``op``."""
     fn, _, reason = _load(op, backend)

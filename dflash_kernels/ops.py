@@ -98,11 +98,13 @@ def _run(op: str, device_type: str, backend: Optional[str], *args) -> None:
     trip into Python (about 0.5 us per argument, 10 us for verify_chain) and
     call the backend directly: the same function the op's kernel calls.
     """
-    given = tuple([name for i, name in _OPTIONAL[op] if args[i] is not None])
     if (_profiler._is_profiler_enabled or _is_compiling() or _get_current_dispatch_mode() is not None
             or _tracing_state() is not None):
+        given = tuple([name for i, name in _OPTIONAL[op] if args[i] is not None])
         _OVERLOADS[op](*args, _resolve(op, device_type, backend, given))
         return
+    given = (tuple([name for i, name in _OPTIONAL[op] if args[i] is not None])
+             if _registry.given_matters(op, device_type) else ())
     chosen = _registry.resolve(op, device_type, backend, given)
     if _NVTX:
         torch.cuda.nvtx.range_push(f"dflash::{op} [{chosen}]")

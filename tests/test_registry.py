@@ -159,6 +159,7 @@ def test_public_call_passes_the_given_optionals(monkeypatch):
     # Eager calls ask the registry; traced ones the constant-folded ops._resolve.
     monkeypatch.setattr(_registry, "resolve", spy_resolve)
     monkeypatch.setattr(ops, "_resolve", spy_resolve)
+    monkeypatch.setattr(_registry, "given_matters", lambda op, device_type: True)
     B, S, V = 2, 3, 11
     logits = torch.randn(B, S, V)
     tokens = torch.zeros(B, S, dtype=torch.int64)
@@ -168,6 +169,32 @@ def test_public_call_passes_the_given_optionals(monkeypatch):
                     top_k=torch.full((B,), 3, dtype=torch.int32))
     assert seen["verify_chain"] == ("temperature", "top_k", "seeds", "positions")
     dk.verify_chain(logits, tokens)
+    assert seen["verify_chain"] == ()
+
+
+def test_given_is_computed_only_where_a_backend_refuses_an_optional(monkeypatch):
+    """ops._run passes given=() when no backend that can run on the device refuses
+    an optional argument (resolve's answer cannot depend on it)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for op in _registry.OPS:
+        for device_type in ("cpu", "cuda"):
+            refusing = any(_registry.unsupported_args(op, b) for b in _registry.BACKENDS
+                           if not _registry._device_reason(b, device_type, False))
+            assert _registry.given_matters(op, device_type) == refusing
+    assert not _registry.given_matters("verify_chain", "cpu")   # the reference takes everything
+    if _registry._load("verify_chain", "cuda")[0] is not None:
+        assert _registry.given_matters("verify_chain", "cuda")
+    seen = {}
+
+    def spy_resolve(op, device_type, backend, given):
+        seen[op] = given
+        return "reference"
+
+    monkeypatch.setattr(_registry, "resolve", spy_resolve)
+    B = 2
+    key = torch.arange(B)
+    dk.verify_chain(torch.randn(B, 3, 11), torch.zeros(B, 3, dtype=torch.int64),
+                    temperature=torch.ones(B), seeds=key, positions=key)
     assert seen["verify_chain"] == ()
 
 
