@@ -146,6 +146,18 @@ def _resolve(op, device_type, requested, from_env, given, interpreted) -> str:
     raise AssertionError("the reference backend runs every call")
 
 
+def resolve_call(op: str, device_type: str, backend: str | None, args: tuple, optional) -> str:
+    """:func:`resolve` for a call whose schema arguments are ``args``;
+    ``optional``: ``(index, name)`` of its optional arguments. ``given`` is
+    computed only when it can change the answer (:func:`given_matters`)."""
+    interpreted = _triton_interpreted()
+    given = (tuple([name for i, name in optional if args[i] is not None])
+             if _given_matters(op, device_type, interpreted) else ())
+    from_env = backend is None
+    requested = (_getenv(ENV_VAR) or None) if from_env else backend
+    return _resolve(op, device_type, requested, from_env, given, interpreted)
+
+
 def given_matters(op: str, device_type: str) -> bool:
     """Whether ``given`` can change :func:`resolve`'s answer for ``op`` on
     ``device_type``: some backend that can run there refuses an optional

@@ -103,9 +103,7 @@ def _run(op: str, device_type: str, backend: Optional[str], *args) -> None:
         given = tuple([name for i, name in _OPTIONAL[op] if args[i] is not None])
         _OVERLOADS[op](*args, _resolve(op, device_type, backend, given))
         return
-    given = (tuple([name for i, name in _OPTIONAL[op] if args[i] is not None])
-             if _registry.given_matters(op, device_type) else ())
-    chosen = _registry.resolve(op, device_type, backend, given)
+    chosen = _registry.resolve_call(op, device_type, backend, args, _OPTIONAL[op])
     if _NVTX:
         torch.cuda.nvtx.range_push(f"dflash::{op} [{chosen}]")
         try:
@@ -186,22 +184,28 @@ def block_attention(
     dev = q.device
     B, S, Hq, D = q.shape
     sm_scale = D ** -0.5 if sm_scale is None else float(sm_scale)
-    window = 0 if window is None else int(window)
-    if window >= block_table.shape[1] * k_cache.shape[1] + S:
+    if window is None:
+        window = 0
+    elif window >= block_table.shape[1] * k_cache.shape[1] + S:
         # Wider than any query and key can be apart: no window (and an int
         # that fits the kernels' arguments whatever the caller passed).
         window = 0
-    k_scale = scale_tensor(k_scale, dev)
-    v_scale = scale_tensor(v_scale, dev)
-    causal = isinstance(block_mask, str) and block_mask == "causal"
-    mask_bits = block_mask if isinstance(block_mask, torch.Tensor) else None
+    else:
+        window = int(window)
+    if k_scale is not None:
+        k_scale, v_scale = scale_tensor(k_scale, dev), scale_tensor(v_scale, dev)
+    if block_mask is None:
+        causal, mask_bits = False, None
+    else:
+        causal = isinstance(block_mask, str) and block_mask == "causal"
+        mask_bits = block_mask if isinstance(block_mask, torch.Tensor) else None
     if out is None:
         out = _fastpath.empty(q, _fastpath.KIND_LIKE, (B, S, Hq, D))[0]
     lse = None
     if return_lse:
         lse = lse_out if lse_out is not None else (
             _fastpath.empty(q, _fastpath.KIND_FLOAT32, (B, S, Hq))[0])
-    if out.numel() == 0:
+    if B * S * Hq * D == 0:
         return (out, lse) if return_lse else out
     if fast is not True:
         block_table, context_lens, mask_bits = _dense(block_table, context_lens, mask_bits)

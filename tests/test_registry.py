@@ -157,9 +157,10 @@ def test_public_call_passes_the_given_optionals(monkeypatch):
         return "reference"
 
     # Eager calls ask the registry; traced ones the constant-folded ops._resolve.
-    monkeypatch.setattr(_registry, "resolve", spy_resolve)
+    monkeypatch.setattr(_registry, "_resolve", lambda op, dt, req, env, given, interp:
+                        spy_resolve(op, dt, req, given))
     monkeypatch.setattr(ops, "_resolve", spy_resolve)
-    monkeypatch.setattr(_registry, "given_matters", lambda op, device_type: True)
+    monkeypatch.setattr(_registry, "_given_matters", lambda op, device_type, interp: True)
     B, S, V = 2, 3, 11
     logits = torch.randn(B, S, V)
     tokens = torch.zeros(B, S, dtype=torch.int64)
@@ -190,7 +191,8 @@ def test_given_is_computed_only_where_a_backend_refuses_an_optional(monkeypatch)
         seen[op] = given
         return "reference"
 
-    monkeypatch.setattr(_registry, "resolve", spy_resolve)
+    monkeypatch.setattr(_registry, "_resolve", lambda op, dt, req, env, given, interp:
+                        spy_resolve(op, dt, req, given))
     B = 2
     key = torch.arange(B)
     dk.verify_chain(torch.randn(B, 3, 11), torch.zeros(B, 3, dtype=torch.int64),
