@@ -149,7 +149,8 @@ def test_resolve_skips_a_backend_that_cannot_take_an_argument(fake_cuda_backend)
         _registry.resolve("verify_chain", "cuda", "cuda", given=("temperature", "top_p"))
 
 
-def test_public_call_passes_the_given_optionals(monkeypatch):
+def _spy_on_given(monkeypatch):
+    """``{op: the given optionals the registry resolved the last call with}``."""
     seen = {}
 
     def spy_resolve(op, device_type, backend, given):
@@ -160,6 +161,11 @@ def test_public_call_passes_the_given_optionals(monkeypatch):
     monkeypatch.setattr(_registry, "_resolve", lambda op, dt, req, env, given, interp:
                         spy_resolve(op, dt, req, given))
     monkeypatch.setattr(ops, "_resolve", spy_resolve)
+    return seen
+
+
+def test_public_call_passes_the_given_optionals(monkeypatch):
+    seen = _spy_on_given(monkeypatch)
     monkeypatch.setattr(_registry, "_given_matters", lambda op, device_type, interp: True)
     B, S, V = 2, 3, 11
     logits = torch.randn(B, S, V)
@@ -185,14 +191,7 @@ def test_given_is_computed_only_where_a_backend_refuses_an_optional(monkeypatch)
     assert not _registry.given_matters("verify_chain", "cpu")   # the reference takes everything
     if _registry._load("verify_chain", "cuda")[0] is not None:
         assert _registry.given_matters("verify_chain", "cuda")
-    seen = {}
-
-    def spy_resolve(op, device_type, backend, given):
-        seen[op] = given
-        return "reference"
-
-    monkeypatch.setattr(_registry, "_resolve", lambda op, dt, req, env, given, interp:
-                        spy_resolve(op, dt, req, given))
+    seen = _spy_on_given(monkeypatch)
     B = 2
     key = torch.arange(B)
     dk.verify_chain(torch.randn(B, 3, 11), torch.zeros(B, 3, dtype=torch.int64),
