@@ -284,12 +284,16 @@ def _fake_triton_driver(active: bool):
     import triton
     from triton.runtime.jit import JITFunction
 
+    from dflash_kernels.triton_backend import _launch
+
     config = triton.runtime.driver
     saved = config._active     # None until first used: then the default is made lazily again
     config.set_active(_fake_cuda_driver())
+    _launch.forget()
     try:
         yield
     finally:
+        _launch.forget()       # its compiled kernels came from the fake driver
         for name, mod in list(sys.modules.items()):
             if name.startswith("dflash_kernels.triton_backend") and mod is not None:
                 for v in vars(mod).values():

@@ -224,6 +224,30 @@ PyObject* fast_accept(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
+// launch_key(items) -> bytes | None: the exact signature of a kernel launch's
+// arguments (triton_backend/_launch.py), None when some item is not modelled.
+PyObject* launch_key(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 1 || !PyTuple_CheckExact(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "expected (items: tuple)");
+    return nullptr;
+  }
+  PyObject* items = args[0];
+  const Py_ssize_t n = PyTuple_GET_SIZE(items);
+  Signature sig;
+  sig.reserve(12 * static_cast<size_t>(n) + 1);
+  sig.push_back(static_cast<int64_t>(n));
+  std::vector<Extent> extents;
+  int64_t dense = 1;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!add_item(PyTuple_GET_ITEM(items, i), false, false, sig, extents, dense)) {
+      if (PyErr_Occurred()) return nullptr;
+      Py_RETURN_NONE;
+    }
+  }
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(sig.data()),
+                                   static_cast<Py_ssize_t>(sig.size() * sizeof(int64_t)));
+}
+
 // fast_forget(): drop every remembered layout (tests).
 PyObject* fast_forget(PyObject*, PyObject* const*, Py_ssize_t) {
   for (auto& set : g_accepted) set.clear();
@@ -280,6 +304,8 @@ PyMethodDef dflash_fastpath_methods[] = {
      METH_FASTCALL, "fast_accept(op, written, items): remember a validated layout"},
     {"fast_forget", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_forget)),
      METH_FASTCALL, "fast_forget(): drop every remembered layout"},
+    {"launch_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(launch_key)),
+     METH_FASTCALL, "launch_key(items): bytes naming the arguments' exact kinds, or None"},
     {"empty", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_empty)),
      METH_FASTCALL, "empty(like, kind, *shapes): new tensors on like's device"},
     {nullptr, nullptr, 0, nullptr}};

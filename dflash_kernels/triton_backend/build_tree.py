@@ -24,6 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from .._rules import SAMPLING_EPS
 from ._common import cdiv, next_pow2, num_sms, on_device
 
@@ -255,10 +256,10 @@ def build_tree(draft_logits, top_k, temperature, tree_tokens, parents, num_nodes
     temp = temperature if has_t else stats
     with on_device(dev):
         if D > 0:
-            _build_tree_topk_kernel[(B * D, splits)](
+            launch(_build_tree_topk_kernel, (B * D, splits),
                 draft_logits, draft_logits.stride(0), draft_logits.stride(1), D, V, chunk, temp,
                 keys, stats, k, HAS_T=has_t, EPS=SAMPLING_EPS, KP=KP, BLOCK=block, num_warps=TOPK_WARPS)
-        _build_tree_select_kernel[(B,)](
+        launch(_build_tree_select_kernel, (B,),
             keys, stats, temp, tbl, tree_tokens, parents, num_nodes, depth, D, N, k, splits, N if D > 0 else 1,
             HAS_T=has_t, EPS=SAMPLING_EPS, KP=KP, SPP=max(2, next_pow2(splits)),
             DKP=DKP, NP=max(2, next_pow2(N)), num_warps=select_warps(N))

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._common import cdiv, next_pow2, on_device
 
 from ._kv_epilogue import layer_addressing as _layer_addressing, layer_base as _layer_base
@@ -117,7 +118,7 @@ def copy_kv(src_slots, dst_slots, k_caches: list, v_caches: list) -> None:
     dev = src_slots.device
     stage = (torch.empty((L, 2, M, C), dtype=_BITS[esz], device=dev) if staged else src_slots)
     with on_device(dev):
-        _copy_kv_kernel[(L, cdiv(C, cols))](
+        launch(_copy_kv_kernel, (L, cdiv(C, cols)),
             src_slots, dst_slots, stage, M, P * page, page,
             kc, ktab if ktab is not None else src_slots, k_layer, kc.stride(0), kc.stride(1),
             kc.stride(2),

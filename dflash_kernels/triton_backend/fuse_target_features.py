@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._common import arch, arch_family, cdiv, next_pow2, num_sms, on_device, TL_DTYPES
 from ._common import compile_spec as _spec
 
@@ -143,12 +144,12 @@ def fuse_target_features(features: list, fc_weight, norm_weight, eps: float, out
     ws = torch.empty((splits, N, H), dtype=torch.float32, device=out.device)
     block_h = min(_NORM_BLOCK_H[family], next_pow2(H))
     with on_device(out):
-        _fuse_gemm_kernel[(n_tiles, m_tiles, splits)](
+        launch(_fuse_gemm_kernel, (n_tiles, m_tiles, splits),
             tuple(parts), tuple(p.stride(0) for p in parts), tuple(widths), tuple(starts),
             fc_weight, fc_weight.stride(0), ws, N, H,
             tiles_per_split, NUM_PARTS=len(parts), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K, num_warps=num_warps, num_stages=num_stages)
-        _fuse_norm_kernel[(N,)](ws, norm_weight, out, out.stride(0), N, H, splits, eps,
+        launch(_fuse_norm_kernel, (N,), ws, norm_weight, out, out.stride(0), N, H, splits, eps,
                                 BLOCK_H=block_h, num_warps=4)
 
 

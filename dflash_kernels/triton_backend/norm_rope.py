@@ -7,6 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._common import cdiv, on_device
 from ._kv_epilogue import head_columns, norm_rope as _epilogue_norm_rope
 
@@ -54,7 +55,7 @@ def norm_rope(q, k, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps,
     N, Hq, D = q.shape
     Hkv = k.shape[1]
     with on_device(q.device):
-        _norm_rope_kernel[(cdiv(N, BLOCK_M), Hq + Hkv)](
+        launch(_norm_rope_kernel, (cdiv(N, BLOCK_M), Hq + Hkv),
             q, k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), positions,
             q_norm_weight if q_norm_weight is not None else q,
             k_norm_weight if k_norm_weight is not None else k,

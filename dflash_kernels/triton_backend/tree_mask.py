@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._common import next_pow2, on_device
 
 
@@ -59,7 +60,7 @@ def tree_mask(parents, mask, depth) -> None:
     W = mask.shape[2]
     dev = parents.device
     with on_device(dev):
-        _tree_mask_kernel[(B,)](parents, mask, depth, N, W,
+        launch(_tree_mask_kernel, (B,), parents, mask, depth, N, W,
                                 N_P2=max(2, next_pow2(N)),
                                 W_P2=max(1, next_pow2(W)),
                                 num_warps=4 if N <= 128 else 8)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._common import next_pow2, on_device
 
 from . import verify_chain as vc
@@ -84,7 +85,7 @@ def verify_tree(logits, tree_tokens, parents, num_nodes, temperature, top_k, top
     with on_device(dev):
         rp = vc.rows_pass(logits, temperature, top_k, top_p, seeds, positions, parents=parents)
         dummy = rp["dummy"]
-        _verify_tree_walk_kernel[(B,)](
+        launch(_verify_tree_walk_kernel, (B,),
             tree_tokens, parents, num_nodes if num_nodes is not None else dummy,
             seq_lens if seq_lens is not None else dummy, rp["pval"], rp["pidx"],
             accept_len, accepted_nodes, out_tokens, bonus,

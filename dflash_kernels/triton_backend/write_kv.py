@@ -7,6 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._common import cdiv, on_device
 from ._kv_epilogue import (bounds_args, cache_kernel_args, check_caches, epilogue, fp8_args,
                            head_columns, knorm_args, program_rows)
@@ -57,7 +58,7 @@ def write_kv(k, v, k_norm_weight, positions, slot_mapping, k_caches: list, v_cac
     knw, knw_stride = knorm_args(k_norm_weight)
     grid = (cdiv(N, BLOCK_M), L * 2 * Hkv)
     with on_device(k):
-        _write_kv_kernel[grid](
+        launch(_write_kv_kernel, grid,
             k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             knw, knw_stride, positions, positions.stride(0), slot_mapping, slot_mapping.stride(0),
             cos_sin_cache, cos_sin_cache.stride(0),
