@@ -250,3 +250,25 @@ def test_switched_off_by_the_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_tensors_it_cannot_describe_are_not_modelled():
+    from dflash_kernels import _C
+
+    nested = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(3, 3)])
+    assert _C.fast_check(0, 0, (nested,)) is None
+    _C.fast_accept(0, 0, (nested,))                   # remembers nothing, raises nothing
+    assert _C.fast_check(0, 0, (nested,)) is None
+    assert _C.launch_key((nested,)) is None
+    assert _C.launch_key((torch.empty(2, device="meta"),)) is None
+
+
+def test_a_list_is_not_a_tuple():
+    from dflash_kernels import _C
+
+    t = torch.zeros(3)
+    assert _C.launch_key(([t, t],)) != _C.launch_key(((t, t),))
+    assert _C.launch_key(([t, t],)) == _C.launch_key(([torch.ones(3), torch.ones(3)],))
+    assert _C.launch_key((t,)) != _C.launch_key((torch.zeros(3)[0:0],))
+    assert _C.launch_key((1,)) != _C.launch_key((True,)) != _C.launch_key((1.0,))

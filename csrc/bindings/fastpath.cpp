@@ -61,8 +61,8 @@ bool is_plain_tuple(PyObject* obj) {
 bool add_tensor(PyObject* obj, bool written, Signature& sig, std::vector<Extent>& extents,
                 int64_t& dense) {
   const at::Tensor& t = THPVariable_Unpack(obj);
-  if (!t.defined() || t.layout() != at::kStrided || !t.has_storage() || t.is_meta() ||
-      t.is_neg() || t.is_conj()) {
+  if (!t.defined() || t.is_nested() || t.layout() != at::kStrided || !t.has_storage() ||
+      t.is_meta() || t.is_neg() || t.is_conj()) {
     return false;
   }
   const auto sizes = t.sizes();
@@ -140,7 +140,7 @@ bool add_item(PyObject* obj, bool written, bool nested, Signature& sig,
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject** items = PySequence_Fast_ITEMS(seq);
     sig.push_back(kSeq);
-    sig.push_back(static_cast<int64_t>(n));
+    sig.push_back(PyList_CheckExact(obj) ? -n - 1 : n);  // a list is not a tuple
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (!add_item(items[i], written, true, sig, extents, dense)) return false;
     }
@@ -173,10 +173,14 @@ bool signature_of(PyObject* const* args, Py_ssize_t nargs, long& op, Signature& 
   sig.reserve(16 * static_cast<size_t>(n));
   sig.push_back(static_cast<int64_t>(n));
   dense = 1;
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!add_item(PyTuple_GET_ITEM(items, i), (written >> i) & 1, false, sig, extents, dense)) {
-      return false;
+  try {
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (!add_item(PyTuple_GET_ITEM(items, i), (written >> i) & 1, false, sig, extents, dense)) {
+        return false;
+      }
     }
+  } catch (...) {  // a tensor whose sizes or address ATen refuses to give: not modelled
+    return false;
   }
   return true;
 }
@@ -238,11 +242,15 @@ PyObject* launch_key(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   sig.push_back(static_cast<int64_t>(n));
   std::vector<Extent> extents;
   int64_t dense = 1;
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!add_item(PyTuple_GET_ITEM(items, i), false, false, sig, extents, dense)) {
-      if (PyErr_Occurred()) return nullptr;
-      Py_RETURN_NONE;
+  try {
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (!add_item(PyTuple_GET_ITEM(items, i), false, false, sig, extents, dense)) {
+        if (PyErr_Occurred()) return nullptr;
+        Py_RETURN_NONE;
+      }
     }
+  } catch (...) {
+    Py_RETURN_NONE;
   }
   return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(sig.data()),
                                    static_cast<Py_ssize_t>(sig.size() * sizeof(int64_t)));
