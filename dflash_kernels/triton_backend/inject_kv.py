@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._common import TL_DTYPES, arch, arch_family, cdiv, num_sms, on_device, wave_split
 from ._common import compile_spec as _spec
 from ._kv_epilogue import (bounds_args, cache_kernel_args, check_caches, epilogue, fp8_args,
@@ -261,7 +262,7 @@ def inject_kv(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping
         bias_strides = (kv_bias.stride(0), kv_bias.stride(1))
     knw, knw_stride = knorm_args(k_norm_weight)
     with on_device(hidden):
-        _inject_kv_kernel[grid](
+        launch(_inject_kv_kernel, grid,
             hidden, hidden.stride(0), kv_weight, kv_weight.stride(0), kv_weight.stride(1),
             kv_weight.stride(2), kv_bias, *bias_strides, knw, knw_stride,
             positions, positions.stride(0), slot_mapping, slot_mapping.stride(0),
