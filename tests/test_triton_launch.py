@@ -55,7 +55,7 @@ with o._fake_triton_driver(True):
             return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
         return type(a) is type(b) and a == b
 
-    for op, launches in (("write_kv", 1), ("fuse_target_features", 2)):
+    for op, launches in (("write_kv", 1), ("fuse_target_features", 2), ("inject_kv", 1)):
         fn, args, kw = o._public_call(op, "")
         bargs = o._captured_backend_args(fn, args, kw, op)
         tri = _registry._load(op, "triton")[0]
@@ -105,4 +105,4 @@ def test_fast_launch_passes_what_triton_passes():
         pytest.skip(proc.stdout.strip())
     lines = proc.stdout.split()
     assert "NEWKEY" in lines
-    assert proc.stdout.count("SAME") == 2, proc.stdout
+    assert proc.stdout.count("SAME") == 3, proc.stdout
