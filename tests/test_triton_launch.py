@@ -55,14 +55,15 @@ with o._fake_triton_driver(True):
             return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
         return type(a) is type(b) and a == b
 
-    for op, launches in (("write_kv", 1), ("fuse_target_features", 2), ("inject_kv", 1)):
-        fn, args, kw = o._public_call(op, "")
+    for op, mode, launches in (("write_kv", "", 1), ("fuse_target_features", "", 2),
+                               ("inject_kv", "", 1), ("block_attention", "", 2)):
+        fn, args, kw = o._public_call(op, mode)
         bargs = o._captured_backend_args(fn, args, kw, op)
         tri = _registry._load(op, "triton")[0]
         mod = importlib.import_module(tri.__module__)
         before = len(_launch._CACHE)
         tri(*bargs)                                   # compiles; remembered
-        assert len(_launch._CACHE) == before + launches, (op, len(_launch._CACHE))
+        assert len(_launch._CACHE) == before + launches, (op, mode, len(_launch._CACHE))
         for compiled, _ in list(_launch._CACHE.values()):
             if not getattr(compiled.run, "_recording", False):
                 compiled._run = recorder(compiled)
@@ -78,7 +79,7 @@ with o._fake_triton_driver(True):
             # metadata and the hooks) every kernel argument
             assert len(a) == len(b) and all(same(x, y) for i, (x, y) in enumerate(zip(a, b))
                                              if i != 6), op
-        print("SAME", op, len(fast))
+        print("SAME", op, mode, len(fast))
 
     # Another alignment is another key: Triton's path runs and compiles its own kernel.
     fn, args, kw = o._public_call("write_kv", "")
@@ -105,4 +106,4 @@ def test_fast_launch_passes_what_triton_passes():
         pytest.skip(proc.stdout.strip())
     lines = proc.stdout.split()
     assert "NEWKEY" in lines
-    assert proc.stdout.count("SAME") == 3, proc.stdout
+    assert proc.stdout.count("SAME") == 4, proc.stdout

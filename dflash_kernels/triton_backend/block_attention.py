@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._common import arch, cdiv, next_pow2, num_sms, on_device, TL_DTYPES, wave_split
 
 _LOG2E = 1.4426950408889634
@@ -592,7 +593,7 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
     vbs = v_block.stride()[:3] if has_block else (0, 0, 0)
     grid = (B * Hkv * cfg["NUM_M_BLOCKS"], ns)
     with on_device(q):
-        _block_attention_kernel[grid](
+        launch(_block_attention_kernel, grid,
             q, k_cache, v_cache, block_table, context_lens, kb, vb,
             k_scale if is_fp8 else q, v_scale if is_fp8 else q,
             out, lse if lse is not None else out, part_o, part_lse,
@@ -612,7 +613,7 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
         if ns > 1:
             n_rows = B * S * Hq
             block_r = 16 if D <= 128 else 8
-            _merge_splits_kernel[(cdiv(n_rows, block_r),)](
+            launch(_merge_splits_kernel, (cdiv(n_rows, block_r),),
                 part_o, part_lse, out, lse if lse is not None else out, n_rows,
                 *out.stride()[:3],
                 S=S, HQ=Hq, D=D, NUM_SPLITS=ns, BLOCK_R=block_r, HAS_LSE=lse is not None,
