@@ -269,6 +269,9 @@ _TL = {"bf16": "bf16", "fp8": "fp8e4nv"}
 # The verify kernels' ragged-layout arguments (issue 18) at their padded-call values:
 # rows_pass / _launch pass none of them for a padded batch.
 _VERIFY_PADDED = dict(RAGGED=("constexpr", False), cu_ptr=None, T=("constexpr", 1))
+# The row kernel's split-search arguments (issue 13) as rows_pass passes them without it.
+_VERIFY_SINGLE = dict(SPLIT_K=("constexpr", False), st_ptr=None, ms_ptr=None, cnt_ptr=None,
+                      mx_ptr=None, NPASS=0, NSPLIT_P2=("constexpr", 1))
 
 
 def launch_job(module: str, kernel: str, params: dict, num_warps: int = 4, num_stages: int = 3,
@@ -407,8 +410,26 @@ def catalog(arch: int) -> List[tuple]:
                     HAS_TOPK=_c(topk), HAS_TOPP=_c(topp), NEED_MZ=_c(False),
                     BLOCK=_c(blk), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
                     HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0), PRUNE=_c(tv.PRUNE),
-                    **lay, JOINT=_c(joint)),
+                    **lay, JOINT=_c(joint), **_VERIFY_SINGLE),
                     num_warps=4, options=dict(enable_fp_fusion=False, **cap))))
+    # The split top-k search (issue 13; rows_pass takes it at B*S * 2 <= SMs, so here):
+    # the count pass launched SEARCH_PASSES times, and the row kernel that reads its state
+    # (top-k + top-p: top-p's search and stream stay in split 0; top-k alone streams split).
+    out.append(("verify_chain.split.count", launch_job(vmod, "_search_count_kernel", dict(
+        logits_ptr="*bf16", stride_lb=S * V, stride_ls=V, temp_ptr="*fp32", topk_ptr="*i32",
+        st_ptr="*i64", ms_ptr="*fp32", cnt_ptr="*i32", mx_ptr="*fp32", t=3, ROWS=B * S, S=S,
+        V=V, CHUNK=chunk, NSPLIT=ns, KWAY=_c(tv.KWAY), SBLOCK=_c(tv.SEARCH_BLOCK_V),
+        NSPLIT_P2=_c(1 << (ns - 1).bit_length()), **_VERIFY_PADDED),
+        num_warps=4, options=dict(enable_fp_fusion=False))))
+    for name, topp in (("topk", False), ("topk_topp", True)):
+        out.append((f"verify_chain.split.rows.{name}", launch_job(vmod, "_verify_rows_kernel", dict(
+            rows_common, HAS_TEMP=_c(True), HAS_TOPK=_c(True), HAS_TOPP=_c(topp),
+            NEED_MZ=_c(False), BLOCK=_c(tv.BLOCK_V), SBLOCK=_c(tv.SEARCH_BLOCK_V),
+            KWAY=_c(tv.KWAY), HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0),
+            PRUNE=_c(tv.PRUNE), **_VERIFY_PADDED, JOINT=_c(False), SPLIT_K=_c(True),
+            st_ptr="*i64", ms_ptr="*fp32", cnt_ptr="*i32", mx_ptr="*fp32",
+            NPASS=tv.SEARCH_PASSES, NSPLIT_P2=_c(1 << (ns - 1).bit_length())),
+            num_warps=4, options=dict(enable_fp_fusion=False))))
     # The finish kernel with draft_probs (its residual pass streams one row); ragged: flat
     # block_tokens [T] and draft_probs [T, V] (_launch's strides: 0, V, 1, 0, V).
     finish_strides = {"": (dict(stride_lb=S * V, stride_tb=S, stride_db=(S - 1) * V), _VERIFY_PADDED),
@@ -493,7 +514,7 @@ def _tree_catalog(arch: int) -> List[tuple]:
             HAS_TEMP=_c(True), HAS_TOPK=_c(topk), HAS_TOPP=_c(topk), NEED_MZ=_c(False),
             BLOCK=_c(tv.BLOCK_V), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
             HAS_TREE=_c(True), par_ptr="*i32", stride_pb=N, PRUNE=_c(tv.PRUNE),
-            **_VERIFY_PADDED, JOINT=_c(False)),
+            **_VERIFY_PADDED, JOINT=_c(False), **_VERIFY_SINGLE),
             num_warps=4, options=dict(enable_fp_fusion=False))))
     for n in (64, 256):
         nsn = _verify_nsplit(arch, B * n, V)

@@ -230,8 +230,11 @@ def test_attention_window_main_loop_is_the_plain_one(rows, name, arch):
 # padded sequential twin.
 
 VERIFY = ["rows.greedy", "rows.sampled", "rows.topk_topp", "finish", "ragged.rows.greedy",
-          "ragged.rows.sampled", "ragged.rows.topk_topp", "ragged.finish", "joint.rows.topk_topp"]
-SEARCH = [v for v in VERIFY if v.endswith("rows.topk_topp")]
+          "ragged.rows.sampled", "ragged.rows.topk_topp", "ragged.finish", "joint.rows.topk_topp",
+          "split.rows.topk", "split.rows.topk_topp"]
+# The single-program search (count and mass loops); split.rows.topk_topp keeps only the mass
+# loop (test_verify_split_rows_stream_and_mass).
+SEARCH = [v for v in VERIFY if v.endswith("rows.topk_topp") and not v.startswith("split.")]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -284,6 +287,29 @@ def test_verify_search_no_barrier_in_element_loop(rows, name, arch):
 def test_verify_search_loads_16_bytes(rows, name, arch):
     for lp in _search_loops(rows[(f"verify_chain.{name}", arch)]):
         assert lp["load_kinds"] == {"LDG.128": 1} and lp["min_load_width"] == 16, lp["load_kinds"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_verify_split_search_count_pass(rows, arch):
+    # Issue 13: the split top-k count pass (SEARCH_PASSES launches at small B x S): its
+    # element loop loads 16 bytes per thread with no barrier, no spills, >= 4 CTAs/SM.
+    r = rows[("verify_chain.split.count", arch)]
+    assert r["spills"] == 0 and r["registers"] <= 128 and r["ctas_per_sm"] >= 4, r["registers"]
+    lp = _main(r)
+    assert lp["load_kinds"] == {"LDG.128": 1} and lp["min_load_width"] == 16, lp["load_kinds"]
+    assert lp["barriers"] == 0, lp["barriers"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_verify_split_rows_stream_and_mass(rows, arch):
+    # The split path's row kernel: top-k alone streams its chunk like the sampled kernel;
+    # with top-p the mass loop (the only search loop left in it) keeps 16-byte loads and
+    # no barrier.
+    _streams_16_bytes(rows[("verify_chain.split.rows.topk", arch)])
+    loops = [lp for lp in rows[("verify_chain.split.rows.topk_topp", arch)]["loops"]
+             if lp["loads"] and lp["depth"] >= 1]
+    assert loops and all(lp["load_kinds"] == {"LDG.128": 1} and lp["barriers"] == 0
+                         for lp in loops), loops
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -142,7 +142,7 @@ def _add_columns(acc, s, w, c2):
 
 
 @triton.jit
-def _kway_count(row_ptr, V, inv_t, cand, K: tl.constexpr, BLOCK: tl.constexpr):
+def _kway_count(row_ptr, V, inv_t, cand, K: tl.constexpr, BLOCK: tl.constexpr, start=0):
     """Per candidate threshold ``cand [K]``: #(s >= cand); and the row max.
 
     Each thread loads 8 contiguous elements per tile and adds them one by one into its
@@ -151,7 +151,7 @@ def _kway_count(row_ptr, V, inv_t, cand, K: tl.constexpr, BLOCK: tl.constexpr):
     c2 = cand[:, None]
     acc = tl.zeros((K, BLOCK // _SEARCH_VEC), tl.int32)
     mx = tl.full((BLOCK // _SEARCH_VEC,), float("-inf"), tl.float32)
-    for off in range(0, V, BLOCK):
+    for off in range(start, V, BLOCK):  # [start, V): V is the chunk's end in a split pass
         offs = _search_tile(off, BLOCK)
         s = _load_scaled(row_ptr, offs, V, inv_t)
         mx = tl.maximum(mx, tl.max(s, axis=0))
@@ -263,6 +263,84 @@ def _tree_depth(par_row, node):
 
 
 @triton.jit
+def _count_state(st_ptr, ms_ptr, cnt_ptr, mx_ptr, r, t, ROWS, NSPLIT, k,
+                 KWAY: tl.constexpr, NSPLIT_P2: tl.constexpr):
+    """Split top-k search: the row's (lo, hi, max) after count passes 0 .. t-1 (t >= 1).
+
+    State t-1 (written by pass t-1's split 0) plus pass t-1's per-split counts, summed in
+    split order (int32: exact in any order), so every program derives the same state and
+    the same step as the single-program search (:func:`_verify_rows_kernel`)."""
+    so = (t - 1) * ROWS + r
+    lo = tl.load(st_ptr + 2 * so)
+    hi = tl.load(st_ptr + 2 * so + 1)
+    m = tl.load(ms_ptr + so)
+    if lo < hi:
+        slot = tl.arange(0, KWAY).to(tl.int64)
+        step = (hi - lo + KWAY) // KWAY
+        last = (hi - lo) // step
+        o = tl.arange(0, NSPLIT_P2)
+        po = so * NSPLIT + o
+        c = tl.load(cnt_ptr + po[:, None] * KWAY + tl.arange(0, KWAY)[None, :],
+                    mask=(o < NSPLIT)[:, None], other=0)
+        cnt = tl.sum(c, axis=0)
+        mx = tl.max(tl.load(mx_ptr + po, mask=o < NSPLIT, other=float("-inf")), axis=0)
+        m = tl.maximum(m, mx)
+        ok = (slot <= last) & (cnt >= k)
+        lo = lo + tl.max(tl.where(ok, slot, 0), axis=0) * step
+        hi = tl.minimum(lo + step - 1, hi)
+    return lo, hi, m
+
+
+@triton.jit
+def _search_count_kernel(
+    logits_ptr, stride_lb, stride_ls, temp_ptr, topk_ptr, st_ptr, ms_ptr, cnt_ptr, mx_ptr,
+    t, ROWS, S, V, CHUNK, NSPLIT,
+    KWAY: tl.constexpr, SBLOCK: tl.constexpr, NSPLIT_P2: tl.constexpr,
+    RAGGED: tl.constexpr = False, cu_ptr=None, T=1,
+):
+    # Count pass t of the split top-k search, grid (rows, NSPLIT): derive the row's state
+    # after passes < t (_count_state), split 0 records it, and, while lo < hi, count the
+    # KWAY candidates over this program's chunk and store the partial counts and max.
+    # A row that is greedy, unfiltered by top-k or past a ragged request exits at once.
+    r = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = r // S
+    j = r - b * S
+    start = sp * CHUNK
+    end = tl.minimum(start + CHUNK, V)
+    if RAGGED:
+        first, nd_b = _ragged_rows(cu_ptr, b, T, S)
+        live = j <= nd_b
+        row_ptr = logits_ptr + (first + tl.minimum(j, nd_b)) * stride_ls
+    else:
+        live = True
+        row_ptr = logits_ptr + b.to(tl.int64) * stride_lb + j.to(tl.int64) * stride_ls
+    sampled, inv_t = _temperature(temp_ptr, b)
+    k = tl.load(topk_ptr + b)
+    if sampled & live & (k > 0) & (k < V):
+        if t == 0:
+            lo = _key_of(tl.full((), float("-inf"), tl.float32))
+            hi = _key_of(tl.full((), float("inf"), tl.float32))
+            m = tl.full((), float("-inf"), tl.float32)
+        else:
+            lo, hi, m = _count_state(st_ptr, ms_ptr, cnt_ptr, mx_ptr, r, t, ROWS, NSPLIT, k,
+                                     KWAY, NSPLIT_P2)
+        so = t * ROWS + r
+        if sp == 0:
+            tl.store(st_ptr + 2 * so, lo)
+            tl.store(st_ptr + 2 * so + 1, hi)
+            tl.store(ms_ptr + so, m)
+        if lo < hi:
+            slot = tl.arange(0, KWAY).to(tl.int64)
+            step = (hi - lo + KWAY) // KWAY
+            cand = _value_of(tl.minimum(lo + slot * step, hi))
+            cnt, mx = _kway_count(row_ptr, end, inv_t, cand, KWAY, SBLOCK, start)
+            po = so * NSPLIT + sp
+            tl.store(cnt_ptr + po * KWAY + tl.arange(0, KWAY), cnt)
+            tl.store(mx_ptr + po, mx)
+
+
+@triton.jit
 def _verify_rows_kernel(
     logits_ptr, stride_lb, stride_ls, temp_ptr, topk_ptr, topp_ptr, seed_ptr, pos_ptr,
     pval_ptr, pidx_ptr, pm_ptr, pz_ptr, thr_ptr, S, V, CHUNK, NSPLIT,
@@ -270,6 +348,8 @@ def _verify_rows_kernel(
     NEED_MZ: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr, KWAY: tl.constexpr,
     HAS_TREE: tl.constexpr = False, par_ptr=None, stride_pb=0, PRUNE: tl.constexpr = True,
     RAGGED: tl.constexpr = False, cu_ptr=None, T=1, JOINT: tl.constexpr = False,
+    SPLIT_K: tl.constexpr = False, st_ptr=None, ms_ptr=None, cnt_ptr=None, mx_ptr=None,
+    NPASS=0, NSPLIT_P2: tl.constexpr = 1,
 ):
     # HAS_TREE (verify_tree): row j is tree node j, whose token sits at position
     # positions[b] + depth(j) + 1 (a chain row is the tree node of depth j).
@@ -278,6 +358,10 @@ def _verify_rows_kernel(
     # cu_rows[b] + j (cu_ptr, clamped by _ragged_rows); a program past the request's
     # rows streams nothing and writes neutral partials, which the finish kernel never uses.
     # JOINT: top-p's target is top_p times the whole row's mass (SGLang's order).
+    # SPLIT_K: the top-k threshold comes from the NPASS split count launches
+    # (_search_count_kernel: state st_ptr / ms_ptr, partials cnt_ptr / mx_ptr); a row with
+    # top-p still runs its mass search and stream in split 0, a top-k-only row streams
+    # its chunk in every split like an unfiltered sampled row.
     r = tl.program_id(0)
     sp = tl.program_id(1)
     b = r // S
@@ -318,14 +402,23 @@ def _verify_rows_kernel(
             filt = filt | (tp < 1.0)
         filt = filt & sampled & live
         if filt:
-            if sp == 0:
+            slot = tl.arange(0, KWAY).to(tl.int64)
+            m = tl.full((), NEG, tl.float32)
+            lo = _key_of(thr)
+            single = True
+            if SPLIT_K:
+                if (k > 0) & (k < V):
+                    lo, hi, m = _count_state(st_ptr, ms_ptr, cnt_ptr, mx_ptr, r, NPASS,
+                                             tl.num_programs(0), NSPLIT, k, KWAY, NSPLIT_P2)
+                    thr = _value_of(lo)
+                single = False
+                if HAS_TOPP:
+                    single = tp < 1.0
+            if single & (sp == 0):
                 # Whole row in this program: K-way threshold searches on the order-preserving
                 # key (each pass splits [lo, hi] into KWAY buckets starting at lo, and keeps
                 # the highest bucket whose start passes), then the Gumbel-max.
-                slot = tl.arange(0, KWAY).to(tl.int64)
-                m = tl.full((), NEG, tl.float32)
-                lo = _key_of(thr)
-                if HAS_TOPK:
+                if HAS_TOPK and not SPLIT_K:
                     if (k > 0) & (k < V):
                         # No max pass: the first count pass spans every key up to +inf and
                         # yields the row max for top-p on the way.
@@ -383,8 +476,11 @@ def _verify_rows_kernel(
                             thr = _value_of(lo)
                 bv, bi, m_run, z_run = _stream_best(row_ptr, 0, V, inv_t, thr, k0, k1, p_lo, p_hi,
                                                     True, NEED_MZ, BLOCK, PRUNE)
-            else:
+            elif single:
                 bi = 2147483647
+            else:
+                bv, bi, m_run, z_run = _stream_best(row_ptr, start, end, inv_t, thr, k0, k1,
+                                                    p_lo, p_hi, True, NEED_MZ, BLOCK, PRUNE)
         elif sampled:
             bv, bi, m_run, z_run = _stream_best(row_ptr, start, end, inv_t, thr, k0, k1, p_lo,
                                                 p_hi, True, NEED_MZ, BLOCK, PRUNE)
@@ -565,6 +661,27 @@ GREEDY_BLOCK_V = 4096
 GREEDY_MAXNREG = 128
 
 
+# Split top-k search (issue 13): the count passes of top-k rows run as SEARCH_PASSES
+# launches of grid (rows, n_split) instead of one program per row. SEARCH_PASSES bounds the
+# passes of the KWAY-way search over the fp32 key range [key(-inf), key(+inf)] (8 at
+# KWAY 16; tests/test_verify_chain_split_search.py recomputes it). SPLIT_SEARCH: None picks
+# from host-known sizes (use_split_search), True / False force it (tests).
+SEARCH_PASSES = 8
+SPLIT_SEARCH = None
+
+
+def use_split_search(rows: int, nsplit: int, device: torch.device) -> bool:
+    """Spread top-k's count passes over the row's splits: when B*S rows leave most SMs idle
+    (rows * 2 <= SMs) and the row has several splits. Never under the interpreter unless
+    forced (SPLIT_SEARCH)."""
+    if nsplit < 2:
+        return False
+    if SPLIT_SEARCH is not None:
+        return bool(SPLIT_SEARCH)
+    sms = num_sms(device)
+    return sms is not None and 2 * rows <= sms
+
+
 def block_size(V: int, greedy: bool = False) -> int:
     """Vocab tile: BLOCK_V (GREEDY_BLOCK_V for greedy-only calls), or the next power of
     two of a small vocabulary."""
@@ -660,12 +777,30 @@ def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False
     extra = _ragged_args(cu_rows, logits.shape[0])
     if joint and has_topk and has_topp:
         extra["JOINT"] = True
+    sblock = search_block(V, dev)
+    if has_topk and use_split_search(rows, nsplit, dev):
+        # Graph-static: SEARCH_PASSES launches whatever the data; a finished or unfiltered
+        # row's programs exit after reading a few words of state.
+        npass = SEARCH_PASSES
+        st = torch.empty(2 * (npass + 1) * rows, dtype=torch.int64, device=dev)
+        ms = torch.empty((npass + 1) * rows, **f32)
+        cnt = torch.empty(npass * rows * nsplit * KWAY, dtype=torch.int32, device=dev)
+        mx = torch.empty(npass * rows * nsplit, **f32)
+        rag = _ragged_args(cu_rows, logits.shape[0])
+        for t in range(npass):
+            _search_count_kernel[(rows, nsplit)](
+                logits, stride_lb, stride_ls, temp, top_k, st, ms, cnt, mx,
+                t, rows, S, V, chunk, nsplit,
+                KWAY=KWAY, SBLOCK=sblock, NSPLIT_P2=next_pow2(nsplit), **rag,
+                num_warps=4, enable_fp_fusion=False)
+        extra.update(SPLIT_K=True, st_ptr=st, ms_ptr=ms, cnt_ptr=cnt, mx_ptr=mx, NPASS=npass,
+                     NSPLIT_P2=next_pow2(nsplit))
     _verify_rows_kernel[(rows, nsplit)](
         logits, stride_lb, stride_ls, temp,
         top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,
         seeds_, pos_, pval, pidx, pm, pz, thr, S, V, chunk, nsplit,
         HAS_TEMP=has_temp, HAS_TOPK=has_topk, HAS_TOPP=has_topp, NEED_MZ=need_mz, BLOCK=block,
-        SBLOCK=search_block(V, dev), KWAY=KWAY, **_tree_args(parents, has_temp, S), PRUNE=PRUNE,
+        SBLOCK=sblock, KWAY=KWAY, **_tree_args(parents, has_temp, S), PRUNE=PRUNE,
         **extra, num_warps=4, enable_fp_fusion=False,
         **({} if has_temp else dict(maxnreg=GREEDY_MAXNREG)))
     return dict(pval=pval, pidx=pidx, pm=pm, pz=pz, thr=thr, nsplit=nsplit, block=block,
