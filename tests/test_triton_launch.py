@@ -56,7 +56,8 @@ with o._fake_triton_driver(True):
         return type(a) is type(b) and a == b
 
     for op, mode, launches in (("write_kv", "", 1), ("fuse_target_features", "", 2),
-                               ("inject_kv", "", 1), ("block_attention", "", 2)):
+                               ("inject_kv", "", 1), ("block_attention", "", 2),
+                               ("verify_chain", "greedy", 2), ("verify_chain", "sampled", 2)):
         fn, args, kw = o._public_call(op, mode)
         bargs = o._captured_backend_args(fn, args, kw, op)
         tri = _registry._load(op, "triton")[0]
@@ -106,4 +107,4 @@ def test_fast_launch_passes_what_triton_passes():
         pytest.skip(proc.stdout.strip())
     lines = proc.stdout.split()
     assert "NEWKEY" in lines
-    assert proc.stdout.count("SAME") == 4, proc.stdout
+    assert proc.stdout.count("SAME") == 6, proc.stdout

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .._rules import RESIDUAL_EPS, SAMPLING_EPS
 from . import noise as tnoise
+from ._launch import launch
 from ._common import cdiv, next_pow2, num_sms, on_device
 
 _SAMPLING_EPS = tl.constexpr(SAMPLING_EPS)
@@ -788,14 +789,14 @@ def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False
         mx = torch.empty(npass * rows * nsplit, **f32)
         rag = _ragged_args(cu_rows, logits.shape[0])
         for t in range(npass):
-            _search_count_kernel[(rows, nsplit)](
+            launch(_search_count_kernel, (rows, nsplit),
                 logits, stride_lb, stride_ls, temp, top_k, st, ms, cnt, mx,
                 t, rows, S, V, chunk, nsplit,
                 KWAY=KWAY, SBLOCK=sblock, NSPLIT_P2=next_pow2(nsplit), **rag,
                 num_warps=4, enable_fp_fusion=False)
         extra.update(SPLIT_K=True, st_ptr=st, ms_ptr=ms, cnt_ptr=cnt, mx_ptr=mx, NPASS=npass,
                      NSPLIT_P2=next_pow2(nsplit))
-    _verify_rows_kernel[(rows, nsplit)](
+    launch(_verify_rows_kernel, (rows, nsplit),
         logits, stride_lb, stride_ls, temp,
         top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,
         seeds_, pos_, pval, pidx, pm, pz, thr, S, V, chunk, nsplit,
@@ -829,7 +830,7 @@ def _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, 
     else:
         strides = (logits.stride(0), logits.stride(1), block_tokens.stride(0),
                    dp.stride(0) if has_dp else 0, dp.stride(1) if has_dp else 0)
-    _verify_finish_kernel[(B,)](
+    launch(_verify_finish_kernel, (B,),
         logits, strides[0], strides[1], block_tokens, strides[2],
         num_drafts, temp, seeds_, pos_, dp, strides[3], strides[4],
         seq_lens if seq_lens is not None else dummy,
