@@ -293,6 +293,28 @@ def _count_state(st_ptr, ms_ptr, cnt_ptr, mx_ptr, r, t, ROWS, NSPLIT, k,
 
 
 @triton.jit
+def _program_row(logits_ptr, stride_lb, stride_ls, r, sp, S, V, CHUNK, RAGGED: tl.constexpr,
+                 cu_ptr, T):
+    """Program (row r, split sp) of a (rows, NSPLIT) grid: ``(b, j, start, end, live,
+    row_ptr)``, its request and block row, its vocabulary chunk [start, end), whether the
+    row exists (a ragged request's padding rows do not: their chunk is empty) and the
+    row's logits."""
+    b = r // S
+    j = r - b * S
+    start = sp * CHUNK
+    end = tl.minimum(start + CHUNK, V)
+    if RAGGED:
+        first, nd_b = _ragged_rows(cu_ptr, b, T, S)
+        live = j <= nd_b
+        row_ptr = logits_ptr + (first + tl.minimum(j, nd_b)) * stride_ls
+        end = tl.where(live, end, start)
+    else:
+        live = True
+        row_ptr = logits_ptr + b.to(tl.int64) * stride_lb + j.to(tl.int64) * stride_ls
+    return b, j, start, end, live, row_ptr
+
+
+@triton.jit
 def _search_count_kernel(
     logits_ptr, stride_lb, stride_ls, temp_ptr, topk_ptr, st_ptr, ms_ptr, cnt_ptr, mx_ptr,
     t, ROWS, S, V, CHUNK, NSPLIT,
@@ -305,17 +327,8 @@ def _search_count_kernel(
     # A row that is greedy, unfiltered by top-k or past a ragged request exits at once.
     r = tl.program_id(0)
     sp = tl.program_id(1)
-    b = r // S
-    j = r - b * S
-    start = sp * CHUNK
-    end = tl.minimum(start + CHUNK, V)
-    if RAGGED:
-        first, nd_b = _ragged_rows(cu_ptr, b, T, S)
-        live = j <= nd_b
-        row_ptr = logits_ptr + (first + tl.minimum(j, nd_b)) * stride_ls
-    else:
-        live = True
-        row_ptr = logits_ptr + b.to(tl.int64) * stride_lb + j.to(tl.int64) * stride_ls
+    b, j, start, end, live, row_ptr = _program_row(logits_ptr, stride_lb, stride_ls, r, sp, S,
+                                                   V, CHUNK, RAGGED, cu_ptr, T)
     sampled, inv_t = _temperature(temp_ptr, b)
     k = tl.load(topk_ptr + b)
     if sampled & live & (k > 0) & (k < V):
@@ -365,18 +378,8 @@ def _verify_rows_kernel(
     # its chunk in every split like an unfiltered sampled row.
     r = tl.program_id(0)
     sp = tl.program_id(1)
-    b = r // S
-    j = r - b * S
-    start = sp * CHUNK
-    end = tl.minimum(start + CHUNK, V)
-    if RAGGED:
-        first, nd_b = _ragged_rows(cu_ptr, b, T, S)
-        live = j <= nd_b
-        row_ptr = logits_ptr + (first + tl.minimum(j, nd_b)) * stride_ls
-        end = tl.where(live, end, start)
-    else:
-        live = True
-        row_ptr = logits_ptr + b.to(tl.int64) * stride_lb + j.to(tl.int64) * stride_ls
+    b, j, start, end, live, row_ptr = _program_row(logits_ptr, stride_lb, stride_ls, r, sp, S,
+                                                   V, CHUNK, RAGGED, cu_ptr, T)
     NEG: tl.constexpr = float("-inf")
 
     bv = tl.full((), NEG, tl.float32)
