@@ -74,11 +74,10 @@ def check_cache_dtype(name, cache, act_dtype):
             f"(the activation dtype or fp8), got {str(cache.dtype).replace('torch.', '')}")
 
 
-def normalize_scale(name, scale, cache, device):
-    """A 1-element fp32 device tensor for fp8 caches, None otherwise.
-
-    A float becomes a tensor with ``torch.full`` (a device fill, no host sync).
-    """
+def check_scale(name, scale, cache, device):
+    """Check an fp8 scale argument (a float or a 1-element fp32 tensor, required
+    exactly when ``cache`` is fp8); returns the tensor it is, else None (what the
+    overlap checks see; :func:`scale_tensor` makes the kernels' form)."""
     is_fp8 = cache.dtype in FP8_DTYPES
     if scale is None:
         if is_fp8:
@@ -90,14 +89,15 @@ def normalize_scale(name, scale, cache, device):
         check_tensor(name, scale, dtypes=(torch.float32,), device=device)
         if scale.numel() != 1:
             raise ValueError(f"{name}: expected a 1-element tensor, got shape {list(scale.shape)}")
-        return scale_tensor(scale, device)
+        return scale
     if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        return scale_tensor(check_float(name, scale, positive=True), device)
+        check_float(name, scale, positive=True)
+        return None
     raise ValueError(f"{name}: expected a float or a 1-element fp32 tensor, got {type(scale).__name__}")
 
 
 def scale_tensor(scale, device):
-    """The kernels' form of a scale :func:`normalize_scale` accepted: None, or a
+    """The kernels' form of a scale :func:`check_scale` accepted: None, or a
     1-element fp32 tensor (a float becomes one with ``torch.full``, a device fill)."""
     if scale is None:
         return None

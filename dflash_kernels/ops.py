@@ -30,9 +30,9 @@ from ._validation import (
     check_head_dim,
     check_int,
     check_no_overlap,
+    check_scale,
     check_tensor,
     check_vector,
-    normalize_scale,
     scale_tensor,
 )
 
@@ -252,8 +252,8 @@ def _check_block_attention(q, k_cache, v_cache, block_table, context_lens, k_blo
         check_float("sm_scale", sm_scale, positive=True)
     if window is not None:
         check_int("window", window, minimum=1)
-    k_scale = normalize_scale("k_scale", k_scale, k_cache, dev)
-    v_scale = normalize_scale("v_scale", v_scale, v_cache, dev)
+    k_scale = check_scale("k_scale", k_scale, k_cache, dev)
+    v_scale = check_scale("v_scale", v_scale, v_cache, dev)
     causal, mask_bits = _block_mask(block_mask, B, S, dev)
     if out is not None:
         check_tensor("out", out, dtypes=(q.dtype,), device=dev, shape=(B, S, Hq, D), contiguous=True)
@@ -421,8 +421,8 @@ def _check_kv_common(act_dtype, dev, N, L, Hkv, D, k_norm_weight, positions, slo
     check_vector("positions", positions, torch.int64, N, dev)
     check_vector("slot_mapping", slot_mapping, torch.int64, N, dev)
     rotary_dim = _check_rope(rope_style, rotary_dim, D, cos_sin_cache, dev)
-    k_scale = normalize_scale("k_scale", k_scale, kc, dev)
-    v_scale = normalize_scale("v_scale", v_scale, vc, dev)
+    k_scale = check_scale("k_scale", k_scale, kc, dev)
+    v_scale = check_scale("v_scale", v_scale, vc, dev)
     eps = check_float("eps", eps, positive=True)
     reads = list(reads) + [("k_norm_weight", k_norm_weight), ("positions", positions),
                            ("slot_mapping", slot_mapping), ("cos_sin_cache", cos_sin_cache),
