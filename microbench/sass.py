@@ -355,7 +355,8 @@ def catalog(arch: int) -> List[tuple]:
     for cache in ("bf16", "fp8"):
         cdt = torch.bfloat16 if cache == "bf16" else torch.float8_e4m3fn
         for page in (16, 1):
-            s = ba.compile_spec(arch, torch.bfloat16, cdt, S=16, Hq=32, Hkv=8, D=128, page_size=page)
+            s = ba.compile_spec(arch, torch.bfloat16, cdt, S=16, Hq=32, Hkv=8, D=128, page_size=page,
+                                tma=False)
             out.append((f"block_attention.{cache}.page{page}", TritonJob(
                 f"{_TB}.block_attention", "_block_attention_kernel", s["signature"],
                 s["constexprs"], s["num_warps"], s["num_stages"], s["divisibility"], s["options"])))
@@ -364,10 +365,27 @@ def catalog(arch: int) -> List[tuple]:
     for cache in ("bf16", "fp8"):
         cdt = torch.bfloat16 if cache == "bf16" else torch.float8_e4m3fn
         s = ba.compile_spec(arch, torch.bfloat16, cdt, S=16, Hq=32, Hkv=8, D=128, page_size=16,
-                            window=256)
+                            window=256, tma=False)
         out.append((f"block_attention.window.{cache}.page16", TritonJob(
             f"{_TB}.block_attention", "_block_attention_kernel", s["signature"],
             s["constexprs"], s["num_warps"], s["num_stages"], s["divisibility"], s["options"])))
+    # The TMA path (docs/block_attention.md, "TMA path"): one box per tile at page 64 (both
+    # archs; the default there), next to the cp.async build of the same launch, and
+    # Blackwell's row gather at pages 16 and 1 (sm_100a only: ptxas rejects gather4 for sm_90a).
+    pages = (64, 16, 1) if arch != 90 else (64,)
+    for cache in ("bf16", "fp8"):
+        cdt = torch.bfloat16 if cache == "bf16" else torch.float8_e4m3fn
+        s = ba.compile_spec(arch, torch.bfloat16, cdt, S=16, Hq=32, Hkv=8, D=128, page_size=64,
+                            tma=False)
+        out.append((f"block_attention.{cache}.page64", TritonJob(
+            f"{_TB}.block_attention", "_block_attention_kernel", s["signature"],
+            s["constexprs"], s["num_warps"], s["num_stages"], s["divisibility"], s["options"])))
+        for page in pages:
+            s = ba.compile_spec(arch, torch.bfloat16, cdt, S=16, Hq=32, Hkv=8, D=128,
+                                page_size=page, tma=True)
+            out.append((f"block_attention.tma.{cache}.page{page}", TritonJob(
+                f"{_TB}.block_attention", "_block_attention_kernel", s["signature"],
+                s["constexprs"], s["num_warps"], s["num_stages"], s["divisibility"], s["options"])))
     # The split merge at B 1, ctx 4k on an H200 (16 splits), 512 rows.
     nsp = ba.plan(arch, SMS[arch], 1, 16, 32, 8, 128, 16, 256, 0)["NUM_SPLITS"]
     out.append(("block_attention.merge", launch_job(
@@ -675,6 +693,43 @@ def finish_row(name: str, arch: int, function: str, usage: dict, smem: int,
     return row
 
 
+_EXPECT_TX = re.compile(r"mbarrier\.arrive\.expect_tx\S*\s+_,\s*\[[^\]]+\],\s*(\d+)")
+
+
+def tma_tile_bytes(job: TritonJob) -> Optional[int]:
+    """K + V bytes one block_attention tile moves by TMA (``KV_TMA`` builds), else None."""
+    c = job.constexprs
+    if not c.get("KV_TMA"):
+        return None
+    elt = 1 if "fp8" in job.signature["KD"] else 2
+    return 2 * c["BLOCK_N"] * c["D"] * elt
+
+
+def tma_prefetch_bytes(ptx: str) -> int:
+    """Bytes the TMA copies issued before the first mbarrier wait announce
+    (``expect_tx``): what is in flight when the first tile is consumed."""
+    head = ptx.split("mbarrier.try_wait", 1)[0]
+    return sum(int(m.group(1)) for m in _EXPECT_TX.finditer(head))
+
+
+def _tma_main_loop(row: dict, job: TritonJob, ptx: str) -> None:
+    """A TMA main loop's bytes (the SASS does not hold them: the descriptor
+    does) and tiles in flight (cp.async's DEPBAR count says nothing of the
+    mbarrier-tracked copies): per thread, the K + V tile over the CTA's
+    threads; in flight, the tile bytes issued before the first wait over a
+    tile's (K of the next tile without its V counts half)."""
+    tile = tma_tile_bytes(job)
+    if tile is None or row["main_loop"] is None:
+        return
+    lp = row["loops"][row["main_loop"]]
+    if "TMA" not in lp["load_kinds"]:
+        return
+    lp["tma_tile_bytes"] = tile
+    lp["load_bytes"] += tile // row["threads"]
+    lp["instr_per_byte"] = round(lp["instructions"] / lp["load_bytes"], 2)
+    lp["tiles_in_flight"] = tma_prefetch_bytes(ptx) / tile
+
+
 def triton_kernels(archs: Sequence[int], out_dir: Optional[Path], select: Sequence[str] = (),
                    jobs: int = 2, cache_dir: Optional[Path] = None) -> List[dict]:
     """Compile the catalog for ``archs`` (names filtered by ``select`` prefixes) and analyze it."""
@@ -702,6 +757,7 @@ def triton_kernels(archs: Sequence[int], out_dir: Optional[Path], select: Sequen
         smem = res["shared"] + res["shared_static"]
         row = finish_row(name, arch, res["function"], res, smem, job.num_warps * 32, instrs,
                          source=f"{job.module}.{job.kernel}")
+        _tma_main_loop(row, job, res["ptx"])
         row.update(num_warps=job.num_warps, num_stages=job.num_stages,
                    ptx_file=res["cubin"][: -len(".cubin")] + ".ptx")
         rows.append(row)

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._launch import launch
 from ._common import arch, cdiv, next_pow2, num_sms, on_device, TL_DTYPES, wave_split
@@ -103,6 +104,26 @@ def _window_visible(qpos, tok, tok_ok, window):
 
 
 @triton.jit
+def _page_ids(BT, b, tok, tok_ok, num_pages, sbt_b, sbt_p, PAGE: tl.constexpr, n0, end,
+              TILE: tl.constexpr):
+    """Page id (int32) of each cached token ``tok``; ``TILE`` as in :func:`_gather_kv`."""
+    # Page ids only for tokens in range, clamped: garbage entries past the
+    # used pages are never followed.
+    if TILE > 0 and TILE <= PAGE:
+        j0 = n0 // PAGE
+        j1 = tl.minimum(n0 + TILE - 1, end - 1) // PAGE
+        p0 = tl.load(BT + b * sbt_b + j0 * sbt_p)
+        p1 = tl.load(BT + b * sbt_b + j1 * sbt_p)
+        p0 = tl.minimum(tl.maximum(p0, 0), num_pages - 1)
+        p1 = tl.minimum(tl.maximum(p1, 0), num_pages - 1)
+        page = tl.where(tok // PAGE == j0, p0, p1)
+    else:
+        page = tl.load(BT + b * sbt_b + (tok // PAGE) * sbt_p, mask=tok_ok, other=0)
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1)
+    return page
+
+
+@triton.jit
 def _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, sk_d,
                sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE: tl.constexpr, KV_VEC: tl.constexpr,
                n0=0, end=0, TILE: tl.constexpr = 0):
@@ -120,19 +141,7 @@ def _gather_kv(KC, VC, BT, b, h, tok, tok_ok, d64, num_pages, sk_p, sk_r, sk_h, 
     1- or 2-byte synchronous load per element. V then reuses K's offsets
     (fewer 64-bit registers: 2 CTAs/SM at page 1).
     """
-    # Page ids only for tokens in range, clamped: garbage entries past the
-    # used pages are never followed.
-    if TILE > 0 and TILE <= PAGE:
-        j0 = n0 // PAGE
-        j1 = tl.minimum(n0 + TILE - 1, end - 1) // PAGE
-        p0 = tl.load(BT + b * sbt_b + j0 * sbt_p)
-        p1 = tl.load(BT + b * sbt_b + j1 * sbt_p)
-        p0 = tl.minimum(tl.maximum(p0, 0), num_pages - 1).to(tl.int64)
-        p1 = tl.minimum(tl.maximum(p1, 0), num_pages - 1).to(tl.int64)
-        page = tl.where(tok // PAGE == j0, p0, p1)
-    else:
-        page = tl.load(BT + b * sbt_b + (tok // PAGE) * sbt_p, mask=tok_ok, other=0)
-        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+    page = _page_ids(BT, b, tok, tok_ok, num_pages, sbt_b, sbt_p, PAGE, n0, end, TILE).to(tl.int64)
     row = (tok % PAGE).to(tl.int64)
     k_row = page * sk_p + row * sk_r + h * sk_h
     if KV_VEC > 1:
@@ -171,6 +180,38 @@ def _context_tile(acc, m_i, l_i, q, qpos, n0, end, window, ctx_scale,
 
 
 @triton.jit
+def _tma_tile(acc, m_i, l_i, q, n0, ctx_scale, KD, VD, BT, b, hrow, hcol, tma_rp, num_pages,
+              sbt_b, sbt_p, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KV_TMA: tl.constexpr,
+              IS_FP8: tl.constexpr):
+    """One whole context tile ``[n0, n0 + BLOCK_N)`` (every token in range and
+    seen by every row) by TMA: ``KV_TMA`` 1 one box (the tile lies in one
+    page), 2 a row gather (Blackwell; any page size). The descriptors view
+    the cache as ``[rows, cols]``: token ``r`` of page ``p``, head ``h`` is row
+    ``p * tma_rp + r + hrow``, columns ``[hcol, hcol + D)`` (host-checked,
+    ``kv_tma``). Only whole tiles come here: a box reads whole page rows, and
+    rows past a request's length are garbage (NaN in the tests) that
+    ``0 x NaN`` would carry into P x V; the part-tile takes the masked loads."""
+    if KV_TMA == 1:
+        p = tl.load(BT + b * sbt_b + (n0 // PAGE) * sbt_p)
+        p = tl.minimum(tl.maximum(p, 0), num_pages - 1)
+        row = p * tma_rp + n0 % PAGE + hrow
+        k = KD.load([row, hcol])
+        v = VD.load([row, hcol])
+    else:
+        tok = n0 + tl.arange(0, BLOCK_N)
+        page = _page_ids(BT, b, tok, tok < n0 + BLOCK_N, num_pages, sbt_b, sbt_p, PAGE,
+                         n0, n0 + BLOCK_N, BLOCK_N)
+        rows = page * tma_rp + tok % PAGE + hrow
+        k = KD.gather(rows, hcol)
+        v = VD.gather(rows, hcol)
+    if IS_FP8:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    visible = tl.full([1, BLOCK_N], 1, tl.int1)
+    return _attend_tile(acc, m_i, l_i, q, k, v, visible, ctx_scale, 0)
+
+
+@triton.jit
 def _mark_edge(acc, qpos, lo, hi, end, window, VC, BT, b, h, d64, num_pages,
                sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                KV_VEC: tl.constexpr, IS_FP8: tl.constexpr, DTYPE: tl.constexpr):
@@ -206,6 +247,7 @@ def _block_attention_kernel(
     HAS_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_FP8: tl.constexpr,
     HAS_LSE: tl.constexpr, MASK_MODE: tl.constexpr = 0, MASK_W: tl.constexpr = 1,
     KV_VEC: tl.constexpr = 1,
+    KD=None, VD=None, tma_rp=0, tma_rh=0, tma_ch=0, KV_TMA: tl.constexpr = 0,
 ):
     # MASK_MODE: which block keys block row i sees: 0 all, 1 j <= i, 2 bit j of MB[b, i]
     # (int32 [B, S, MASK_W] packed words). Without k_block and with a mask, the block's
@@ -291,11 +333,27 @@ def _block_attention_kernel(
                 acc, m_i, l_i, ctx_q, qpos, n0, end, window, ctx_scale, KC, VC, BT, b, h,
                 d64, num_pages, sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
                 PAGE, BLOCK_N, KV_VEC, IS_FP8, True)
-    for n0 in range(mid_start, mid_end, BLOCK_N):
-        acc, m_i, l_i = _context_tile(
-            acc, m_i, l_i, ctx_q, qpos, n0, end, window, ctx_scale, KC, VC, BT, b, h,
-            d64, num_pages, sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
-            PAGE, BLOCK_N, KV_VEC, IS_FP8, False)
+    if KV_TMA > 0:
+        # Whole tiles by TMA; the split's last part-tile (tokens past the
+        # length inside its last page) peeled, by the masked loads.
+        tail = mid_start + (mid_end - mid_start) // BLOCK_N * BLOCK_N
+        hrow = (h * tma_rh).to(tl.int32)
+        hcol = (h * tma_ch).to(tl.int32)
+        for n0 in range(mid_start, tail, BLOCK_N):
+            acc, m_i, l_i = _tma_tile(acc, m_i, l_i, ctx_q, n0, ctx_scale, KD, VD, BT, b, hrow,
+                                      hcol, tma_rp, num_pages, sbt_b, sbt_p, PAGE, BLOCK_N,
+                                      KV_TMA, IS_FP8)
+        if tail < mid_end:
+            acc, m_i, l_i = _context_tile(
+                acc, m_i, l_i, ctx_q, qpos, tail, end, window, ctx_scale, KC, VC, BT, b, h,
+                d64, num_pages, sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
+                PAGE, BLOCK_N, KV_VEC, IS_FP8, False)
+    else:
+        for n0 in range(mid_start, mid_end, BLOCK_N):
+            acc, m_i, l_i = _context_tile(
+                acc, m_i, l_i, ctx_q, qpos, n0, end, window, ctx_scale, KC, VC, BT, b, h,
+                d64, num_pages, sk_p, sk_r, sk_h, sk_d, sv_p, sv_r, sv_h, sv_d, sbt_b, sbt_p,
+                PAGE, BLOCK_N, KV_VEC, IS_FP8, False)
     if HAS_WINDOW:
         for n0 in tl.range(mid_end, end, BLOCK_N, num_stages=2):
             acc, m_i, l_i = _context_tile(
@@ -414,7 +472,7 @@ def max_block_m(D: int) -> int:
 
 
 def kernel_config(arch: Optional[int], D: int, block_m: int, page_size: int = 16,
-                  cache_bytes: int = 2) -> dict:
+                  cache_bytes: int = 2, tma: bool = False) -> dict:
     """BLOCK_N, num_warps, num_stages (and a register cap) for (architecture,
     head dim, row tile, page size, cache element size).
 
@@ -439,6 +497,11 @@ def kernel_config(arch: Optional[int], D: int, block_m: int, page_size: int = 16
             # sm_100 needs 114 KB for 3 buffers of 64-token bf16 tiles: 1 CTA/SM.
             # 32-token tiles: 66 KB, 2 CTAs/SM, 2 tiles in flight each.
             cfg["BLOCK_N"] = 32
+            if tma:
+                # By TMA at 5 (and 6) stages the pipeliner keeps 3 buffers with V
+                # one tile behind K: 1.5 tiles issued at the first wait. 7 give a
+                # fourth 16 KB buffer (82 KB, still 2 CTAs/SM): 2.5 tiles.
+                cfg["num_stages"] = 7
         if arch == 90 and (page_size == 1 or cache_bytes == 1) and warps == 8:
             # Capped at 128 registers page 1 spills (8 bf16, 80 fp8) and so
             # does an fp8 cache (16: its fp16 q operand stays in registers,
@@ -488,7 +551,7 @@ def num_splits_for(sms: Optional[int], B: int, Hkv: int, m_blocks: int, span: in
 @functools.lru_cache(maxsize=4096)
 def plan(arch: Optional[int], sms: Optional[int], B: int, S: int, Hq: int, Hkv: int, D: int,
          page_size: int, max_pages: int, window: int, num_splits: Optional[int] = None,
-         cache_bytes: int = 2) -> dict:
+         cache_bytes: int = 2, tma: bool = False) -> dict:
     """Launch configuration from host-known sizes (never from context_lens values).
 
     Cached (a pure function of its ints; the split search is ~100 divisions):
@@ -496,7 +559,7 @@ def plan(arch: Optional[int], sms: Optional[int], B: int, S: int, Hq: int, Hkv: 
     g = Hq // Hkv
     block_m = min(max(16, next_pow2(S * g)), max_block_m(D))
     m_blocks = cdiv(S * g, block_m)
-    cfg = kernel_config(arch, D, block_m, page_size, cache_bytes)
+    cfg = kernel_config(arch, D, block_m, page_size, cache_bytes, tma)
     span = max_pages * page_size
     if window:
         # Keys a block can see lie within window - 1 of its S positions.
@@ -520,6 +583,81 @@ def kv_vec(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
     return vec
 
 
+# The TMA modes (``tma_mode``) a launch on this arch takes by default
+# (docs/block_attention.md, "TMA path"): the box, whose main loop the compile
+# report puts at 20-28 % fewer instructions than the cp.async path's at the
+# same budgets; not the gather (more instructions than cp.async for bf16).
+# The ``tma=`` keyword of block_attention forces either path.
+TMA_DEFAULT = {90: (1,), 100: (1,), 103: (1,)}
+
+
+def tma_mode(arch: Optional[int], page_size: int, block_n: int, D: int, cache_bytes: int) -> int:
+    """The kernel's ``KV_TMA`` for a layout the descriptors can view (``kv_tma``):
+    1 one TMA box per tile (the tile lies in one page: ``page_size`` a
+    multiple of ``block_n``; sm_90 and up), 2 a TMA row gather (Blackwell's
+    ``gather4``; any page size; ptxas rejects it for sm_90a), 0 none. ``arch``
+    None is the interpreter, which runs both."""
+    if arch is not None and arch not in (90, 100, 103):
+        return 0
+    if page_size % block_n == 0:
+        return 1
+    if (arch is None or arch != 90) and block_n >= 8 and D * cache_bytes >= 32:
+        return 2
+    return 0
+
+
+def kv_tma(k_cache: torch.Tensor, v_cache: torch.Tensor, mode: int) -> Optional[tuple]:
+    """``(rows, cols, row_stride, tma_rp, tma_rh, tma_ch)`` of a 2-D view of both
+    caches that TMA can read (row ``p * tma_rp + r + h * tma_rh``, columns
+    ``h * tma_ch + [0, D)`` hold token ``r`` of page ``p``, head ``h``), or None
+    where none exists (host facts only): K and V with the same strides, unit
+    last stride, 16-byte aligned bases and token stride, the page stride a
+    multiple of the token stride, the head stride either a multiple of it
+    (HND: heads are rows) or heads side by side within a token row (NHD, a
+    combined tensor's slices); row indices in int32."""
+    if mode == 0:
+        return None
+    P, page, hkv, D = k_cache.shape
+    sp, sr, sh, sd = k_cache.stride()
+    elt = k_cache.element_size()
+    if (v_cache.stride() != k_cache.stride() or v_cache.dtype != k_cache.dtype or sd != 1
+            or elt not in (1, 2) or (sr * elt) % 16 or k_cache.data_ptr() % 16
+            or v_cache.data_ptr() % 16 or sr <= 0 or sp % sr or P == 0):
+        return None
+    if hkv == 1 or sh % sr == 0:
+        rh, ch = (sh // sr if hkv > 1 else 0), 0
+    elif sh * (hkv - 1) + D <= sr and sh % (16 // elt) == 0:
+        rh, ch = 0, sh
+    else:
+        return None
+    rows = (P - 1) * (sp // sr) + (hkv - 1) * rh + page
+    cols = (hkv - 1) * ch + D
+    if rows >= 2 ** 31 or cols > sr or (sp // sr) < page:
+        return None
+    return rows, cols, sr, sp // sr, rh, ch
+
+
+def kv_path(arch_: Optional[int], cfg: dict, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            tma: Optional[bool] = None) -> tuple:
+    """``(KV_TMA, kernel keyword arguments)`` of a launch with plan ``cfg``: the TMA
+    path where ``tma`` asks for it (None: the modes of ``TMA_DEFAULT`` of the arch)
+    and the arch, page size and layout allow it (host facts only), else ``(0, {})``."""
+    if tma is False:
+        return 0, {}
+    _, page, _, D = k_cache.shape
+    mode = tma_mode(arch_, page, cfg["BLOCK_N"], D, k_cache.element_size())
+    if tma is None and mode not in TMA_DEFAULT.get(arch_, ()):
+        return 0, {}
+    view = kv_tma(k_cache, v_cache, mode)
+    if view is None:
+        return 0, {}
+    rows, cols, sr, rp, rh, ch = view
+    box = [cfg["BLOCK_N"] if mode == 1 else 1, D]
+    kd, vd = (TensorDescriptor(c, shape=[rows, cols], strides=[sr, 1], block_shape=box)
+              for c in (k_cache, v_cache))
+    return mode, dict(KD=kd, VD=vd, tma_rp=rp, tma_rh=rh, tma_ch=ch, KV_TMA=mode)
+
+
 _INT_ARGS = ("window", "max_slots", "num_pages", "batch", "sq_b", "sq_s", "sq_h",
              "sk_p", "sk_r", "sk_h", "sv_p", "sv_r", "sv_h", "sbt_b",
              "skb_b", "skb_s", "skb_h", "svb_b", "svb_s", "svb_h", "so_b", "so_s", "so_h")
@@ -527,12 +665,23 @@ _INT_ARGS = ("window", "max_slots", "num_pages", "batch", "sq_b", "sq_s", "sq_h"
 
 def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: int, *,
                  page_size: int = 16, has_block: bool = True, window: int = 0,
-                 return_lse: bool = True, num_splits: int = 1, block_mask: str = "full") -> dict:
+                 return_lse: bool = True, num_splits: int = 1, block_mask: str = "full",
+                 tma: Optional[bool] = None) -> dict:
     """Signature, constexprs, num_warps, num_stages and divisibility hints of the
     main kernel's default launch for ``sm_{arch}`` (for compile checks without a
-    GPU; unit last strides). ``block_mask``: "full", "causal" or "bits"."""
+    GPU; unit last strides). ``block_mask``: "full", "causal" or "bits".
+    ``tma``: True the TMA path (``tma_mode``, an NHD cache; ValueError where the
+    arch and page size have none), False the cp.async path, None as a launch
+    chooses (``TMA_DEFAULT``)."""
+    mode = tma_mode(arch, page_size, plan(arch, None, 1, S, Hq, Hkv, D, page_size, 1, window,
+                                          num_splits, cache_dtype.itemsize)["BLOCK_N"],
+                    D, cache_dtype.itemsize)
+    if tma and not mode:
+        raise ValueError(f"no TMA path on sm_{arch} at page size {page_size}")
+    if tma is False or (tma is None and mode not in TMA_DEFAULT.get(arch, ())):
+        mode = 0
     p = plan(arch, None, 1, S, Hq, Hkv, D, page_size, 1, window, num_splits,
-             cache_dtype.itemsize)
+             cache_dtype.itemsize, mode > 0)
     act, cache = "*" + TL_DTYPES[dtype], "*" + TL_DTYPES[cache_dtype]
     sig = dict(Q=act, KC=cache, VC=cache, BT="*i32", CL="*i32", KB=act, VB=act, KS="*fp32",
                VS="*fp32", O=act, LSE="*fp32", PO="*fp32", PLSE="*fp32", MB="*i32",
@@ -545,11 +694,25 @@ def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: in
                  IS_FP8=cache_dtype != dtype, HAS_LSE=return_lse,
                  MASK_MODE={"full": 0, "causal": 1, "bits": 2}[block_mask], MASK_W=(S + 31) // 32,
                  KV_VEC=16 // cache_dtype.itemsize)
+    if mode:
+        box = f"{TL_DTYPES[cache_dtype]}[{p['BLOCK_N'] if mode == 1 else 1},{D}]"
+        sig.update(KD=f"tensordesc<{box}>", VD=f"tensordesc<{box}>", tma_rh="i32", tma_ch="i32")
+        # An NHD cache: row = page * page_size + r, column h * D (tma_rh = 0).
+        if page_size == 1:
+            const.update(tma_rp=1)
+        else:
+            sig.update(tma_rp="i32")
+        const.update(KV_TMA=mode)
+    else:
+        const.update(KD=None, VD=None, tma_rp=0, tma_rh=0, tma_ch=0, KV_TMA=0)
     sig.update({n: "constexpr" for n in const})
     # What a real launch derives from 16-byte aligned tensors whose head and
     # token strides are multiples of D (the block-table stride is arbitrary).
     hints = {n: 16 for n, t in sig.items() if t.startswith("*")}
     hints.update({n: 16 for n in _INT_ARGS if n.startswith("s") and n != "sbt_b"})
+    hints.update({n: 16 for n in ("tma_rh", "tma_ch") if sig.get(n) == "i32"})
+    if sig.get("tma_rp") == "i32" and page_size % 16 == 0:
+        hints["tma_rp"] = 16
     options = {"maxnreg": p["maxnreg"]} if "maxnreg" in p else {}
     return dict(signature=sig, constexprs=const, num_warps=p["num_warps"],
                 num_stages=p["num_stages"], divisibility=hints, options=options)
@@ -558,13 +721,15 @@ def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: in
 def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_block,
                     sm_scale: float, window: int, k_scale, v_scale, out, lse,
                     causal: bool = False, mask_bits=None,
-                    *, num_splits: Optional[int] = None) -> None:
+                    *, num_splits: Optional[int] = None, tma: Optional[bool] = None) -> None:
     """Writes ``out`` ``[B, S, Hq, D]`` and ``lse`` fp32 ``[B, S, Hq]`` (or None).
 
     Arguments as in docs/DESIGN.md (``lse`` contiguous, as ops.py allocates or
     checks it); ``causal`` / ``mask_bits`` (int32 ``[B, S, ceil(S/32)]``,
     contiguous) select the block mask. ``num_splits`` (tests, tuning) forces the context split count;
-    by default it comes from host-known sizes only.
+    by default it comes from host-known sizes only. ``tma`` (tests, tuning): True takes the
+    TMA path wherever the arch, page size and layout allow it (``kv_path``), False never;
+    by default the modes of ``TMA_DEFAULT`` of the arch.
     """
     B, S, Hq, D = q.shape
     num_pages, page, Hkv, _ = k_cache.shape
@@ -579,6 +744,11 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
     g = Hq // Hkv
     cfg = plan(arch(q.device), num_sms(q.device), B, S, Hq, Hkv, D, page, block_table.shape[1],
                window, num_splits, k_cache.element_size())
+    mode, tma_args = kv_path(arch(q.device), cfg, k_cache, v_cache, tma)
+    if mode:
+        # The same tiles and splits; the TMA path's own stage count.
+        cfg = plan(arch(q.device), num_sms(q.device), B, S, Hq, Hkv, D, page,
+                   block_table.shape[1], window, num_splits, k_cache.element_size(), True)
     ns = cfg["NUM_SPLITS"]
     has_block = k_block is not None
     is_fp8 = k_cache.dtype != q.dtype
@@ -606,7 +776,7 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
             NUM_M_BLOCKS=cfg["NUM_M_BLOCKS"], NUM_SPLITS=ns,
             HAS_BLOCK=has_block, HAS_WINDOW=window > 0, IS_FP8=is_fp8, HAS_LSE=lse is not None,
             MASK_MODE=2 if mask_bits is not None else int(bool(causal)), MASK_W=(S + 31) // 32,
-            KV_VEC=kv_vec(k_cache, v_cache),
+            KV_VEC=kv_vec(k_cache, v_cache), **tma_args,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
         )
