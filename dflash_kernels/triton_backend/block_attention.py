@@ -185,7 +185,7 @@ def _tma_tile(acc, m_i, l_i, q, n0, ctx_scale, KD, VD, BT, b, hrow, hcol, tma_rp
               IS_FP8: tl.constexpr):
     """One whole context tile ``[n0, n0 + BLOCK_N)`` (every token in range and
     seen by every row) by TMA: ``KV_TMA`` 1 one box (the tile lies in one
-    page), 2 a row gather (Blackwell; any page size). The descriptors view
+    page: ``BLOCK_N`` divides ``PAGE`` and, without a window, ``n0``), 2 a row gather (Blackwell; any page size). The descriptors view
     the cache as ``[rows, cols]``: token ``r`` of page ``p``, head ``h`` is row
     ``p * tma_rp + r + hrow``, columns ``[hcol, hcol + D)`` (host-checked,
     ``kv_tma``). Only whole tiles come here: a box reads whole page rows, and
@@ -336,6 +336,7 @@ def _block_attention_kernel(
     if KV_TMA > 0:
         # Whole tiles by TMA; the split's last part-tile (tokens past the
         # length inside its last page) peeled, by the masked loads.
+        tl.static_assert(KV_TMA == 2 or not HAS_WINDOW, "a window's tiles straddle pages")
         tail = mid_start + (mid_end - mid_start) // BLOCK_N * BLOCK_N
         hrow = (h * tma_rh).to(tl.int32)
         hcol = (h * tma_ch).to(tl.int32)
@@ -591,15 +592,17 @@ def kv_vec(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
 TMA_DEFAULT = {90: (1,), 100: (1,), 103: (1,)}
 
 
-def tma_mode(arch: Optional[int], page_size: int, block_n: int, D: int, cache_bytes: int) -> int:
+def tma_mode(arch: Optional[int], page_size: int, block_n: int, D: int, cache_bytes: int,
+             window: int = 0) -> int:
     """The kernel's ``KV_TMA`` for a layout the descriptors can view (``kv_tma``):
     1 one TMA box per tile (the tile lies in one page: ``page_size`` a
-    multiple of ``block_n``; sm_90 and up), 2 a TMA row gather (Blackwell's
+    multiple of ``block_n``, and no window, whose tiles start at ``lo``, not at
+    multiples of ``block_n``; sm_90 and up), 2 a TMA row gather (Blackwell's
     ``gather4``; any page size; ptxas rejects it for sm_90a), 0 none. ``arch``
     None is the interpreter, which runs both."""
     if arch is not None and arch not in (90, 100, 103):
         return 0
-    if page_size % block_n == 0:
+    if page_size % block_n == 0 and not window:
         return 1
     if (arch is None or arch != 90) and block_n >= 8 and D * cache_bytes >= 32:
         return 2
@@ -638,14 +641,14 @@ def kv_tma(k_cache: torch.Tensor, v_cache: torch.Tensor, mode: int) -> Optional[
 
 
 def kv_path(arch_: Optional[int], cfg: dict, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            tma: Optional[bool] = None) -> tuple:
+            tma: Optional[bool] = None, window: int = 0) -> tuple:
     """``(KV_TMA, kernel keyword arguments)`` of a launch with plan ``cfg``: the TMA
     path where ``tma`` asks for it (None: the modes of ``TMA_DEFAULT`` of the arch)
     and the arch, page size and layout allow it (host facts only), else ``(0, {})``."""
     if tma is False:
         return 0, {}
     _, page, _, D = k_cache.shape
-    mode = tma_mode(arch_, page, cfg["BLOCK_N"], D, k_cache.element_size())
+    mode = tma_mode(arch_, page, cfg["BLOCK_N"], D, k_cache.element_size(), window)
     if tma is None and mode not in TMA_DEFAULT.get(arch_, ()):
         return 0, {}
     view = kv_tma(k_cache, v_cache, mode)
@@ -675,7 +678,7 @@ def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: in
     chooses (``TMA_DEFAULT``)."""
     mode = tma_mode(arch, page_size, plan(arch, None, 1, S, Hq, Hkv, D, page_size, 1, window,
                                           num_splits, cache_dtype.itemsize)["BLOCK_N"],
-                    D, cache_dtype.itemsize)
+                    D, cache_dtype.itemsize, window)
     if tma and not mode:
         raise ValueError(f"no TMA path on sm_{arch} at page size {page_size}")
     if tma is False or (tma is None and mode not in TMA_DEFAULT.get(arch, ())):
@@ -744,7 +747,7 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
     g = Hq // Hkv
     cfg = plan(arch(q.device), num_sms(q.device), B, S, Hq, Hkv, D, page, block_table.shape[1],
                window, num_splits, k_cache.element_size())
-    mode, tma_args = kv_path(arch(q.device), cfg, k_cache, v_cache, tma)
+    mode, tma_args = kv_path(arch(q.device), cfg, k_cache, v_cache, tma, window)
     if mode:
         # The same tiles and splits; the TMA path's own stage count.
         cfg = plan(arch(q.device), num_sms(q.device), B, S, Hq, Hkv, D, page,
