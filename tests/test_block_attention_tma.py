@@ -3,9 +3,11 @@
 Triton's host-side tensor descriptors run under the interpreter (``load``
 and ``gather`` both), so the TMA path is run here, not only compiled: one
 box per tile (``KV_TMA`` 1, page 64 at the interpreter's 64-token tiles) and
-the row gather (``KV_TMA`` 2, pages 16 and 1; on a GPU Blackwell only).
-Each test checks that the TMA path really ran (the plan's ``KV_TMA`` and the
-interpreter's descriptor loads), and compares it with the reference and with
+the row gather (``KV_TMA`` 2, pages 16 and 1). On a GPU the same tests run
+the modes that GPU has (sm_90: the box at page 64; sm_100: the box at page
+64, the gather at 16 and 1) and skip the others. Each test checks that the
+TMA path really ran (the launch's ``KV_TMA``, and under the interpreter its
+descriptor loads), and compares it with the reference and with
 the cp.async path on inputs poisoned as in tests/helpers.py (NaN, here also
 +-inf, in the rows past each length and in spare pages; garbage table
 entries past the used pages; NaN-prefilled outputs). The compile facts of
@@ -21,38 +23,48 @@ from triton.runtime import interpreter
 from dflash_kernels.triton_backend import block_attention as tri
 from helpers import NAN, make_attention_case, run_attention
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
-                                reason="forces the path on the interpreter's plan (arch None)")
-
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+INTERPRETED = not torch.cuda.is_available()
+interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="counts loads through the interpreter")
 
 
-def _scale(s):
-    return torch.full((1,), float(s), dtype=torch.float32) if s is not None else None
+def _scale(s, device):
+    return torch.full((1,), float(s), dtype=torch.float32, device=device) if s is not None else None
 
 
 def _plan(case, window=0, num_splits=None):
     B, S, Hq, D = case["q"].shape
     _, page, Hkv, _ = case["k_cache"].shape
-    return tri.plan(None, None, B, S, Hq, Hkv, D, page, case["block_table"].shape[1], window,
-                    num_splits, case["k_cache"].element_size())
+    return tri.plan(tri.arch(case["q"].device), None, B, S, Hq, Hkv, D, page,
+                    case["block_table"].shape[1], window, num_splits,
+                    case["k_cache"].element_size())
+
+
+def tma_mode_here(case, window=0, num_splits=None):
+    """The mode a forced launch takes on this device (0: none, skip)."""
+    mode = tri.kv_path(tri.arch(case["q"].device), _plan(case, window, num_splits),
+                       case["k_cache"], case["v_cache"], True, window)[0]
+    if mode == 0 and not INTERPRETED:
+        pytest.skip("no TMA path for this arch and page size")
+    return mode
 
 
 def run(case, window=0, num_splits=None, tma=True, sm_scale=0.125):
     q = case["q"]
     out = torch.full_like(q, NAN)
-    lse = torch.full(q.shape[:3], NAN, dtype=torch.float32)
+    lse = torch.full(q.shape[:3], NAN, dtype=torch.float32, device=q.device)
     tri.block_attention(q, case["k_cache"], case["v_cache"], case["block_table"],
                         case["context_lens"], case["k_block"], case["v_block"], sm_scale, window,
-                        _scale(case["k_scale"]), _scale(case["v_scale"]), out, lse,
-                        num_splits=num_splits, tma=tma)
+                        _scale(case["k_scale"], q.device), _scale(case["v_scale"], q.device),
+                        out, lse, num_splits=num_splits, tma=tma)
     return out, lse
 
 
 @pytest.fixture
 def descriptor_reads(monkeypatch):
     """Every descriptor load the interpreter runs (a gather is one per row):
-    ``(block_shape, row, col)``."""
+    ``(block_shape, row, col)``; None on a GPU."""
+    if not INTERPRETED:
+        return None
     reads = []
     orig = interpreter.InterpreterBuilder.create_descriptor_load
 
@@ -90,17 +102,18 @@ LENS = [0, 37, 141, 128, 193]
 
 @pytest.mark.parametrize("page, mode", [(64, 1), (16, 2), (1, 2)])
 @pytest.mark.parametrize("cache", ["act", "e4m3", "e5m2"])
-def test_tma_matches_reference_and_cp_async(page, mode, cache, descriptor_reads):
+def test_tma_matches_reference_and_cp_async(page, mode, cache, descriptor_reads, device):
     torch.manual_seed(page * 7 + len(cache))
     dtype = torch.bfloat16 if cache != "e5m2" else torch.float16
     cdt = {"act": None, "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[cache]
     case = make_attention_case(S=3, Hq=4, Hkv=2, D=64, page_size=page, ctx_lens=LENS,
-                               dtype=dtype, cache_dtype=cdt)
+                               dtype=dtype, cache_dtype=cdt, device=device)
     poison_inf(case)
-    assert tri.kv_path(None, _plan(case), case["k_cache"], case["v_cache"], True)[0] == mode
+    assert tma_mode_here(case) == mode
     out, lse = run(case, num_splits=1)
-    assert descriptor_reads, "the TMA path did not run"
-    assert {shape for shape, _, _ in descriptor_reads} == {(64, 64) if mode == 1 else (1, 64)}
+    if INTERPRETED:
+        assert descriptor_reads, "the TMA path did not run"
+        assert {shape for shape, _, _ in descriptor_reads} == {(64, 64) if mode == 1 else (1, 64)}
     atol = 3e-2 if dtype == torch.bfloat16 or cdt is not None else 4e-3
     assert_close_to_reference(case, out, lse, 0, atol)
     # The same tiles in the same order as the cp.async path: the same result up to the
@@ -116,17 +129,18 @@ def test_tma_matches_reference_and_cp_async(page, mode, cache, descriptor_reads)
                           (64, "nhd", 2, 200, True),        # window: whole tiles between the edges
                           (1, "hnd", 3, 150, False),
                           (16, "nhd", 4, 5, True)])         # window shorter than a tile: no TMA tile
-def test_tma_splits_layouts_windows(page, layout, num_splits, window, block, descriptor_reads):
+def test_tma_splits_layouts_windows(page, layout, num_splits, window, block, descriptor_reads,
+                                    device):
     torch.manual_seed(page + num_splits + window)
     S = 4
     lens = [L + (0 if block else S) for L in (0, 141, 250)]
     case = make_attention_case(S=S, Hq=8, Hkv=2, D=64, page_size=page, ctx_lens=lens,
-                               block=block, layout=layout)
+                               block=block, layout=layout, device=device)
     poison_inf(case)
-    assert tri.kv_path(None, _plan(case, window, num_splits), case["k_cache"], case["v_cache"],
-                       True)[0] > 0
+    assert tma_mode_here(case, window, num_splits) > 0
     out, lse = run(case, window, num_splits)
-    assert bool(descriptor_reads) == (window == 0 or window > 64)
+    if INTERPRETED:
+        assert bool(descriptor_reads) == (window == 0 or window > 64)
     assert_close_to_reference(case, out, lse, window, 4e-3)
     out2, lse2 = run(case, window, num_splits, tma=False)
     torch.testing.assert_close(out, out2, atol=1e-3, rtol=1e-3)
@@ -145,6 +159,7 @@ def _context_rows(case):
     return rows
 
 
+@interpreter_only
 @pytest.mark.parametrize("page, layout", [(64, "nhd"), (16, "hnd"), (1, "combined")])
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_tma_reads_each_context_row_once(page, layout, num_splits, descriptor_reads,
@@ -179,11 +194,12 @@ def test_tma_reads_each_context_row_once(page, layout, num_splits, descriptor_re
     assert got <= want and len(got) >= 2 * 2 * 64
 
 
-def test_tma_empty_and_zero_length_requests(descriptor_reads):
+def test_tma_empty_and_zero_length_requests(descriptor_reads, device):
     # Every length below one tile: no whole tile, so no TMA load at all; the peeled
     # part-tile gives the whole answer.
-    case = make_attention_case(S=4, Hq=4, Hkv=1, D=64, page_size=16, ctx_lens=[0, 1, 63],
-                               cache_dtype=torch.float8_e4m3fn)
+    case = make_attention_case(S=4, Hq=4, Hkv=1, D=64, page_size=64, ctx_lens=[0, 1, 31],
+                               cache_dtype=torch.float8_e4m3fn, device=device)
+    assert tma_mode_here(case) > 0
     out, lse = run(case, num_splits=2)
     assert not descriptor_reads
     assert_close_to_reference(case, out, lse, 0, 4e-3)
@@ -245,15 +261,17 @@ def test_layouts_the_descriptors_cannot_view():
     assert tri.kv_tma(nhd, nhd.float(), 2) is None                         # 4-byte elements
 
 
-def test_forced_tma_falls_back_where_the_layout_has_none(descriptor_reads):
+def test_forced_tma_falls_back_where_the_layout_has_none(descriptor_reads, device):
     # tma=True on a layout no descriptor can view runs the cp.async path, correctly.
-    case = make_attention_case(S=3, Hq=4, Hkv=2, D=64, page_size=16, ctx_lens=[0, 141])
+    case = make_attention_case(S=3, Hq=4, Hkv=2, D=64, page_size=64, ctx_lens=[0, 141],
+                               device=device)
     for name in ("k_cache", "v_cache"):
         c = case[name]
-        padded = torch.full((*c.shape[:3], c.shape[3] + 1), NAN, dtype=c.dtype)
+        padded = torch.full((*c.shape[:3], c.shape[3] + 1), NAN, dtype=c.dtype, device=device)
         padded[..., :c.shape[3]] = c
         case[name] = padded[..., :c.shape[3]]
-    assert tri.kv_path(None, _plan(case), case["k_cache"], case["v_cache"], True) == (0, {})
+    assert tri.kv_path(tri.arch(case["q"].device), _plan(case), case["k_cache"], case["v_cache"],
+                       True) == (0, {})
     out, lse = run(case, num_splits=2)
     assert not descriptor_reads
     assert_close_to_reference(case, out, lse, 0, 4e-3)

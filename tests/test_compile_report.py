@@ -19,8 +19,11 @@ from microbench import sass
 
 ARCHS = (90, 100)
 MMA = {90: "wgmma", 100: "tcgen05"}
-ATTN = [f"block_attention.{c}.page{p}" for c in ("bf16", "fp8") for p in (16, 1)]
+ATTN = [f"block_attention.{c}.page{p}" for c in ("bf16", "fp8") for p in (16, 1, 64)]
 ATTN_WINDOW = [f"block_attention.window.{c}.page16" for c in ("bf16", "fp8")]
+# The TMA path (docs/block_attention.md, "TMA path"): (row, arch) -> its cp.async twin.
+ATTN_TMA = {(f"block_attention.tma.{c}.page{p}", a): f"block_attention.{c}.page{p}"
+            for c in ("bf16", "fp8") for p in (64, 16, 1) for a in ARCHS if p == 64 or a == 100}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +115,9 @@ def test_every_kernel_is_reported(rows):
     cuda = [k for k in names if k.startswith("cuda.")]
     if sass.extension_path() is not None:
         assert any("split_argmax" in k for k in cuda) and any("write_kv" in k for k in cuda)
-    assert all((k, a) in rows for k in names for a in ARCHS)
+    # The TMA gather rows exist on sm_100a only (ptxas rejects gather4 for sm_90a).
+    assert {k for k in rows if k[0].startswith("block_attention.tma.")} == set(ATTN_TMA)
+    assert all((k, a) in rows for k in names for a in ARCHS if not k.startswith("block_attention.tma."))
 
 
 def test_no_spills_no_local_memory(rows):
@@ -222,6 +227,36 @@ def test_attention_window_main_loop_is_the_plain_one(rows, name, arch):
              and lp["load_kinds"].get("LDGSTS.128", 0) >= 2]
     assert piped and min(lp["instructions"] for lp in piped) <= 1.05 * plain["instructions"], \
         [(lp["instructions"], lp["load_kinds"]) for lp in r["loops"]]
+
+
+@pytest.mark.parametrize("name, arch", sorted(ATTN_TMA))
+def test_attention_tma_budget(rows, name, arch):
+    # Issue 12's budget on the TMA path: every K / V load of the main loop a TMA copy (the
+    # only other load is the tile's block-table entry), >= 2 tiles issued ahead (expect_tx
+    # bytes before the first wait), 2 CTAs/SM, no spills, the arch's tensor-core MMA.
+    r = rows[(name, arch)]
+    lp = _main(r)
+    assert r["spills"] == 0 and r["ctas_per_sm"] >= 2 and r["uses_tma"], r
+    assert r["mma"] == [MMA[arch]] and lp["mma"] == [MMA[arch]]
+    kinds = dict(lp["load_kinds"])
+    assert kinds.pop("TMA", 0) >= 2 and set(kinds) <= {"LDGSTS.32", "LDG.32"} and sum(kinds.values()) <= 1, kinds
+    assert lp["tiles_in_flight"] >= 2, lp["tiles_in_flight"]
+
+
+@pytest.mark.parametrize("name, arch", sorted(ATTN_TMA))
+def test_attention_tma_default_only_where_fewer_instructions(rows, name, arch):
+    # A TMA mode is a launch's default (TMA_DEFAULT) only where its main loop takes no more
+    # instructions per K/V byte than the cp.async build of the same launch: the box
+    # (page 64) on both archs; the gather is not (bf16 takes more instructions on sm_100a).
+    from dflash_kernels.triton_backend import block_attention as ba
+
+    page = int(name.rsplit("page", 1)[1])
+    mode = 1 if page == 64 else 2
+    tma, cp = _main(rows[(name, arch)]), _main(rows[(ATTN_TMA[(name, arch)], arch)])
+    if mode in ba.TMA_DEFAULT[arch]:
+        assert tma["instr_per_byte"] <= cp["instr_per_byte"], (tma["instructions"], cp["instructions"])
+    if mode == 1:
+        assert tma["instructions"] < 0.85 * cp["instructions"], (tma["instructions"], cp["instructions"])
 
 
 # ---------------------------------------------------------------- verify_chain
