@@ -76,6 +76,21 @@ def test_parser_loops_loads_and_tiles():
     assert sass.mma_kind("UTCHMMA.2CTA") == "tcgen05" and sass.mma_kind("HMMA.16816.F32") == "mma.sync"
 
 
+def test_tma_bytes_from_the_ptx():
+    # TMA copies carry their size in the descriptor: the report reads the bytes announced
+    # (expect_tx) before the first mbarrier wait, K of a tile without its V counting half.
+    ptx = """
+    @%p6 mbarrier.arrive.expect_tx.shared::cta.b64 _, [%r68], 32768;
+    @%p9 mbarrier.arrive.expect_tx.shared::cta.b64 _, [%r69], 8192;
+    mbarrier.try_wait.parity.shared::cta.b64 complete, [%r152], %r1099;
+    @%p31 mbarrier.arrive.expect_tx.shared::cta.b64 _, [%r253], 32768;
+    """
+    assert sass.tma_prefetch_bytes(ptx) == 32768 + 8192
+    job = sass.TritonJob("m", "k", {"KD": "tensordesc<fp8e4nv[64,128]>"}, {"KV_TMA": 1, "BLOCK_N": 64, "D": 128})
+    assert sass.tma_tile_bytes(job) == 2 * 64 * 128
+    assert sass.tma_tile_bytes(sass.TritonJob("m", "k", {}, {"KV_TMA": 0})) is None
+
+
 def test_occupancy_model():
     # The figures of issue 12: 106 registers, 8 warps, 65 KB -> 2 CTAs/SM; 134 registers -> 1.
     assert sass.occupancy(90, 106, 65 * 1024, 256)["ctas_per_sm"] == 2
