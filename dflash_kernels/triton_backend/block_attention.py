@@ -185,12 +185,13 @@ def _tma_tile(acc, m_i, l_i, q, n0, ctx_scale, KD, VD, BT, b, hrow, hcol, tma_rp
               IS_FP8: tl.constexpr):
     """One whole context tile ``[n0, n0 + BLOCK_N)`` (every token in range and
     seen by every row) by TMA: ``KV_TMA`` 1 one box (the tile lies in one
-    page: ``BLOCK_N`` divides ``PAGE`` and, without a window, ``n0``), 2 a row gather (Blackwell; any page size). The descriptors view
-    the cache as ``[rows, cols]``: token ``r`` of page ``p``, head ``h`` is row
-    ``p * tma_rp + r + hrow``, columns ``[hcol, hcol + D)`` (host-checked,
-    ``kv_tma``). Only whole tiles come here: a box reads whole page rows, and
-    rows past a request's length are garbage (NaN in the tests) that
-    ``0 x NaN`` would carry into P x V; the part-tile takes the masked loads."""
+    page: ``BLOCK_N`` divides ``PAGE`` and, without a window, ``n0``), 2 a row
+    gather (Blackwell; any page size). The descriptors view the cache as
+    ``[rows, cols]``: token ``r`` of page ``p``, head ``h`` is row ``p * tma_rp
+    + r + hrow``, columns ``[hcol, hcol + D)`` (host-checked, ``kv_tma``).
+    Only whole tiles come here: TMA reads whole token rows, and rows past a
+    request's length are garbage (NaN in the tests) that ``0 x NaN`` would
+    carry into P x V; the part-tile takes the masked loads."""
     if KV_TMA == 1:
         p = tl.load(BT + b * sbt_b + (n0 // PAGE) * sbt_p)
         p = tl.minimum(tl.maximum(p, 0), num_pages - 1)
