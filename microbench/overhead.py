@@ -155,14 +155,16 @@ def _registry_handing_out(table: Dict[str, Callable]):
     the backend function the case wants (a no-op, the stubbed Triton path, the
     probe path). ``_load`` and ``resolve`` are left alone: backend resolution
     is timed as part of the public layer, as it runs."""
-    from dflash_kernels import _registry
+    from dflash_kernels import _fastpath, _registry
 
     saved = _registry.get
     _registry.get = lambda op, backend: table[op]
+    _fastpath.forget(plans_only=True)     # plans hold the backend function they recorded
     try:
         yield
     finally:
         _registry.get = saved
+        _fastpath.forget(plans_only=True)
 
 
 def _fake_cuda_driver():
