@@ -240,13 +240,24 @@ def test_outputs_and_results_match_the_python_path():
     assert torch.equal(o1, o2) and torch.equal(l1, l2) and l1.dtype == torch.float32
 
 
-def test_switched_off_by_the_environment():
+SWITCHES = {
+    # the whole fast path off: no extension use at all
+    "DFLASH_KERNELS_NO_FASTPATH": "assert not _fastpath.ENABLED and not _fastpath.PLANS;",
+    # only call plans off: the checks are still skipped for known layouts
+    "DFLASH_KERNELS_NO_CALL_PLANS": "assert _fastpath.ENABLED and not _fastpath.PLANS;",
+}
+
+
+@pytest.mark.parametrize("var", sorted(SWITCHES))
+def test_switched_off_by_the_environment(var):
     code = ("import torch, dflash_kernels as dk; from dflash_kernels import _fastpath;"
-            "assert not _fastpath.ENABLED;"
-            "r = dk.verify_chain(torch.randn(2, 3, 7), torch.zeros(2, 3, dtype=torch.int64));"
-            "assert r.out_tokens.shape == (2, 3) and r.accept_len.dtype == torch.int32;"
+            + SWITCHES[var] +
+            "x = torch.randn(2, 3, 7);"
+            "r = [dk.verify_chain(x, torch.zeros(2, 3, dtype=torch.int64)) for _ in range(2)];"
+            "assert r[0].out_tokens.shape == (2, 3) and r[0].accept_len.dtype == torch.int32;"
+            "assert torch.equal(r[0].out_tokens, r[1].out_tokens);"
             "print('ok')")
-    env = {"DFLASH_KERNELS_NO_FASTPATH": "1", "PATH": "/usr/bin:/bin"}
+    env = {var: "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
@@ -514,19 +525,6 @@ def test_a_plan_holds_its_backend_and_passes_on_its_exceptions(spied, monkeypatc
     monkeypatch.setattr(_registry, "get", lambda op, backend: lambda *a: None)
     _fastpath.forget(plans_only=True)
     assert fn(**kw).accept_len.shape == (3,)
-
-
-def test_plans_switched_off_by_the_environment():
-    code = ("import torch, dflash_kernels as dk; from dflash_kernels import _fastpath;"
-            "assert _fastpath.ENABLED and not _fastpath.PLANS;"
-            "x = torch.randn(2, 3, 7);"
-            "r = [dk.verify_chain(x, torch.zeros(2, 3, dtype=torch.int64)) for _ in range(2)];"
-            "assert torch.equal(r[0].out_tokens, r[1].out_tokens);"
-            "print('ok')")
-    env = {"DFLASH_KERNELS_NO_CALL_PLANS": "1", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_a_call_that_returns_early_records_nothing_for_the_next(spied, monkeypatch):
