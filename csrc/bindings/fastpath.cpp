@@ -573,17 +573,20 @@ PyObject* fast_empty(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 }  // namespace
 
+// One METH_FASTCALL entry of the module's method table.
+#define DFLASH_FASTCALL(name, fn, doc) \
+  {name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fn)), METH_FASTCALL, doc}
+
 PyMethodDef dflash_fastpath_methods[] = {
-    {"fast_check", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_check)),
-     METH_FASTCALL, "fast_check(op, written, items, key=None, replay=False): see fastpath.cpp"},
-    {"fast_accept", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_accept)),
-     METH_FASTCALL, "fast_accept(op, written, items, key=None): remember a validated layout"},
-    {"fast_plan", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_plan)),
-     METH_FASTCALL, "fast_plan(op, written, items, key, plan): a remembered layout's call plan"},
-    {"fast_forget", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_forget)),
-     METH_FASTCALL, "fast_forget(plans_only=False): drop remembered layouts (or their plans)"},
-    {"launch_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(launch_key)),
-     METH_FASTCALL, "launch_key(items): bytes naming the arguments' exact kinds, or None"},
-    {"empty", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_empty)),
-     METH_FASTCALL, "empty(like, kind, *shapes): new tensors on like's device"},
+    DFLASH_FASTCALL("fast_check", fast_check,
+                    "fast_check(op, written, items, key=None, replay=False): see fastpath.cpp"),
+    DFLASH_FASTCALL("fast_accept", fast_accept,
+                    "fast_accept(op, written, items, key=None): remember a validated layout"),
+    DFLASH_FASTCALL("fast_plan", fast_plan,
+                    "fast_plan(op, written, items, key, plan): a remembered layout's call plan"),
+    DFLASH_FASTCALL("fast_forget", fast_forget,
+                    "fast_forget(plans_only=False): drop remembered layouts (or their plans)"),
+    DFLASH_FASTCALL("launch_key", launch_key,
+                    "launch_key(items): bytes naming the arguments' exact kinds, or None"),
+    DFLASH_FASTCALL("empty", fast_empty, "empty(like, kind, *shapes): new tensors on like's device"),
     {nullptr, nullptr, 0, nullptr}};
