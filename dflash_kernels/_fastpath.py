@@ -131,17 +131,31 @@ def forget(plans_only: bool = False) -> None:
 # (thread, op, written, items, backend, outputs made so far): the call that may
 # record its layout's plan when it reaches ops._run on the same thread.
 _PENDING = None
-# Tensors the public layer keeps per layout and never writes (ops._all_drafts,
-# scale_tensor of a float): a plan may hold them as constants.
+# Tensors the public layer keeps and never writes (:func:`kept`): a plan may hold
+# them as constants.
 _CONSTANTS: dict = {}
-_MAX_CONSTANTS = 4096
+_KEPT: dict = {}
+_MAX_KEPT = 4096
 
 
-def constant(t: torch.Tensor) -> torch.Tensor:
-    """Mark ``t`` (made from host values only, kept, never written) as a tensor
-    call plans may hold as a constant; returns it."""
-    if len(_CONSTANTS) < _MAX_CONSTANTS:
-        _CONSTANTS[id(t)] = t
+def kept(key, device: torch.device, make) -> torch.Tensor:
+    """The tensor ``make()`` builds from host values only (``key`` names them),
+    made once per device and, on CUDA, per current stream, then kept and never
+    written: its fill runs on the stream of its first use, so a use from
+    another stream gets its own (no stream waits on another). Made during CUDA
+    graph capture it is not kept (its fill would only run on replay)."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return make()
+        full_key = (key, device, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        full_key = (key, device)
+    t = _KEPT.get(full_key)
+    if t is None:
+        t = make()
+        if len(_KEPT) < _MAX_KEPT:
+            _KEPT[full_key] = t
+            _CONSTANTS[id(t)] = t
     return t
 
 
@@ -205,7 +219,7 @@ def _plan(fn, items, outs, args, result):
             return desc
         if isinstance(obj, torch.Tensor):
             if _CONSTANTS.get(id(obj)) is obj:
-                return (0, obj)
+                return constant(obj)
             views = [d for t, d in tensors if t.data_ptr() == obj.data_ptr() and
                      t.dtype == obj.dtype and t.device == obj.device]
             if len(views) == 1 and views[0][0] == 1 and type(obj) is torch.Tensor:
@@ -218,13 +232,29 @@ def _plan(fn, items, outs, args, result):
             return (6, None if type(obj) is tuple else type(obj), tuple(describe(e) for e in obj))
         raise LookupError
 
+    cuda_constants = []
+
+    def constant(t):
+        if t.is_cuda:
+            cuda_constants.append(t)
+        return (0, t)
+
     try:
         arg_descs = tuple(describe(a) for a in args)
         result_desc = describe(result)
     except LookupError:
         return None
+    # A kept CUDA constant belongs to the stream it was made on (kept()): the plan
+    # runs only while that stream is current.
+    stream = None
+    if cuda_constants:
+        devices = {t.device for t in cuda_constants}
+        if len(devices) != 1:
+            return None
+        (dev,) = devices
+        stream = (dev.index, torch.cuda.current_stream(dev).cuda_stream)
     return (fn, _registry._getenv(_registry.ENV_VAR), _registry._getenv("TRITON_INTERPRET"),
-            arg_descs, tuple(specs), result_desc)
+            arg_descs, tuple(specs), result_desc, stream)
 
 
 _KIND_DTYPES = {KIND_INT32: torch.int32, KIND_FLOAT32: torch.float32}

@@ -99,25 +99,17 @@ def check_scale(name, scale, cache, device):
 def scale_tensor(scale, device):
     """The kernels' form of a scale :func:`check_scale` accepted: None, or a
     1-element fp32 tensor. A float becomes one with ``torch.full`` (a device
-    fill) once per value and device: kernels only read it, so eager calls share
-    it (and a call plan may hold it). Never kept when made during CUDA graph
-    capture: its fill would only run on replay."""
+    fill) once per value, device and stream (``_fastpath.kept``): kernels only
+    read it, so eager calls share it and a call plan may hold it."""
     if scale is None:
         return None
     if isinstance(scale, torch.Tensor):
         return scale.reshape(1)
-    key = (float(scale), device)
-    t = _SCALES.get(key)
-    if t is None:
-        t = torch.full((1,), float(scale), dtype=torch.float32, device=device)
-        if len(_SCALES) < 1024 and not (device.type == "cuda" and
-                                        torch.cuda.is_current_stream_capturing()):
-            from . import _fastpath
-            _SCALES[key] = _fastpath.constant(t)
-    return t
+    from . import _fastpath
 
-
-_SCALES: dict = {}
+    value = float(scale)
+    return _fastpath.kept(("scale", value), device, lambda: torch.full(
+        (1,), value, dtype=torch.float32, device=device))
 
 
 def check_int(name, value, *, minimum=None):

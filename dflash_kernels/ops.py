@@ -642,26 +642,17 @@ def norm_rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor, *,
 # verify_chain
 # --------------------------------------------------------------------------
 
-_DRAFTS: dict = {}
-_MAX_DRAFTS = 1024
 
 
 def _all_drafts(B: int, S: int, dev: torch.device) -> Tensor:
     """The default ``num_drafts`` (S-1 everywhere). A read-only input, so eager
-    calls share one tensor per shape and device (no fill per call), never freed
-    (a captured CUDA graph may hold its address). Never made during graph
-    capture: its fill would only run on replay."""
-    if not _is_compiling():
-        key = (B, S, dev)
-        t = _DRAFTS.get(key)
-        if t is not None:
-            return t
-        if len(_DRAFTS) < _MAX_DRAFTS and not (
-                dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            t = _DRAFTS[key] = _fastpath.constant(
-                torch.full((B,), S - 1, dtype=torch.int32, device=dev))
-            return t
-    return torch.full((B,), S - 1, dtype=torch.int32, device=dev)
+    calls share one tensor per shape, device and stream (``_fastpath.kept``: no
+    fill per call), never freed (a captured CUDA graph may hold its address).
+    Never kept when made during graph capture or tracing."""
+    if _is_compiling():
+        return torch.full((B,), S - 1, dtype=torch.int32, device=dev)
+    return _fastpath.kept(("num_drafts", B, S), dev, lambda: torch.full(
+        (B,), S - 1, dtype=torch.int32, device=dev))
 
 
 def _check_row_logits(logits, B, R, dev, letter):

@@ -552,3 +552,39 @@ def test_a_call_that_returns_early_records_nothing_for_the_next(spied, monkeypat
     assert [w for w, _ in spied] == ["_run", "_run"]
     assert fn(**empty).shape[0] == 0
     assert len(spied) == 2                          # the empty layout still reaches no backend
+
+
+def test_kept_tensors_are_made_once_per_key_and_device():
+    made = []
+
+    def make():
+        made.append(1)
+        return torch.full((2,), 3, dtype=I32)
+
+    dev = torch.device("cpu")
+    a = _fastpath.kept(("test", 1), dev, make)
+    assert _fastpath.kept(("test", 1), dev, make) is a and len(made) == 1
+    assert _fastpath.kept(("test", 2), dev, make) is not a and len(made) == 2
+    assert _fastpath._CONSTANTS[id(a)] is a
+    # the default num_drafts and a float scale are kept tensors
+    assert ops._all_drafts(3, 5, dev) is ops._all_drafts(3, 5, dev)
+    from dflash_kernels._validation import scale_tensor
+    assert scale_tensor(0.75, dev) is scale_tensor(0.75, dev) and scale_tensor(0.75, dev).item() == 0.75
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (streams)")
+def test_a_plan_holding_a_kept_constant_runs_only_on_its_stream(spied):
+    """A float scale's kept tensor is filled on the stream of its first use; on
+    another stream the call takes the Python path, which keeps another."""
+    op, fn, kw = _plan_call("write_kv.fp8")
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    fn(**kw)
+    fn(**kw)
+    other = torch.cuda.Stream()
+    with torch.cuda.stream(other):
+        fn(**kw)
+        fn(**kw)
+    fn(**kw)
+    assert [w for w, _ in spied] == ["_run", "validate", "_run", "_run", "validate"]
+    assert spied[0][1][-2] is spied[1][1][-2]
+    assert spied[2][1][-2] is not spied[0][1][-2]

@@ -31,6 +31,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
@@ -284,11 +285,13 @@ PyObject* wrap_all(std::vector<at::Tensor>& tensors) {
 }
 
 // ---- call plans (_fastpath.py, "Call plans") ----
-// plan = (fn, backend_env, interpret_env, arg_descs, out_specs, result_desc)
+// plan = (fn, backend_env, interpret_env, arg_descs, out_specs, result_desc, stream)
 // desc = (0, obj) a constant | (1, i) items[i] | (2, i, j) items[i][j] | (3, descs) a new
 //        list | (4, j) output j | (5, i, sizes, strides) items[i].as_strided(...) |
 //        (6, cls or None, descs) a tuple (a namedtuple cls when given)
 // out_specs = ((like desc: (1, i) or (2, i, j), kind, shape), ...), all on one device.
+// stream: None, or (device index, handle) when the plan holds CUDA constants kept for
+// that stream (_fastpath.kept): the plan runs only while it is the current stream.
 enum DescKind : long { kConst = 0, kItem, kElem, kList, kOut, kView, kTuple };
 
 PyObject* build(PyObject* desc, PyObject* items, PyObject* outs);
@@ -363,6 +366,13 @@ PyObject* build(PyObject* desc, PyObject* items, PyObject* outs) {
   }
   Py_INCREF(v);
   return v;
+}
+
+bool on_stream(PyObject* want) {
+  if (want == Py_None) return true;
+  const auto index = static_cast<c10::DeviceIndex>(PyLong_AsLong(PyTuple_GET_ITEM(want, 0)));
+  const auto handle = PyLong_AsVoidPtr(PyTuple_GET_ITEM(want, 1));
+  return static_cast<void*>(c10::cuda::getCurrentCUDAStream(index).stream()) == handle;
 }
 
 bool env_is(const char* name, PyObject* want) {
@@ -441,7 +451,8 @@ PyObject* fast_check(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (plan == Py_None || nargs < 5 || !PyObject_IsTrue(args[4]) ||
       c10::impl::TorchDispatchModeTLS::any_modes_set() || torch::jit::tracer::isTracing() ||
       !env_is("DFLASH_KERNELS_BACKEND", PyTuple_GET_ITEM(plan, 1)) ||
-      !env_is("TRITON_INTERPRET", PyTuple_GET_ITEM(plan, 2))) {
+      !env_is("TRITON_INTERPRET", PyTuple_GET_ITEM(plan, 2)) ||
+      !on_stream(PyTuple_GET_ITEM(plan, 6))) {
     return PyLong_FromLong(kPlanned);
   }
   Py_INCREF(plan);  // the backend may forget layouts while it runs
@@ -487,8 +498,8 @@ PyObject* fast_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   PyObject* plan = args[4];
-  if (plan != Py_None && (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 6)) {
-    PyErr_SetString(PyExc_TypeError, "a call plan is a 6-tuple or None");
+  if (plan != Py_None && (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 7)) {
+    PyErr_SetString(PyExc_TypeError, "a call plan is a 7-tuple or None");
     return nullptr;
   }
   if (signature_of(args, nargs, op, sig, extents, dense)) {
