@@ -98,12 +98,18 @@ def check_scale(name, scale, cache, device):
 
 def scale_tensor(scale, device):
     """The kernels' form of a scale :func:`check_scale` accepted: None, or a
-    1-element fp32 tensor (a float becomes one with ``torch.full``, a device fill)."""
+    1-element fp32 tensor. A float becomes one with ``torch.full`` (a device
+    fill) once per value, device and stream (``_fastpath.kept``): kernels only
+    read it, so eager calls share it and a call plan may hold it."""
     if scale is None:
         return None
     if isinstance(scale, torch.Tensor):
         return scale.reshape(1)
-    return torch.full((1,), float(scale), dtype=torch.float32, device=device)
+    from . import _fastpath
+
+    value = float(scale)
+    return _fastpath.kept(("scale", value), device, lambda: torch.full(
+        (1,), value, dtype=torch.float32, device=device))
 
 
 def check_int(name, value, *, minimum=None):

@@ -88,9 +88,10 @@ _OVERLOADS = {name: _define(op) for name, op in _schema.OPS.items()}
 _OPTIONAL = {name: op.optional for name, op in _schema.OPS.items()}
 
 
-def _run(op: str, device_type: str, backend: Optional[str], *args) -> None:
+def _run(op: str, device_type: str, backend: Optional[str], *args, result=None) -> None:
     """Run ``op`` (arguments in schema order) on the backend that can take this
-    call: the registry sees which optional inputs are given.
+    call: the registry sees which optional inputs are given. ``result``: what the
+    public function returns (a call plan records it, _fastpath.record).
 
     Traced (torch.compile, a dispatch mode such as FakeTensorMode, jit.trace)
     or profiled, the call is ``torch.ops.dflash.<op>``, so graphs and traces
@@ -104,6 +105,8 @@ def _run(op: str, device_type: str, backend: Optional[str], *args) -> None:
         _OVERLOADS[op](*args, _resolve(op, device_type, backend, given))
         return
     chosen = _registry.resolve_call(op, device_type, backend, args, _OPTIONAL[op])
+    if _fastpath._PENDING is not None and not _NVTX:
+        _fastpath.record(_fastpath.OPS.get(op), _registry.get(op, chosen), args, result)
     if _NVTX:
         torch.cuda.nvtx.range_push(f"dflash::{op} [{chosen}]")
         try:
@@ -126,6 +129,7 @@ def set_nvtx(enabled: bool) -> None:
     the custom op ``dflash::<op>`` instead."""
     global _NVTX
     _NVTX = bool(enabled)
+    _fastpath.forget(plans_only=True)      # plans skip the ranges
 
 
 def _dense(*tensors):
@@ -180,7 +184,9 @@ def block_attention(
     items = (q, k_cache, v_cache, block_table, context_lens, k_block, v_block, sm_scale, window,
              k_scale, v_scale, out, return_lse, lse_out, block_mask)
     fast = _fastpath.validate(_FAST_BLOCK_ATTENTION, _WRITTEN_BLOCK_ATTENTION, items,
-                              _check_block_attention)
+                              _check_block_attention, backend)
+    if fast.__class__ is tuple:
+        return fast[0]
     dev = q.device
     B, S, Hq, D = q.shape
     sm_scale = D ** -0.5 if sm_scale is None else float(sm_scale)
@@ -209,9 +215,11 @@ def block_attention(
         return (out, lse) if return_lse else out
     if fast is not True:
         block_table, context_lens, mask_bits = _dense(block_table, context_lens, mask_bits)
+    result = (out, lse) if return_lse else out
     _run("block_attention", dev.type, backend, q, k_cache, v_cache, block_table, context_lens,
-         k_block, v_block, sm_scale, window, k_scale, v_scale, out, lse, causal, mask_bits)
-    return (out, lse) if return_lse else out
+         k_block, v_block, sm_scale, window, k_scale, v_scale, out, lse, causal, mask_bits,
+         result=result)
+    return result
 
 
 _FAST_BLOCK_ATTENTION = _fastpath.OPS["block_attention"]
@@ -307,14 +315,17 @@ def fuse_target_features(
         ``[N, H]`` in the features' dtype.
     """
     items = (features, fc_weight, norm_weight, eps, out)
-    _fastpath.validate(_FAST_FUSE, _WRITTEN_FUSE, items, _check_fuse_target_features)
+    fast = _fastpath.validate(_FAST_FUSE, _WRITTEN_FUSE, items, _check_fuse_target_features,
+                              backend)
+    if fast.__class__ is tuple:
+        return fast[0]
     parts = [features] if isinstance(features, torch.Tensor) else list(features)
     if out is None:
         out = _fastpath.empty(parts[0], _fastpath.KIND_LIKE, (parts[0].shape[0], fc_weight.shape[0]))[0]
     if out.numel() == 0:
         return out
     _run("fuse_target_features", out.device.type, backend, parts, fc_weight, norm_weight,
-         float(eps), out)
+         float(eps), out, result=out)
     return out
 
 
@@ -472,7 +483,9 @@ def inject_kv(
     """
     items = (hidden, kv_weight, k_norm_weight, positions, slot_mapping, k_cache, v_cache,
              cos_sin_cache, kv_bias, eps, rope_style, rotary_dim, k_scale, v_scale)
-    fast = _fastpath.validate(_FAST_INJECT_KV, _WRITTEN_KV, items, _check_inject_kv)
+    fast = _fastpath.validate(_FAST_INJECT_KV, _WRITTEN_KV, items, _check_inject_kv, backend)
+    if fast.__class__ is tuple:
+        return
     _run_kv("inject_kv", fast, backend, (hidden, kv_weight, kv_bias), *items[2:8], *items[9:])
 
 
@@ -536,7 +549,9 @@ def write_kv(
     """
     items = (k, v, k_norm_weight, positions, slot_mapping, k_cache, v_cache, cos_sin_cache, eps,
              rope_style, rotary_dim, k_scale, v_scale)
-    fast = _fastpath.validate(_FAST_WRITE_KV, _WRITTEN_KV, items, _check_write_kv)
+    fast = _fastpath.validate(_FAST_WRITE_KV, _WRITTEN_KV, items, _check_write_kv, backend)
+    if fast.__class__ is tuple:
+        return
     _run_kv("write_kv", fast, backend, (k, v), *items[2:])
 
 
@@ -627,25 +642,17 @@ def norm_rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor, *,
 # verify_chain
 # --------------------------------------------------------------------------
 
-_DRAFTS: dict = {}
-_MAX_DRAFTS = 1024
 
 
 def _all_drafts(B: int, S: int, dev: torch.device) -> Tensor:
     """The default ``num_drafts`` (S-1 everywhere). A read-only input, so eager
-    calls share one tensor per shape and device (no fill per call), never freed
-    (a captured CUDA graph may hold its address). Never made during graph
-    capture: its fill would only run on replay."""
-    if not _is_compiling():
-        key = (B, S, dev)
-        t = _DRAFTS.get(key)
-        if t is not None:
-            return t
-        if len(_DRAFTS) < _MAX_DRAFTS and not (
-                dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            t = _DRAFTS[key] = torch.full((B,), S - 1, dtype=torch.int32, device=dev)
-            return t
-    return torch.full((B,), S - 1, dtype=torch.int32, device=dev)
+    calls share one tensor per shape, device and stream (``_fastpath.kept``: no
+    fill per call), never freed (a captured CUDA graph may hold its address).
+    Never kept when made during graph capture or tracing."""
+    if _is_compiling():
+        return torch.full((B,), S - 1, dtype=torch.int32, device=dev)
+    return _fastpath.kept(("num_drafts", B, S), dev, lambda: torch.full(
+        (B,), S - 1, dtype=torch.int32, device=dev))
 
 
 def _check_row_logits(logits, B, R, dev, letter):
@@ -768,6 +775,8 @@ def verify_chain(
         (logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, positions,
          draft_probs, seq_lens, out, backend, tp_group, vocab_start, vocab_size, cu_rows, max_rows,
          filter_order), _check_verify_chain)
+    if fast.__class__ is tuple:
+        return fast[0]
     ragged = cu_rows is not None
     dev = block_tokens.device
     if ragged:
@@ -812,10 +821,11 @@ def verify_chain(
                         new_seq_lens, group=tp_group, vocab_start=vocab_start,
                         vocab_size=vocab_size, joint=joint is not None)
         return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
+    result = VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
     _run("verify_chain", dev.type, backend, logits, block_tokens, num_drafts, temperature, top_k,
          top_p, seeds, positions, draft_probs, seq_lens, cu_rows, joint, accept_len, out_tokens,
-         bonus, new_seq_lens)
-    return VerifyOutput(accept_len, out_tokens, bonus, new_seq_lens)
+         bonus, new_seq_lens, result=result)
+    return result
 
 
 _FAST_VERIFY_CHAIN = _fastpath.OPS["verify_chain"]

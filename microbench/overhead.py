@@ -10,10 +10,13 @@ order rotates each round, so that drift from the other processes on the
 machine hits all cases alike). A case's figures are the median, p10 and p90
 of its rounds:
 
-- ``public``: the public function (validation, normalisation, output
-  allocation, backend resolution, the ``torch.ops.dflash.*`` custom-op
-  dispatch) with a no-op backend: ``_registry.get`` hands out a function that
-  does nothing (:func:`_registry_handing_out`, measurement only).
+- ``public``: the public function with a no-op backend: ``_registry.get``
+  hands out a function that does nothing (:func:`_registry_handing_out`,
+  measurement only). The same call repeats, so after its first call the
+  layout's call plan runs it in the extension (docs/DESIGN.md, "Call plans").
+- ``python``: the same with call plans off (:func:`_call_plans`): the public
+  function's Python every call (validation or its fast skip, normalisation,
+  output allocation, backend resolution).
 - ``triton``: the Triton backend function alone, on CPU tensors, NOT
   interpreted, with the launch stubbed. Triton's JIT needs a driver: a fake
   one (:class:`_FakeCudaDriver`) reports ``GPUTarget("cuda", 90, 32)``, so each
@@ -37,7 +40,7 @@ of its rounds:
   (``_fastpath.empty``: one extension call per dtype, or ``torch.empty``
   each without the extension), and
   ``_registry.resolve``. The breakdown's ``validation (derived)`` is
-  ``public - alloc - resolve``.
+  ``python - alloc - resolve``.
 - ``dispatch``: the ``torch.ops.dflash.<op>`` OpOverload call with the no-op
   backend: what a traced (torch.compile) or profiled call adds; eager calls
   skip it (ops._run).
@@ -155,14 +158,29 @@ def _registry_handing_out(table: Dict[str, Callable]):
     the backend function the case wants (a no-op, the stubbed Triton path, the
     probe path). ``_load`` and ``resolve`` are left alone: backend resolution
     is timed as part of the public layer, as it runs."""
-    from dflash_kernels import _registry
+    from dflash_kernels import _fastpath, _registry
 
     saved = _registry.get
     _registry.get = lambda op, backend: table[op]
+    _fastpath.forget(plans_only=True)     # plans hold the backend function they recorded
     try:
         yield
     finally:
         _registry.get = saved
+        _fastpath.forget(plans_only=True)
+
+
+@contextlib.contextmanager
+def _call_plans(on: bool):
+    """MEASUREMENT ONLY: call plans on or off (``_fastpath.PLANS``) for a case."""
+    from dflash_kernels import _fastpath
+
+    saved = _fastpath.PLANS
+    _fastpath.PLANS = saved and on
+    try:
+        yield
+    finally:
+        _fastpath.PLANS = saved
 
 
 def _fake_cuda_driver():
@@ -395,6 +413,7 @@ class Case:
     call: Optional[Callable] = None
     table: Optional[Dict[str, Callable]] = None   # what the registry hands out during the call
     skip: str = ""
+    plans: bool = True                             # call plans on (dflash_kernels._fastpath)
     samples: List[float] = field(default_factory=list)
 
     @property
@@ -450,6 +469,8 @@ def build_cases() -> List[Case]:
             fn(*args, **kwargs)
 
         cases.append(Case("public", op, mode, "public function, no-op backend", public, {op: _noop}))
+        cases.append(Case("python", op, mode, "public function with call plans off (its Python "
+                          "path every call), no-op backend", public, {op: _noop}, plans=False))
         tri = None if triton_reason else _registry._load(op, "triton")[0]
         cases.append(Case("triton", op, mode, "Triton backend alone, launch stubbed",
                           (lambda tri=tri, bargs=bargs: tri(*bargs)) if tri else None,
@@ -536,7 +557,7 @@ def measure(cases: List[Case], rounds: int, inner: int, warmup: int) -> None:
         for r in range(warmup + rounds):
             shift = r % len(run)
             for case in run[shift:] + run[:shift]:
-                with _registry_handing_out(case.table or {}):
+                with _registry_handing_out(case.table or {}), _call_plans(case.plans):
                     t = _time_batch(case.call, inner)
                 if r >= warmup:
                     case.samples.append(t)
@@ -555,16 +576,18 @@ def _row(case: Case, ref_us: Optional[float]) -> Dict:
 
 
 def breakdown(rows: List[Dict]) -> List[Dict]:
-    """Per op case: the public layer split into dispatch, allocation, resolution
-    and the rest (validation and normalisation, derived by subtraction)."""
+    """Per op case: the public layer (call plans on), and its Python path split
+    into dispatch, allocation, resolution and the rest (validation and
+    normalisation, derived by subtraction)."""
     by = {(r["group"], r["op"], r["mode"]): r["median_us"] for r in rows}
     out = []
     for op, mode in OP_CASES:
-        pub, disp, alloc, res = (by.get((g, op, mode)) for g in ("public", "dispatch", "alloc", "resolve"))
-        if None in (pub, disp, alloc, res):
+        pub, py, disp, alloc, res = (by.get((g, op, mode)) for g in
+                                     ("public", "python", "dispatch", "alloc", "resolve"))
+        if None in (pub, py, disp, alloc, res):
             continue
-        out.append(dict(op=op, mode=mode, public_us=pub, dispatch_us=disp, alloc_us=alloc,
-                        resolve_us=res, validation_derived_us=pub - alloc - res,
+        out.append(dict(op=op, mode=mode, public_us=pub, python_us=py, dispatch_us=disp,
+                        alloc_us=alloc, resolve_us=res, validation_derived_us=py - alloc - res,
                         backend_triton_us=by.get(("triton", op, mode)),
                         full_triton_us=by.get(("public+triton", op, mode)),
                         backend_cuda_us=by.get(("cuda", op, mode)),
@@ -582,7 +605,7 @@ def profile_cases(cases: List[Case], calls: int, top: int = 8,
         if case.group not in groups or case.skip:
             continue
         prof = cProfile.Profile()
-        with _registry_handing_out(case.table or {}):
+        with _registry_handing_out(case.table or {}), _call_plans(case.plans):
             prof.enable()
             for _ in range(calls):
                 case.call()
@@ -619,14 +642,15 @@ def table(rows: List[Dict]) -> str:
 
 
 def breakdown_table(parts: List[Dict]) -> str:
-    head = ("op", "public", "dispatch", "alloc", "resolve", "validation*", "triton", "pub+triton",
-            "cuda", "pub+cuda")
+    head = ("op", "public", "python", "dispatch", "alloc", "resolve", "validation*", "triton",
+            "pub+triton", "cuda", "pub+cuda")
     lines = [(p["op"] + (f"[{p['mode']}]" if p["mode"] else ""),
-              *(_num(p[k], ".1f") for k in ("public_us", "dispatch_us", "alloc_us", "resolve_us",
-                                            "validation_derived_us", "backend_triton_us",
-                                            "full_triton_us", "backend_cuda_us")),
+              *(_num(p[k], ".1f") for k in ("public_us", "python_us", "dispatch_us", "alloc_us",
+                                            "resolve_us", "validation_derived_us",
+                                            "backend_triton_us", "full_triton_us",
+                                            "backend_cuda_us")),
               _num(p["full_cuda_us"], ".1f")) for p in parts]
-    return _columns(head, lines, right=tuple(range(1, 10)))
+    return _columns(head, lines, right=tuple(range(1, 11)))
 
 
 def _load_note() -> str:
@@ -697,7 +721,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{args.rounds} rounds x {args.inner} calls per case, interleaved, {doc['seconds']:.1f} s; "
           "shape " + ",".join(f"{k}={v}" for k, v in DECODE.items()))
     print(table(doc["rows"]))
-    print("\nPublic layer breakdown (median us per call; validation* = public - alloc - "
+    print("\nPublic layer breakdown (median us per call; validation* = python - alloc - "
           "resolve):")
     print(breakdown_table(doc["breakdown"]))
     for name, entries in doc["profile"].items():

@@ -340,7 +340,8 @@ def catalog(arch: int) -> List[tuple]:
     block_attention: D 128, Hkv 8, group 4, S 16 with the block's own keys
     (the production tile; the split count only changes the epilogue),
     bf16 and fp8-e4m3 caches, page 16 and 1, and page 16 with a window of
-    256 (``block_attention.window.*``). verify_chain: B 1, S 16,
+    256 (``block_attention.window.*``), and split at B 1, ctx 4k
+    (``block_attention.split.*``: the merge folded in). verify_chain: B 1, S 16,
     V 151,936 bf16 logits, as verify_chain._launch would launch it, padded
     and ragged (``verify_chain.ragged.*``: flat ``[T, V]`` rows with
     ``cu_rows``), and top-k + top-p in SGLang's joint order
@@ -386,13 +387,18 @@ def catalog(arch: int) -> List[tuple]:
             out.append((f"block_attention.tma.{cache}.page{page}", TritonJob(
                 f"{_TB}.block_attention", "_block_attention_kernel", s["signature"],
                 s["constexprs"], s["num_warps"], s["num_stages"], s["divisibility"], s["options"])))
-    # The split merge at B 1, ctx 4k on an H200 (16 splits), 512 rows.
+    # A split launch (its merge folded in: the last split to arrive merges) at B 1, ctx 4k
+    # (16 splits on an H200 and on a B200); otherwise the rows above.
     nsp = ba.plan(arch, SMS[arch], 1, 16, 32, 8, 128, 16, 256, 0)["NUM_SPLITS"]
-    out.append(("block_attention.merge", launch_job(
-        f"{_TB}.block_attention", "_merge_splits_kernel",
-        dict(PO="*fp32", PLSE="*fp32", O="*bf16", LSE="*fp32", n_rows=512, so_b=16 * 32 * 128,
-             so_s=32 * 128, so_h=128, S=_c(16), HQ=_c(32), D=_c(128), NUM_SPLITS=_c(nsp),
-             BLOCK_R=_c(16), HAS_LSE=_c(True)), num_warps=4)))
+    for cache in ("bf16", "fp8"):
+        cdt = torch.bfloat16 if cache == "bf16" else torch.float8_e4m3fn
+        for page in (16, 1):
+            s = ba.compile_spec(arch, torch.bfloat16, cdt, S=16, Hq=32, Hkv=8, D=128,
+                                page_size=page, num_splits=nsp)
+            out.append((f"block_attention.split.{cache}.page{page}", TritonJob(
+                f"{_TB}.block_attention", "_block_attention_kernel", s["signature"],
+                s["constexprs"], s["num_warps"], s["num_stages"], s["divisibility"],
+                s["options"])))
 
     from dflash_kernels.triton_backend import verify_chain as tv
 

@@ -24,6 +24,8 @@ ATTN_WINDOW = [f"block_attention.window.{c}.page16" for c in ("bf16", "fp8")]
 # The TMA path (docs/block_attention.md, "TMA path"): (row, arch) -> its cp.async twin.
 ATTN_TMA = {(f"block_attention.tma.{c}.page{p}", a): f"block_attention.{c}.page{p}"
             for c in ("bf16", "fp8") for p in (64, 16, 1) for a in ARCHS if p == 64 or a == 100}
+# The split build (16 splits, the merge folded in: microbench/sass.py catalog).
+ATTN_SPLIT = [f"block_attention.split.{c}.page{p}" for c in ("bf16", "fp8") for p in (16, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,7 @@ def test_cli(tmp_path, capsys):
 
 def test_every_kernel_is_reported(rows):
     names = {k for k, _ in rows}
-    want = set(ATTN) | set(ATTN_WINDOW) | {"block_attention.merge", "verify_chain.finish", "inject_kv.bf16",
+    want = set(ATTN) | set(ATTN_WINDOW) | set(ATTN_SPLIT) | {"verify_chain.finish", "inject_kv.bf16",
                         "inject_kv.fp8", "inject_kv.split.bf16", "inject_kv.split.fp8", "write_kv.bf16", "fuse_target_features.gemm",
                         "fuse_target_features.norm"} | {f"verify_chain.{v}" for v in VERIFY}
     want |= set(TREE_BUDGET) | set(BUILD_TREE_BUDGET)
@@ -202,6 +204,32 @@ def test_attention_kv_loads_16_bytes(rows, name, arch):
 @pytest.mark.parametrize("name", ATTN)
 def test_attention_two_tiles_in_flight(rows, name, arch):
     assert (_main(rows[(name, arch)])["tiles_in_flight"] or 0) >= 2
+
+
+def _attention_loop(row):
+    """The context loop of a block_attention row: the pipelined one with 16-byte cp.async
+    (with splits the merge's loop can load more bytes per iteration: the report's main loop)."""
+    piped = [lp for lp in row["loops"] if (lp["tiles_in_flight"] or 0) >= 2
+             and lp["load_kinds"].get("LDGSTS.128", 0) >= 2]
+    assert len(piped) == 1, [(lp["instructions"], lp["load_kinds"]) for lp in row["loops"]]
+    return piped[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ATTN_SPLIT)
+def test_attention_split_keeps_the_budget(rows, name, arch):
+    # The merge folded into the split launch (docs/block_attention.md "Split merge"): 0 spills,
+    # 2 CTAs/SM, and the context loop of the 1-split build (its loads, within 1% of its
+    # instructions); the merge streams the partials in 16-byte loads.
+    r = rows[(name, arch)]
+    assert r["spills"] == 0 and r["local"] == 0 and r["ctas_per_sm"] >= 2, r
+    assert r["mma"] == [MMA[arch]] and not r["uses_tma"]
+    lp, plain = _attention_loop(r), _main(rows[(name.replace(".split", ""), arch)])
+    assert lp["load_kinds"] == plain["load_kinds"] and lp["tiles_in_flight"] >= 2
+    assert abs(lp["instructions"] - plain["instructions"]) <= 0.01 * plain["instructions"], \
+        (lp["instructions"], plain["instructions"])
+    merge = [lp for lp in r["loops"] if lp["load_kinds"].get("LDG.128", 0) >= 8]
+    assert len(merge) == 1, [(lp["instructions"], lp["load_kinds"]) for lp in r["loops"]]
 
 
 def _attention_launch(name, arch):

@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from dflash_kernels import _fastpath
 from microbench import cli, overhead
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +43,7 @@ def _expected_cases():
     names = []
     for op, mode in overhead.OP_CASES:
         suffix = f"[{mode}]" if mode else ""
-        groups = ["public", "triton", "public+triton"]
+        groups = ["public", "python", "triton", "public+triton"]
         if op in overhead.CUDA_OPS:
             groups += ["cuda", "public+cuda"]
         names += [f"{g}/{op}{suffix}" for g in groups + ["dispatch", "alloc", "resolve"]]
@@ -82,11 +85,11 @@ def test_overhead_cli_every_case_and_json(tmp_path):
     assert rows["baseline/torch.add"]["vs_torch_add"] == 1.0
     assert len(doc["breakdown"]) == len(overhead.OP_CASES)
     for part in doc["breakdown"]:
-        for key in ("public_us", "dispatch_us", "alloc_us", "resolve_us", "backend_triton_us",
-                    "full_triton_us"):
+        for key in ("public_us", "python_us", "dispatch_us", "alloc_us", "resolve_us",
+                    "backend_triton_us", "full_triton_us"):
             assert math.isfinite(part[key]) and part[key] > 0, part
         assert math.isclose(part["validation_derived_us"],
-                            part["public_us"] - part["alloc_us"] - part["resolve_us"],
+                            part["python_us"] - part["alloc_us"] - part["resolve_us"],
                             rel_tol=1e-9, abs_tol=1e-9)
     assert {k.split("/")[0] for k in doc["profile"]} == {"public", "triton"}
     assert all(doc["profile"][k] for k in doc["profile"])
@@ -104,8 +107,20 @@ def test_overhead_in_process_skips_triton_when_interpreted(monkeypatch):
             assert row["median_us"] is None
         elif row["status"] == "OK":
             _check_ok_row(row)
-    for group in ("public", "dispatch", "alloc", "resolve"):
+    for group in ("public", "python", "dispatch", "alloc", "resolve"):
         assert all(rows[n]["status"] == "OK" for n in rows if n.startswith(group + "/"))
+
+
+@pytest.mark.skipif(not _fastpath.PLANS, reason="call plans need the extension")
+def test_the_python_rows_run_the_python_path_and_the_public_rows_a_plan():
+    fn, args, kwargs = overhead._public_call("write_kv", "")
+    where = []
+    spy = {"write_kv": lambda *a: where.append(sys._getframe(1).f_code.co_name)}
+    for plans in (False, True):
+        with overhead._registry_handing_out(spy), overhead._call_plans(plans):
+            for _ in range(3):
+                fn(*args, **kwargs)
+    assert where == ["_run"] * 3 + ["_run", "validate", "validate"]
 
 
 def test_overhead_bad_arguments():

@@ -1,6 +1,7 @@
 """Host helpers every Triton op uses: the device's architecture and SM count,
 the device a launch runs on, Triton's names of the torch dtypes, and integer
-ceil-division / next power of two."""
+ceil-division / next power of two, and the arrival counters of the
+one-launch split kernels."""
 
 from __future__ import annotations
 
@@ -94,3 +95,41 @@ def compile_spec(kernel, signature: dict, constexprs: dict, num_warps: int, num_
     return dict(kernel=getattr(kernel, "__name__", None) or kernel.fn.__name__, signature=sig,
                 constexprs=constexprs, num_warps=num_warps, num_stages=num_stages,
                 divisible_by_16=divisible)
+
+
+# Arrival counters of the one-launch split kernels (inject_kv's split-K,
+# block_attention's split merge): int32, one per output tile, 0 between
+# launches (the split that arrives last resets its tile's). One buffer per
+# (device, stream), so launches on two streams never share one; launches on
+# one stream share it, which is safe because they are stream-ordered and each
+# leaves it at 0. Never freed (a captured CUDA graph keeps the address, as
+# with _kv_epilogue's pointer tables). Production split launches have fewer
+# tiles than resident slots (the ops' num_splits_for), so the first buffer
+# (at least MIN_COUNTERS) serves every production call; only forced splits
+# grow it.
+_COUNTERS: dict = {}
+_KEEP: list = []
+_UNZEROED: set = set()
+MIN_COUNTERS = 4096
+
+
+def _counters(device, n: int):
+    if device.type == "cuda":
+        key = (device, torch.cuda.current_stream(device).cuda_stream)
+        capturing = torch.cuda.is_current_stream_capturing()
+    else:
+        key, capturing = (device, 0), False
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        # Made during capture, the zeroing memset is a graph node: it runs at
+        # every replay (harmless: the counters are 0 between launches) but not
+        # now, so the next eager call zeroes the buffer once.
+        buf = torch.zeros(max(n, MIN_COUNTERS), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+        _KEEP.append(buf)
+        if capturing:
+            _UNZEROED.add(key)
+    elif not capturing and key in _UNZEROED:
+        buf.zero_()
+        _UNZEROED.discard(key)
+    return buf

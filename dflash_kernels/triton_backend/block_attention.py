@@ -4,9 +4,10 @@ One program owns every query row of one (request, KV head, row block,
 split): the S*g rows of a GQA group share each K/V tile, so a context byte is
 read once per request and KV head per split. The context is split into
 ``num_splits`` contiguous tile ranges (a host-known count); with more than one
-split, each writes a normalised partial output and its log2-sum-exp, and a
-small second kernel merges them. The block's own keys (``k_block``) are
-attended by the last split, after its context tiles. See docs/block_attention.md.
+split, each writes a normalised partial output and its log2-sum-exp, and the
+split that arrives last (an atomic counter) merges them in the same launch.
+The block's own keys (``k_block``) are attended by the last split, after its
+context tiles. See docs/block_attention.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._launch import launch
 from ._common import arch, cdiv, next_pow2, num_sms, on_device, TL_DTYPES, wave_split
+from ._common import _counters
 
 _LOG2E = 1.4426950408889634
 
@@ -232,8 +234,42 @@ def _mark_edge(acc, qpos, lo, hi, end, window, VC, BT, b, h, d64, num_pages,
 
 
 @triton.jit
+def _merge_splits(PO, PLSE, r, r_ok, n_rows, num_splits, BLOCK_R: tl.constexpr,
+                  D: tl.constexpr):
+    """``(o, lse)`` fp32 ``[BLOCK_R, D]``, ``[BLOCK_R]`` of flat rows ``r``
+    (``(b * S + s) * Hq + head``) from the partials ``PO [num_splits, n_rows,
+    D]`` / ``PLSE [num_splits, n_rows]``: ``w_i = exp2(lse2_i - max lse2)``,
+    summed in split order 0, 1, ..., num_splits - 1, so the result does not
+    depend on which split runs it. ``lse`` is natural-log, -inf (and ``o``
+    0) for a row no split saw a key of. L2 loads (``.cg``): the partials were
+    written by other SMs. ``num_splits`` is a runtime trip count: with the
+    constexpr the loops were unrolled and the partial tiles' loads hoisted
+    (at 16 splits 40 bytes spilled on sm_100a with an fp8 cache)."""
+    d = tl.arange(0, D)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for i in range(num_splits):
+        m = tl.maximum(m, tl.load(PLSE + i * n_rows + r, mask=r_ok, other=float("-inf"),
+                                  cache_modifier=".cg"))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_R, D], tl.float32)
+    den = tl.zeros([BLOCK_R], tl.float32)
+    for i in range(num_splits):
+        w = tl.exp2(tl.load(PLSE + i * n_rows + r, mask=r_ok, other=float("-inf"),
+                            cache_modifier=".cg") - m_safe)
+        o_i = tl.load(PO + (i * n_rows + r)[:, None] * D + d[None, :], mask=r_ok[:, None],
+                      other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * o_i
+        den += w
+    has_key = den > 0.0
+    den_safe = tl.where(has_key, den, 1.0)
+    o = acc / den_safe[:, None]
+    lse = tl.where(has_key, (m_safe + tl.log2(den_safe)) * 0.6931471805599453, float("-inf"))
+    return o, lse
+
+
+@triton.jit
 def _block_attention_kernel(
-    Q, KC, VC, BT, CL, KB, VB, KS, VS, O, LSE, PO, PLSE, MB,
+    Q, KC, VC, BT, CL, KB, VB, KS, VS, O, LSE, PO, PLSE, MB, CNT,
     qk_scale, window, max_slots, num_pages, batch,
     sq_b, sq_s, sq_h,
     sk_p, sk_r, sk_h, sk_d,
@@ -419,42 +455,28 @@ def _block_attention_kernel(
     else:
         # Partials [NUM_SPLITS, B*S*Hq, (D)]: an empty split writes o = 0 and
         # lse2 = -inf, the neutral element of the merge.
-        prow = (split * batch + b) * S * (HKV * GROUP) + s_idx * (HKV * GROUP) + head
+        n_rows = batch * S * (HKV * GROUP)
+        r = (b * S + s_idx) * (HKV * GROUP) + head
+        prow = split * n_rows + r
         tl.store(PO + prow[:, None] * D + d[None, :], o, mask=row_ok[:, None])
         tl.store(PLSE + prow, tl.where(has_key, m_i + tl.log2(l_safe), float("-inf")), mask=row_ok)
-
-
-@triton.jit
-def _merge_splits_kernel(
-    PO, PLSE, O, LSE, n_rows, so_b, so_s, so_h,
-    S: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_R: tl.constexpr, HAS_LSE: tl.constexpr,
-):
-    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    r_ok = r < n_rows
-    d = tl.arange(0, D)
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    for i in tl.static_range(NUM_SPLITS):
-        m = tl.maximum(m, tl.load(PLSE + i * n_rows + r, mask=r_ok, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([BLOCK_R, D], tl.float32)
-    den = tl.zeros([BLOCK_R], tl.float32)
-    for i in tl.static_range(NUM_SPLITS):
-        w = tl.exp2(tl.load(PLSE + i * n_rows + r, mask=r_ok, other=float("-inf")) - m_safe)
-        o_i = tl.load(PO + (i * n_rows + r)[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
-        acc += w[:, None] * o_i
-        den += w
-    has_key = den > 0.0
-    den_safe = tl.where(has_key, den, 1.0)
-    o = acc / den_safe[:, None]
-    hq = r % HQ
-    s_idx = (r // HQ) % S
-    b = r // (HQ * S)
-    tl.store(O + (b * so_b + s_idx * so_s + hq * so_h)[:, None] + d[None, :],
-             o.to(O.dtype.element_ty), mask=r_ok[:, None])
-    if HAS_LSE:
-        lse = tl.where(has_key, (m_safe + tl.log2(den_safe)) * 0.6931471805599453, float("-inf"))
-        tl.store(LSE + r, lse, mask=r_ok)
+        # The split that arrives last at this (request, KV head, row block)
+        # merges all of them (docs/block_attention.md "Split merge"). Every
+        # thread's partial is issued before the release (bar.sync, then one
+        # thread's acq_rel atomic at GPU scope, its result broadcast): the
+        # splits' releases and the last one's acquire order every partial
+        # before the merge's loads.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == NUM_SPLITS - 1:
+            # The grid's split axis (= NUM_SPLITS) as a runtime trip count (see _merge_splits).
+            o, lse = _merge_splits(PO, PLSE, r, row_ok, n_rows, tl.num_programs(1), BLOCK_M, D)
+            tl.store(O + (b * so_b + s_idx * so_s + head * so_h)[:, None] + d[None, :],
+                     o.to(O.dtype.element_ty), mask=row_ok[:, None])
+            if HAS_LSE:
+                tl.store(LSE + r, lse, mask=row_ok)
+            # Ready for the next launch (stream-ordered after this one).
+            tl.store(CNT + pid, 0)
 
 
 # --------------------------------------------------------------------------
@@ -689,7 +711,7 @@ def compile_spec(arch: int, dtype, cache_dtype, S: int, Hq: int, Hkv: int, D: in
     act, cache = "*" + TL_DTYPES[dtype], "*" + TL_DTYPES[cache_dtype]
     sig = dict(Q=act, KC=cache, VC=cache, BT="*i32", CL="*i32", KB=act, VB=act, KS="*fp32",
                VS="*fp32", O=act, LSE="*fp32", PO="*fp32", PLSE="*fp32", MB="*i32",
-               qk_scale="fp32")
+               CNT="*i32", qk_scale="fp32")
     sig.update({n: "i32" for n in _INT_ARGS})
     const = dict(sk_d=1, sv_d=1, sbt_p=1, S=S, GROUP=Hq // Hkv, HKV=Hkv, D=D, PAGE=page_size,
                  BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_S=p["BLOCK_S"],
@@ -757,10 +779,15 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
     has_block = k_block is not None
     is_fp8 = k_cache.dtype != q.dtype
     if ns > 1:
+        # Sizes from host-known shapes (no device read: graph-capturable). The
+        # counters, one per (request, KV head, row block), are persistent and
+        # 0 between launches (the merging split resets its own).
         part_o = torch.empty((ns, B * S * Hq, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((ns, B * S * Hq), dtype=torch.float32, device=q.device)
+        counters = _counters(q.device, B * Hkv * cfg["NUM_M_BLOCKS"])
     else:
         part_o = part_lse = out
+        counters = context_lens     # never read
     kb = k_block if has_block else q
     vb = v_block if has_block else q
     kbs = k_block.stride()[:3] if has_block else (0, 0, 0)
@@ -771,7 +798,7 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
             q, k_cache, v_cache, block_table, context_lens, kb, vb,
             k_scale if is_fp8 else q, v_scale if is_fp8 else q,
             out, lse if lse is not None else out, part_o, part_lse,
-            mask_bits if mask_bits is not None else context_lens,
+            mask_bits if mask_bits is not None else context_lens, counters,
             float(sm_scale) * _LOG2E, int(window), block_table.shape[1] * page, num_pages, B,
             *q.stride()[:3], *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
             *kbs, *vbs, *out.stride()[:3],
@@ -784,13 +811,3 @@ def block_attention(q, k_cache, v_cache, block_table, context_lens, k_block, v_b
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
         )
-        if ns > 1:
-            n_rows = B * S * Hq
-            block_r = 16 if D <= 128 else 8
-            launch(_merge_splits_kernel, (cdiv(n_rows, block_r),),
-                part_o, part_lse, out, lse if lse is not None else out, n_rows,
-                *out.stride()[:3],
-                S=S, HQ=Hq, D=D, NUM_SPLITS=ns, BLOCK_R=block_r, HAS_LSE=lse is not None,
-                num_warps=4,
-            )
-

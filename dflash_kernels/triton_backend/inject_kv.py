@@ -29,6 +29,9 @@ import triton.language as tl
 
 from ._launch import launch
 from ._common import TL_DTYPES, arch, arch_family, cdiv, num_sms, on_device, wave_split
+# The split-K arrival counters (shared with block_attention; the names stay
+# importable from here, tests read ik._COUNTERS).
+from ._common import _COUNTERS, _KEEP, _UNZEROED, MIN_COUNTERS, _counters  # noqa: F401
 from ._common import compile_spec as _spec
 from ._kv_epilogue import (bounds_args, cache_kernel_args, check_caches, epilogue, fp8_args,
                            head_columns, knorm_args, program_rows)
@@ -198,40 +201,6 @@ def plan(sms: Optional[int], N: int, L: int, Hkv: int, D: int, H: int, block_m: 
     per = cdiv(k_tiles, max(1, min(int(num_splits), k_tiles)))
     splits = cdiv(k_tiles, per)
     return (m_tiles, heads, splits), splits, per * block_k
-
-
-# Arrival counters, int32, one per output tile, 0 between launches (the last
-# split resets its tile's). One buffer per (device, stream), so launches on
-# two streams never share one; never freed (a captured CUDA graph keeps the
-# address, as with _kv_epilogue's pointer tables). Split launches have fewer
-# tiles than resident slots (num_splits_for), so the first buffer (at least
-# MIN_COUNTERS) serves every production call; only forced splits grow it.
-_COUNTERS: dict = {}
-_KEEP: list = []
-_UNZEROED: set = set()
-MIN_COUNTERS = 4096
-
-
-def _counters(device, n: int):
-    if device.type == "cuda":
-        key = (device, torch.cuda.current_stream(device).cuda_stream)
-        capturing = torch.cuda.is_current_stream_capturing()
-    else:
-        key, capturing = (device, 0), False
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        # Made during capture, the zeroing memset is a graph node: it runs at
-        # every replay (harmless: the counters are 0 between launches) but not
-        # now, so the next eager call zeroes the buffer once.
-        buf = torch.zeros(max(n, MIN_COUNTERS), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-        _KEEP.append(buf)
-        if capturing:
-            _UNZEROED.add(key)
-    elif not capturing and key in _UNZEROED:
-        buf.zero_()
-        _UNZEROED.discard(key)
-    return buf
 
 
 def inject_kv(hidden, kv_weight, kv_bias, k_norm_weight, positions, slot_mapping,

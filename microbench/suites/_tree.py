@@ -66,3 +66,22 @@ def count_device_ops(fn, inp: dict) -> dict:
     with _Counter() as c:
         fn(inp)
     return {"ops": c.ops, "host_syncs": c.syncs}
+
+
+def node_case(suite: str, ops, ours, baseline, count_inputs: dict, *, op, mode, shape, batch, ctx,
+              dtype, device, interpret, make_inputs, nbytes, outputs, launches, **extra):
+    """The Case of a tree suite: our backends (``ours(backend)`` runs one) and the
+    PyTorch ``baseline``, the reference backend as oracle, exact comparison, and
+    the baseline's device ops counted on ``count_inputs`` (CPU, batch 1)."""
+    from ..case import Case, Impl, equal
+    from . import our_backends, pick_oracle
+
+    impls = [Impl(b, "ours", ours(b)) for b in our_backends(ops, device, interpret)]
+    impls.append(Impl("torch", "baseline", baseline))
+    counted = count_device_ops(baseline, count_inputs)
+    return Case(
+        suite=suite, op=op, mode=mode, shape=shape, dtype=dtype, batch=batch, ctx=ctx,
+        make_inputs=make_inputs, impls=impls, oracle=pick_oracle(impls), compare=equal,
+        nbytes=nbytes, outputs=outputs,
+        extra={"n_nodes": nodes_of(mode), **extra, "launches": dict(launches),
+               "torch_ops": counted["ops"], "torch_host_syncs": counted["host_syncs"]})

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from .. import baselines, roofline
-from ..case import LOGITS_DTYPES, Case, Impl, equal
-from . import _tree, our_backends, pick_oracle
+from ..case import LOGITS_DTYPES
+from . import _tree
 
 OPS = ("build_tree",)
 MODES = _tree.node_modes()
@@ -51,16 +51,11 @@ def _ours(backend):
 
 def build_case(op, shape, batch, ctx, dtype, device, *, mode="n16", interpret=False, seed=0):
     n = _tree.nodes_of(mode)
-    impls = [Impl(b, "ours", _ours(b)) for b in our_backends(OPS, device, interpret)]
-    impls.append(Impl("torch", "baseline", baselines.torch_build_tree))
-    c = _tree.count_device_ops(baselines.torch_build_tree,
-                               make_inputs(shape, 1, n, torch.device("cpu"), seed, v=64))
-    return Case(
-        suite="build_tree", op=op, mode=mode, shape=shape, dtype=dtype, batch=batch, ctx=ctx,
+    return _tree.node_case(
+        "build_tree", OPS, _ours, baselines.torch_build_tree,
+        make_inputs(shape, 1, n, torch.device("cpu"), seed, v=64), op=op, mode=mode, shape=shape,
+        batch=batch, ctx=ctx, dtype=dtype, device=device, interpret=interpret,
         make_inputs=lambda: make_inputs(shape, batch, n, device, seed),
-        impls=impls, oracle=pick_oracle(impls), compare=equal,
         nbytes=roofline.build_tree_bytes(batch=batch, d=shape.s - 1, v=shape.v, n=n,
                                          logits_elt=LOGITS_DTYPES[shape.logits].itemsize),
-        outputs=OUTPUTS,
-        extra={"n_nodes": n, "top_k": min(TOP_K, shape.v), "launches": dict(LAUNCHES),
-               "torch_ops": c["ops"], "torch_host_syncs": c["host_syncs"]})
+        outputs=OUTPUTS, launches=LAUNCHES, top_k=min(TOP_K, shape.v))

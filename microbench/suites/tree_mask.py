@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import baselines, roofline
-from ..case import Case, Impl, equal
-from . import _tree, our_backends, pick_oracle
+from . import _tree
 
 OPS = ("tree_mask",)
 MODES = _tree.node_modes()
@@ -39,14 +38,10 @@ def _ours(backend):
 
 def build_case(op, shape, batch, ctx, dtype, device, *, mode="n16", interpret=False, seed=0):
     n = _tree.nodes_of(mode)
-    impls = [Impl(b, "ours", _ours(b)) for b in our_backends(OPS, device, interpret)]
-    impls.append(Impl("torch", "baseline", baselines.torch_tree_mask))
-    torch_ops = _tree.count_device_ops(baselines.torch_tree_mask,
-                                       make_inputs(1, n, torch.device("cpu"), seed))
-    return Case(
-        suite="tree_mask", op=op, mode=mode, shape=shape, dtype=dtype, batch=batch, ctx=ctx,
+    return _tree.node_case(
+        "tree_mask", OPS, _ours, baselines.torch_tree_mask,
+        make_inputs(1, n, torch.device("cpu"), seed), op=op, mode=mode, shape=shape,
+        batch=batch, ctx=ctx, dtype=dtype, device=device, interpret=interpret,
         make_inputs=lambda: make_inputs(batch, n, device, seed),
-        impls=impls, oracle=pick_oracle(impls), compare=equal,
         nbytes=roofline.tree_mask_bytes(batch=batch, n=n), outputs=("mask", "depth"),
-        extra={"n_nodes": n, "words": (n + 31) // 32, "launches": dict(LAUNCHES),
-               "torch_ops": torch_ops["ops"], "torch_host_syncs": torch_ops["host_syncs"]})
+        launches=LAUNCHES, words=(n + 31) // 32)
