@@ -30,9 +30,10 @@ reason = o._triton_unavailable_reason()
 if reason:
     print("SKIP", reason); sys.exit(0)
 with o._fake_triton_driver(True):
-    import importlib
+    import functools, importlib
     from dflash_kernels import _registry
     from dflash_kernels.triton_backend import _launch
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     def plain(fn, grid, *args, **kwargs):
         return fn[grid](*args, **kwargs)
@@ -53,15 +54,33 @@ with o._fake_triton_driver(True):
                               and a.stride() == b.stride() and a.device == b.device)
         if isinstance(a, tuple) and isinstance(b, tuple):
             return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if isinstance(a, TensorDescriptor) or isinstance(b, TensorDescriptor):
+            return type(a) is type(b) and same(a.base, b.base) and all(
+                list(getattr(a, f)) == list(getattr(b, f)) for f in ("shape", "strides", "block_shape")
+            ) and (a.padding, a.round_f32_to_tf32) == (b.padding, b.round_f32_to_tf32)
         return type(a) is type(b) and a == b
+
+    def page64(bargs):
+        # block_attention on a page-64 cache: the TMA box path on sm_90 (descriptor arguments)
+        q, kc = bargs[0], bargs[1]
+        B, P = q.shape[0], 8
+        caches = [torch.randn(B * P, 64, kc.shape[2], kc.shape[3], dtype=kc.dtype) for _ in "kv"]
+        table = torch.arange(B * P, dtype=torch.int32).view(B, P)
+        lens = torch.full((B,), 64 * P - 7, dtype=torch.int32)
+        return (q, caches[0], caches[1], table, lens) + tuple(bargs[5:])
 
     for op, mode, launches in (("write_kv", "", 1), ("fuse_target_features", "", 2),
                                ("inject_kv", "", 1), ("block_attention", "", 1),
+                               ("block_attention", "page64", 1),
                                ("verify_chain", "greedy", 2), ("verify_chain", "sampled", 2)):
-        fn, args, kw = o._public_call(op, mode)
+        fn, args, kw = o._public_call(op, "" if mode == "page64" else mode)
         bargs = o._captured_backend_args(fn, args, kw, op)
+        if mode == "page64":
+            bargs = page64(bargs)
         tri = _registry._load(op, "triton")[0]
         mod = importlib.import_module(tri.__module__)
+        if mode == "page64":      # CPU tensors take the CPU plan, whose default is no TMA
+            tri = functools.partial(tri, tma=True)
         before = len(_launch._CACHE)
         tri(*bargs)                                   # compiles; remembered
         assert len(_launch._CACHE) == before + launches, (op, mode, len(_launch._CACHE))
@@ -80,6 +99,8 @@ with o._fake_triton_driver(True):
             # metadata and the hooks) every kernel argument
             assert len(a) == len(b) and all(same(x, y) for i, (x, y) in enumerate(zip(a, b))
                                              if i != 6), op
+        if mode == "page64":                          # the TMA box: descriptor arguments
+            assert any(isinstance(x, TensorDescriptor) for x in fast[0][1]), op
         print("SAME", op, mode, len(fast))
 
     # Another alignment is another key: Triton's path runs and compiles its own kernel.
@@ -107,4 +128,4 @@ def test_fast_launch_passes_what_triton_passes():
         pytest.skip(proc.stdout.strip())
     lines = proc.stdout.split()
     assert "NEWKEY" in lines
-    assert proc.stdout.count("SAME") == 6, proc.stdout
+    assert proc.stdout.count("SAME") == 7, proc.stdout

@@ -67,7 +67,13 @@ struct Extent {
   bool written;
 };
 
-enum Tag : int64_t { kNone = 1, kTensor, kSeq, kFalse, kTrue, kInt, kFloat, kStr };
+enum Tag : int64_t { kNone = 1, kTensor, kSeq, kFalse, kTrue, kInt, kFloat, kStr, kDesc };
+
+// Triton's host TensorDescriptor class (launch_key_types): a kernel argument the
+// TMA paths pass; described by its fields.
+PyObject* g_descriptor_type = nullptr;
+const char* const kDescriptorFields[] = {"base", "shape", "strides", "block_shape", "padding",
+                                         "round_f32_to_tf32"};
 
 bool is_plain_tuple(PyObject* obj) {
   // A tuple subclass that iterates like a tuple (a NamedTuple such as VerifyOutput).
@@ -150,6 +156,21 @@ bool add_item(PyObject* obj, bool written, bool nested, Signature& sig,
       int64_t word = 0;
       std::memcpy(&word, s + i, static_cast<size_t>(std::min<Py_ssize_t>(8, n - i)));
       sig.push_back(word);
+    }
+    return true;
+  }
+  if (!nested && g_descriptor_type != nullptr &&
+      reinterpret_cast<PyObject*>(Py_TYPE(obj)) == g_descriptor_type) {
+    sig.push_back(kDesc);
+    for (const char* field : kDescriptorFields) {
+      PyObject* v = PyObject_GetAttrString(obj, field);
+      if (v == nullptr) {
+        PyErr_Clear();
+        return false;
+      }
+      const bool ok = add_item(v, written, false, sig, extents, dense);
+      Py_DECREF(v);
+      if (!ok) return false;
     }
     return true;
   }
@@ -582,6 +603,18 @@ PyObject* fast_empty(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
 }
 
+// launch_key_types(descriptor_type): the class launch_key describes by its fields.
+PyObject* launch_key_types(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 1 || !PyType_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "expected (descriptor_type: type)");
+    return nullptr;
+  }
+  Py_INCREF(args[0]);
+  Py_XDECREF(g_descriptor_type);
+  g_descriptor_type = args[0];
+  Py_RETURN_NONE;
+}
+
 }  // namespace
 
 // One METH_FASTCALL entry of the module's method table.
@@ -599,5 +632,7 @@ PyMethodDef dflash_fastpath_methods[] = {
                     "fast_forget(plans_only=False): drop remembered layouts (or their plans)"),
     DFLASH_FASTCALL("launch_key", launch_key,
                     "launch_key(items): bytes naming the arguments' exact kinds, or None"),
+    DFLASH_FASTCALL("launch_key_types", launch_key_types,
+                    "launch_key_types(descriptor_type): describe its objects by their fields"),
     DFLASH_FASTCALL("empty", fast_empty, "empty(like, kind, *shapes): new tensors on like's device"),
     {nullptr, nullptr, 0, nullptr}};

@@ -9,7 +9,7 @@ change that work's outcome, exactly: the kernel, the current device, Triton's
 debug / instrumentation knobs, the keyword names, and the extension's
 signature of every argument (``_C.launch_key``: per tensor its dtype, device,
 sizes, strides and address modulo 16; every scalar's value; tuples element by
-element). Triton's specialisation reads no more than that (a tensor's dtype and
+element; a host ``TensorDescriptor`` by its fields). Triton's specialisation reads no more than that (a tensor's dtype and
 16-byte alignment, an int's value), so a key seen before names the compiled
 kernel Triton itself picked, and the launch goes to it through
 ``CompiledKernel.run`` as ``JITFunction.run`` ends. Everything else (the first
@@ -29,6 +29,14 @@ try:
     from .._C import launch_key as _launch_key
 except (ImportError, OSError, AttributeError):
     _launch_key = None
+else:
+    # The TMA paths pass host tensor descriptors: keyed by their fields (base tensor,
+    # shape, strides, block shape, padding), a superset of what Triton specialises on
+    # (the base's dtype and the block shape).
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from .._C import launch_key_types
+    launch_key_types(TensorDescriptor)
 
 _MISSING = object()
 
