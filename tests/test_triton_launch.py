@@ -72,7 +72,7 @@ with o._fake_triton_driver(True):
     for op, mode, launches in (("write_kv", "", 1), ("fuse_target_features", "", 2),
                                ("inject_kv", "", 1), ("block_attention", "", 1),
                                ("block_attention", "page64", 1),
-                               ("verify_chain", "greedy", 2), ("verify_chain", "sampled", 2)):
+                               ("verify_chain", "greedy", 1), ("verify_chain", "sampled", 1)):
         fn, args, kw = o._public_call(op, "" if mode == "page64" else mode)
         bargs = o._captured_backend_args(fn, args, kw, op)
         if mode == "page64":

@@ -1,6 +1,7 @@
-"""verify_chain in Triton: two launches, no host synchronisation.
+"""verify_chain in Triton: one launch (plus the split top-k search's count
+launches), no host synchronisation.
 
-Launch 1, grid ``(B*S rows, n_split)``: each program streams its vocab chunk
+The launch, grid ``(B*S rows, n_split)``: each program streams its vocab chunk
 once, keeping the running argmax (greedy rows) or the keyed Gumbel-max of
 ``logit * (1/T) + g`` (sampled rows, Philox noise made in registers), and,
 with ``draft_probs``, the online max / sum-exp of the scaled logits. It
@@ -15,11 +16,14 @@ also gives the row max, and 8 for top-p, whose first pass also gives the
 normaliser; top-p alone adds one max pass), then the Gumbel-max pass over the
 kept set; its other splits write neutral partials.
 
-Launch 2, grid ``(B,)``: one program per request reduces the partials (lowest
-index on ties), walks the drafts (point mass, or the ``draft_probs`` rule with
-``p(x)`` from the row's max / sum and the logit of x), samples the residual
-``max(p - q, 0)`` of the first rejected row by streaming that one row, and
-writes accept_len / out_tokens / bonus / new_seq_lens.
+The finish (``_finish_request``), run by the program that arrives last at its
+request's counter (an acq_rel atomic after the partials are stored): reduce
+the partials (lowest index on ties), walk the drafts (point mass, or the
+``draft_probs`` rule with ``p(x)`` from the row's max / sum and the logit of
+x), sample the residual ``max(p - q, 0)`` of the first rejected row by
+streaming that one row, and write accept_len / out_tokens / bonus /
+new_seq_lens. ``FOLD_FINISH = False`` (tests) launches it as a second kernel
+instead, grid ``(B,)``, as before the fold.
 
 Noise: :mod:`.noise`, bit-identical to :mod:`dflash_kernels.noise`. See
 docs/verify_chain.md for passes and bytes.
@@ -34,7 +38,7 @@ import triton.language as tl
 from .._rules import RESIDUAL_EPS, SAMPLING_EPS
 from . import noise as tnoise
 from ._launch import launch
-from ._common import cdiv, next_pow2, num_sms, on_device
+from ._common import _counters, cdiv, next_pow2, num_sms, on_device
 
 _SAMPLING_EPS = tl.constexpr(SAMPLING_EPS)
 _RESIDUAL_EPS = tl.constexpr(RESIDUAL_EPS)
@@ -364,6 +368,9 @@ def _verify_rows_kernel(
     RAGGED: tl.constexpr = False, cu_ptr=None, T=1, JOINT: tl.constexpr = False,
     SPLIT_K: tl.constexpr = False, st_ptr=None, ms_ptr=None, cnt_ptr=None, mx_ptr=None,
     NPASS=0, NSPLIT_P2: tl.constexpr = 1,
+    FOLD: tl.constexpr = False, arr_ptr=None, bt_ptr=None, stride_tb=0, nd_ptr=None,
+    dp_ptr=None, stride_db=0, stride_ds=0, seq_ptr=None, acc_ptr=None, out_ptr=None,
+    bonus_ptr=None, nsl_ptr=None, HAS_SEQ: tl.constexpr = False, S_P2: tl.constexpr = 1,
 ):
     # HAS_TREE (verify_tree): row j is tree node j, whose token sits at position
     # positions[b] + depth(j) + 1 (a chain row is the tree node of depth j).
@@ -376,6 +383,10 @@ def _verify_rows_kernel(
     # (_search_count_kernel: state st_ptr / ms_ptr, partials cnt_ptr / mx_ptr); a row with
     # top-p still runs its mass search and stream in split 0, a top-k-only row streams
     # its chunk in every split like an unfiltered sampled row.
+    # FOLD (verify_chain's one launch): the program that arrives last at request b's
+    # counter (arr_ptr, int32 [>= B], 0 between launches) runs b's finish (_finish_request:
+    # bt_ptr .. nsl_ptr, HAS_SEQ, S_P2 are its arguments; NSPLIT_P2 = next_pow2(NSPLIT);
+    # draft_probs iff NEED_MZ).
     r = tl.program_id(0)
     sp = tl.program_id(1)
     b, j, start, end, live, row_ptr = _program_row(logits_ptr, stride_lb, stride_ls, r, sp, S,
@@ -502,6 +513,25 @@ def _verify_rows_kernel(
         tl.store(pz_ptr + o, z_run)
         if sp == 0:
             tl.store(thr_ptr + r, thr)
+    if FOLD:
+        # Request b's S * NSPLIT programs each add 1 once their partials are stored; the one
+        # that sees S * NSPLIT - 1 arrives last and finishes b (docs/verify_chain.md "One
+        # launch"). The bar.sync puts every thread's partial stores before the one thread's
+        # acq_rel atomic at GPU scope (its result broadcast): the arrivals' releases and the
+        # last one's acquire make every partial of b visible to the finish's loads.
+        # The request again, from the partial's index: the b of the row addressing, kept
+        # alive across the streaming loops, cost an 8-byte stack frame (compile report).
+        bf = o // NSPLIT // S
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arr_ptr + bf, 1, sem="acq_rel", scope="gpu")
+        if arrived == S * NSPLIT - 1:
+            _finish_request(bf, logits_ptr, stride_lb, stride_ls, bt_ptr, stride_tb, nd_ptr,
+                            temp_ptr, seed_ptr, pos_ptr, dp_ptr, stride_db, stride_ds, seq_ptr,
+                            pval_ptr, pidx_ptr, pm_ptr, pz_ptr, thr_ptr, acc_ptr, out_ptr,
+                            bonus_ptr, nsl_ptr, S, V, NSPLIT, HAS_TEMP, NEED_MZ, HAS_SEQ,
+                            NSPLIT_P2, S_P2, BLOCK, RAGGED, cu_ptr, T)
+            # Ready for the next launch on this stream (stream-ordered after this one).
+            tl.store(arr_ptr + bf, 0)
 
 
 @triton.jit
@@ -531,18 +561,22 @@ def _reduce_norm(pm_ptr, pz_ptr, r, NSPLIT, NSPLIT_P2: tl.constexpr):
 
 
 @triton.jit
-def _verify_finish_kernel(
-    logits_ptr, stride_lb, stride_ls, bt_ptr, stride_tb, nd_ptr, temp_ptr, seed_ptr, pos_ptr,
+def _finish_request(
+    b, logits_ptr, stride_lb, stride_ls, bt_ptr, stride_tb, nd_ptr, temp_ptr, seed_ptr, pos_ptr,
     dp_ptr, stride_db, stride_ds, seq_ptr, pval_ptr, pidx_ptr, pm_ptr, pz_ptr, thr_ptr,
     acc_ptr, out_ptr, bonus_ptr, nsl_ptr, S, V, NSPLIT,
     HAS_TEMP: tl.constexpr, HAS_DP: tl.constexpr, HAS_SEQ: tl.constexpr,
     NSPLIT_P2: tl.constexpr, S_P2: tl.constexpr, BLOCK: tl.constexpr,
-    RAGGED: tl.constexpr = False, cu_ptr=None, T=1,
+    RAGGED: tl.constexpr, cu_ptr, T,
 ):
-    # RAGGED: logits [T, V], block_tokens [T] and draft_probs [T, V] are flat (row stride
-    # stride_ls / 1 / stride_ds); request b's row j is flat row first + j, j <= nd. Rows
-    # past nd are never loaded (their indices clamp to nd), so no read leaves the tensors.
-    b = tl.program_id(0)
+    """Request b's verification from its rows' complete per-split partials: reduce them
+    (lowest index on ties), walk the drafts, sample the bonus / residual, write accept_len,
+    out_tokens, bonus, new_seq_lens. Run by the rows launch's last-arriving program of b
+    (FOLD) or by :func:`_verify_finish_kernel` (the two-launch path, tests only).
+
+    RAGGED: logits [T, V], block_tokens [T] and draft_probs [T, V] are flat (row stride
+    stride_ls / 1 / stride_ds); request b's row j is flat row first + j, j <= nd. Rows
+    past nd are never loaded (their indices clamp to nd), so no read leaves the tensors."""
     nd = tl.minimum(tl.maximum(tl.load(nd_ptr + b), 0), S - 1)
     if RAGGED:
         first, nd_b = _ragged_rows(cu_ptr, b, T, S)
@@ -626,8 +660,11 @@ def _verify_finish_kernel(
                 mass += res
             bv = tl.max(best_v, axis=0)
             res_tok = tl.min(tl.where(best_v == bv, best_i, 2147483647), axis=0)
-            # A residual of mass < RESIDUAL_EPS is rounding noise of p ~ q: bonus from p.
-            bonus = tl.where(tl.sum(mass, axis=0) >= _RESIDUAL_EPS, res_tok, bonus)
+            # A residual of mass < RESIDUAL_EPS is rounding noise of p ~ q: bonus from p,
+            # reduced again here rather than kept alive across the residual loop (that cost
+            # the ragged one-launch build an 8-byte stack frame on sm_90a).
+            bonus = tl.where(tl.sum(mass, axis=0) >= _RESIDUAL_EPS, res_tok,
+                             _reduce_token(pval_ptr, pidx_ptr, ra, NSPLIT, NSPLIT_P2))
     bonus = tl.minimum(tl.maximum(bonus, 0), V - 1)
 
     c = tl.arange(0, S_P2)
@@ -639,6 +676,24 @@ def _verify_finish_kernel(
     tl.store(bonus_ptr + b, bonus)
     if HAS_SEQ:
         tl.store(nsl_ptr + b, tl.load(seq_ptr + b) + a + 1)
+
+
+@triton.jit
+def _verify_finish_kernel(
+    logits_ptr, stride_lb, stride_ls, bt_ptr, stride_tb, nd_ptr, temp_ptr, seed_ptr, pos_ptr,
+    dp_ptr, stride_db, stride_ds, seq_ptr, pval_ptr, pidx_ptr, pm_ptr, pz_ptr, thr_ptr,
+    acc_ptr, out_ptr, bonus_ptr, nsl_ptr, S, V, NSPLIT,
+    HAS_TEMP: tl.constexpr, HAS_DP: tl.constexpr, HAS_SEQ: tl.constexpr,
+    NSPLIT_P2: tl.constexpr, S_P2: tl.constexpr, BLOCK: tl.constexpr,
+    RAGGED: tl.constexpr = False, cu_ptr=None, T=1,
+):
+    # The unfolded second launch, grid (B,): kept only for FOLD_FINISH = False, the
+    # two-launch reference the tests compare the one-launch path with.
+    _finish_request(tl.program_id(0), logits_ptr, stride_lb, stride_ls, bt_ptr, stride_tb,
+                    nd_ptr, temp_ptr, seed_ptr, pos_ptr, dp_ptr, stride_db, stride_ds, seq_ptr,
+                    pval_ptr, pidx_ptr, pm_ptr, pz_ptr, thr_ptr, acc_ptr, out_ptr, bonus_ptr,
+                    nsl_ptr, S, V, NSPLIT, HAS_TEMP, HAS_DP, HAS_SEQ, NSPLIT_P2, S_P2, BLOCK,
+                    RAGGED, cu_ptr, T)
 
 
 BLOCK_V = 1024
@@ -672,6 +727,16 @@ GREEDY_MAXNREG = 128
 # from host-known sizes (use_split_search), True / False force it (tests).
 SEARCH_PASSES = 8
 SPLIT_SEARCH = None
+
+# verify_chain is one launch: the rows kernel's last-arriving program of each request runs
+# its finish (FOLD). False launches the old pair (rows, then _verify_finish_kernel): a test
+# knob, the two-launch reference the one-launch results are compared with bit for bit.
+FOLD_FINISH = True
+# The rows kernel's folded-finish arguments as a launch without FOLD has them (verify_tree,
+# the compile specs).
+UNFOLDED = dict(FOLD=False, arr_ptr=None, bt_ptr=None, stride_tb=0, nd_ptr=None, dp_ptr=None,
+                stride_db=0, stride_ds=0, seq_ptr=None, acc_ptr=None, out_ptr=None,
+                bonus_ptr=None, nsl_ptr=None, HAS_SEQ=False, S_P2=1)
 
 
 def use_split_search(rows: int, nsplit: int, device: torch.device) -> bool:
@@ -740,7 +805,7 @@ def _ragged_args(cu_rows, T):
 
 
 def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False,
-              parents=None, cu_rows=None, S=None, joint=False) -> dict:
+              parents=None, cu_rows=None, S=None, joint=False, finish=None) -> dict:
     """Launch 1: the target token of every row ``[B, S, V]`` as per-split partials.
 
     ``parents`` (int32 ``[B, S]``, verify_tree): row j is a tree node keyed at
@@ -748,8 +813,10 @@ def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False
     ``logits`` is flat ``[T, V]`` and ``S`` the rows per request (the partials
     stay ``[B*S]``). ``joint``: SGLang's top-k + top-p order. Returns the
     partial buffers and sizes the finishing kernels take (``dummy``: a buffer
-    for unused pointers). Launches on the current device (callers run it
-    under ``on_device``).
+    for unused pointers). ``finish``: the folded finish's kernel arguments
+    (``FOLD``: :func:`_launch` builds them; a None pointer becomes ``dummy``),
+    so that the last-arriving program of each request finishes it in this
+    launch. Launches on the current device (callers run it under ``on_device``).
     """
     if cu_rows is None:
         B, S, V = logits.shape
@@ -781,6 +848,9 @@ def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False
     extra = _ragged_args(cu_rows, logits.shape[0])
     if joint and has_topk and has_topp:
         extra["JOINT"] = True
+    if finish is not None:
+        extra.update({n: dummy if v is None else v for n, v in finish.items()},
+                     NSPLIT_P2=next_pow2(nsplit))
     sblock = search_block(V, dev)
     if has_topk and use_split_search(rows, nsplit, dev):
         # Graph-static: SEARCH_PASSES launches whatever the data; a finished or unfiltered
@@ -815,31 +885,35 @@ def _launch(logits, block_tokens, num_drafts, temperature, top_k, top_p, seeds, 
             draft_probs, seq_lens, accept_len, out_tokens, bonus, new_seq_lens, cu_rows=None,
             joint=False) -> None:
     B, S = out_tokens.shape
-    V = logits.shape[-1]
     if B * S == 0:  # nothing to write (ops.verify_chain returns before; direct calls too)
         return
     ragged = cu_rows is not None
     has_temp = temperature is not None
     has_dp = has_temp and draft_probs is not None and S > 1
+    # Strides of block_tokens and draft_probs; flat rows (ragged): row strides only.
+    if ragged:
+        stride_tb, stride_db, stride_ds = 1, 0, draft_probs.stride(0) if has_dp else 0
+    else:
+        stride_tb = block_tokens.stride(0)
+        stride_db, stride_ds = (draft_probs.stride(0), draft_probs.stride(1)) if has_dp else (0, 0)
+    fin = dict(bt_ptr=block_tokens, stride_tb=stride_tb, nd_ptr=num_drafts,
+               dp_ptr=draft_probs if has_dp else None, stride_db=stride_db, stride_ds=stride_ds,
+               seq_ptr=seq_lens, acc_ptr=accept_len, out_ptr=out_tokens, bonus_ptr=bonus,
+               nsl_ptr=new_seq_lens, HAS_SEQ=new_seq_lens is not None, S_P2=next_pow2(S))
+    if FOLD_FINISH:
+        # One launch: the persistent counters (0 between launches, one per request).
+        fin.update(FOLD=True, arr_ptr=_counters(logits.device, B))
+        rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=has_dp,
+                  cu_rows=cu_rows, S=S, joint=joint, finish=fin)
+        return
     rp = rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=has_dp,
                    cu_rows=cu_rows, S=S, joint=joint)
-    pval, pidx, pm, pz, thr = rp["pval"], rp["pidx"], rp["pm"], rp["pz"], rp["thr"]
-    nsplit, block, dummy = rp["nsplit"], rp["block"], rp["dummy"]
-    temp, seeds_, pos_ = rp["temp"], rp["seeds"], rp["pos"]
-    dp = draft_probs if has_dp else dummy
-    if ragged:
-        # Flat rows: row strides only (stride_lb, stride_tb, stride_db unused).
-        strides = (0, logits.stride(0), 1, 0, dp.stride(0) if has_dp else 0)
-    else:
-        strides = (logits.stride(0), logits.stride(1), block_tokens.stride(0),
-                   dp.stride(0) if has_dp else 0, dp.stride(1) if has_dp else 0)
+    fin = {n: rp["dummy"] if v is None else v for n, v in fin.items()}
     launch(_verify_finish_kernel, (B,),
-        logits, strides[0], strides[1], block_tokens, strides[2],
-        num_drafts, temp, seeds_, pos_, dp, strides[3], strides[4],
-        seq_lens if seq_lens is not None else dummy,
-        pval, pidx, pm, pz, thr, accept_len, out_tokens, bonus,
-        new_seq_lens if new_seq_lens is not None else dummy, S, V, nsplit,
+        logits, 0 if ragged else logits.stride(0), logits.stride(-2), fin["bt_ptr"],
+        stride_tb, num_drafts, rp["temp"], rp["seeds"], rp["pos"], fin["dp_ptr"], stride_db,
+        stride_ds, fin["seq_ptr"], rp["pval"], rp["pidx"], rp["pm"], rp["pz"], rp["thr"],
+        accept_len, out_tokens, bonus, fin["nsl_ptr"], S, logits.shape[-1], rp["nsplit"],
         HAS_TEMP=has_temp, HAS_DP=has_dp, HAS_SEQ=new_seq_lens is not None,
-        NSPLIT_P2=next_pow2(nsplit), S_P2=next_pow2(S),
-        BLOCK=block, **_ragged_args(cu_rows, logits.shape[0]), num_warps=4,
-        enable_fp_fusion=False)
+        NSPLIT_P2=next_pow2(rp["nsplit"]), S_P2=next_pow2(S), BLOCK=rp["block"],
+        **_ragged_args(cu_rows, logits.shape[0]), num_warps=4, enable_fp_fusion=False)

@@ -109,7 +109,7 @@ def compile_spec(kernel: str, N: int = 64) -> dict:
                      BLOCK=vc.BLOCK_V, SBLOCK=vc.SEARCH_BLOCK_V, KWAY=vc.KWAY, HAS_TREE=True,
                      PRUNE=vc.PRUNE, RAGGED=False, cu_ptr=None, T=1, JOINT=False,
                      SPLIT_K=False, st_ptr=None, ms_ptr=None, cnt_ptr=None, mx_ptr=None,
-                     NSPLIT_P2=1)
+                     NSPLIT_P2=1, **vc.UNFOLDED)
         warps = 4
     elif kernel == "_verify_tree_walk_kernel":
         sig = dict(tok_ptr="*i64", par_ptr="*i32", nn_ptr="*i32", seq_ptr="*i32",
