@@ -274,6 +274,28 @@ _VERIFY_SINGLE = dict(SPLIT_K=("constexpr", False), st_ptr=None, ms_ptr=None, cn
                       mx_ptr=None, NPASS=0, NSPLIT_P2=("constexpr", 1))
 
 
+def _verify_fold(S: int, ns: int, V: int, dp: bool, ragged: bool) -> dict:
+    """The row kernel's folded-finish arguments as verify_chain._launch passes them (one
+    launch, issue 11): counters, block_tokens int64, num_drafts / seq_lens / outputs int32,
+    draft_probs bf16 (``dp``) or the fp32 placeholder, ``NSPLIT_P2`` for the partials'
+    combine. Ragged: flat block_tokens [T] and draft_probs [T, V] (row strides only)."""
+    return dict(
+        NSPLIT_P2=("constexpr", 1 << (ns - 1).bit_length()), FOLD=("constexpr", True),
+        arr_ptr="*i32", bt_ptr="*i64", stride_tb=1 if ragged else S, nd_ptr="*i32",
+        dp_ptr="*bf16" if dp else "*fp32", stride_db=(0 if ragged else (S - 1) * V) if dp else 0,
+        stride_ds=V if dp else 0, seq_ptr="*i32", acc_ptr="*i32", out_ptr="*i32",
+        bonus_ptr="*i32", nsl_ptr="*i32", HAS_SEQ=("constexpr", True),
+        S_P2=("constexpr", 1 << (S - 1).bit_length()))
+
+
+# The same arguments as a launch without the fold passes them (verify_tree's row pass).
+_VERIFY_UNFOLDED = {n: ("constexpr", v) if isinstance(v, bool) or n == "S_P2" else v
+                    for n, v in dict(FOLD=False, arr_ptr=None, bt_ptr=None, stride_tb=0,
+                                     nd_ptr=None, dp_ptr=None, stride_db=0, stride_ds=0,
+                                     seq_ptr=None, acc_ptr=None, out_ptr=None, bonus_ptr=None,
+                                     nsl_ptr=None, HAS_SEQ=False, S_P2=1).items()}
+
+
 def launch_job(module: str, kernel: str, params: dict, num_warps: int = 4, num_stages: int = 3,
                options: Optional[dict] = None) -> TritonJob:
     """A TritonJob as Triton's launcher specializes a call with these arguments.
@@ -342,9 +364,10 @@ def catalog(arch: int) -> List[tuple]:
     bf16 and fp8-e4m3 caches, page 16 and 1, and page 16 with a window of
     256 (``block_attention.window.*``), and split at B 1, ctx 4k
     (``block_attention.split.*``: the merge folded in). verify_chain: B 1, S 16,
-    V 151,936 bf16 logits, as verify_chain._launch would launch it, padded
-    and ragged (``verify_chain.ragged.*``: flat ``[T, V]`` rows with
-    ``cu_rows``), and top-k + top-p in SGLang's joint order
+    V 151,936 bf16 logits, as verify_chain._launch would launch it (one
+    launch: the row kernel runs its requests' finish; ``rows.draft_probs``
+    with draft_probs), padded and ragged (``verify_chain.ragged.*``: flat
+    ``[T, V]`` rows with ``cu_rows``), and top-k + top-p in SGLang's joint order
     (``verify_chain.joint.*``). The injection ops at
     H 4096, D 128, Hkv 8, N 16, bf16.
     """
@@ -410,8 +433,10 @@ def catalog(arch: int) -> List[tuple]:
                        topk_ptr="*i32", topp_ptr="*fp32", seed_ptr="*i64", pos_ptr="*i64",
                        pval_ptr="*fp32", pidx_ptr="*i32", pm_ptr="*fp32", pz_ptr="*fp32",
                        thr_ptr="*fp32", S=S, V=V, CHUNK=chunk, NSPLIT=ns)
+    # Every row launch of verify_chain runs its requests' finish (the fold); draft_probs:
+    # sampled rows with the online max / sum-exp and the finish's residual pass.
     variants = {"greedy": (False, False, False), "sampled": (True, False, False),
-                "topk_topp": (True, True, True)}
+                "topk_topp": (True, True, True), "draft_probs": (True, False, False)}
     # The ragged layout (vLLM's cu_num_logits): logits [T, V] with T = B*S flat rows, row
     # stride only (rows_pass: stride_lb 0), cu_rows int32 [B+1]; SGLang's joint top-k + top-p
     # order on the padded layout (rows_pass passes JOINT only with both filters).
@@ -429,12 +454,14 @@ def catalog(arch: int) -> List[tuple]:
                 if joint and suffix:
                     continue            # joint comes from SGLang (padded), ragged from vLLM
                 tag = f"verify_chain.{suffix}{'joint.' if joint else ''}rows.{name}"
+                dp = name == "draft_probs"
                 out.append((tag, launch_job(vmod, "_verify_rows_kernel", dict(
                     rows_common, **strides, CHUNK=chunk_v, NSPLIT=nsv, HAS_TEMP=_c(temp),
-                    HAS_TOPK=_c(topk), HAS_TOPP=_c(topp), NEED_MZ=_c(False),
+                    HAS_TOPK=_c(topk), HAS_TOPP=_c(topp), NEED_MZ=_c(dp),
                     BLOCK=_c(blk), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
                     HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0), PRUNE=_c(tv.PRUNE),
-                    **lay, JOINT=_c(joint), **_VERIFY_SINGLE),
+                    **lay, JOINT=_c(joint),
+                    **dict(_VERIFY_SINGLE, **_verify_fold(S, nsv, V, dp, bool(suffix)))),
                     num_warps=4, options=dict(enable_fp_fusion=False, **cap))))
     # The split top-k search (issue 13; rows_pass takes it at B*S * 2 <= SMs, so here):
     # the count pass launched SEARCH_PASSES times, and the row kernel that reads its state
@@ -452,23 +479,8 @@ def catalog(arch: int) -> List[tuple]:
             KWAY=_c(tv.KWAY), HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0),
             PRUNE=_c(tv.PRUNE), **_VERIFY_PADDED, JOINT=_c(False), SPLIT_K=_c(True),
             st_ptr="*i64", ms_ptr="*fp32", cnt_ptr="*i32", mx_ptr="*fp32",
-            NPASS=tv.SEARCH_PASSES, NSPLIT_P2=_c(1 << (ns - 1).bit_length())),
+            NPASS=tv.SEARCH_PASSES, **_verify_fold(S, ns, V, False, False)),
             num_warps=4, options=dict(enable_fp_fusion=False))))
-    # The finish kernel with draft_probs (its residual pass streams one row); ragged: flat
-    # block_tokens [T] and draft_probs [T, V] (_launch's strides: 0, V, 1, 0, V).
-    finish_strides = {"": (dict(stride_lb=S * V, stride_tb=S, stride_db=(S - 1) * V), _VERIFY_PADDED),
-                      "ragged.": (dict(stride_lb=0, stride_tb=1, stride_db=0), ragged)}
-    for suffix, (st, lay) in finish_strides.items():
-        out.append((f"verify_chain.{suffix}finish", launch_job(vmod, "_verify_finish_kernel", dict(
-            logits_ptr="*bf16", stride_lb=st["stride_lb"], stride_ls=V, bt_ptr="*i64",
-            stride_tb=st["stride_tb"], nd_ptr="*i32", temp_ptr="*fp32", seed_ptr="*i64",
-            pos_ptr="*i64", dp_ptr="*bf16", stride_db=st["stride_db"], stride_ds=V,
-            seq_ptr="*i32", pval_ptr="*fp32", pidx_ptr="*i32", pm_ptr="*fp32", pz_ptr="*fp32",
-            thr_ptr="*fp32", acc_ptr="*i32", out_ptr="*i32", bonus_ptr="*i32", nsl_ptr="*i32",
-            S=S, V=V, NSPLIT=ns, HAS_TEMP=_c(True), HAS_DP=_c(True), HAS_SEQ=_c(True),
-            NSPLIT_P2=_c(1 << (ns - 1).bit_length()), S_P2=_c(16), BLOCK=_c(tv.BLOCK_V), **lay),
-            num_warps=4, options=dict(enable_fp_fusion=False))))
-
     out.append(("inject_kv.bf16", _inject_job("inject_kv", arch, torch.bfloat16)))
     out.append(("inject_kv.fp8", _inject_job("inject_kv", arch, torch.float8_e4m3fn)))
     # The split-K kernel (N 16 .. 128 at L 5 on an H200 / B200; docs/inject.md).
@@ -538,7 +550,7 @@ def _tree_catalog(arch: int) -> List[tuple]:
             HAS_TEMP=_c(True), HAS_TOPK=_c(topk), HAS_TOPP=_c(topk), NEED_MZ=_c(False),
             BLOCK=_c(tv.BLOCK_V), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
             HAS_TREE=_c(True), par_ptr="*i32", stride_pb=N, PRUNE=_c(tv.PRUNE),
-            **_VERIFY_PADDED, JOINT=_c(False), **_VERIFY_SINGLE),
+            **_VERIFY_PADDED, JOINT=_c(False), **_VERIFY_SINGLE, **_VERIFY_UNFOLDED),
             num_warps=4, options=dict(enable_fp_fusion=False))))
     for n in (64, 256):
         nsn = _verify_nsplit(arch, B * n, V)
