@@ -588,3 +588,12 @@ def test_a_plan_holding_a_kept_constant_runs_only_on_its_stream(spied):
     assert [w for w, _ in spied] == ["_run", "validate", "_run", "_run", "validate"]
     assert spied[0][1][-2] is spied[1][1][-2]
     assert spied[2][1][-2] is not spied[0][1][-2]
+
+
+def test_allocation_errors_are_raised_as_torch_raises_them():
+    huge = (2 ** 44,)
+    with pytest.raises(Exception) as want:
+        torch.empty(huge, dtype=I32)
+    with pytest.raises(Exception) as got:
+        _fastpath.empty(torch.zeros(1), _fastpath.KIND_INT32, huge, (3,))
+    assert type(got.value) is type(want.value)

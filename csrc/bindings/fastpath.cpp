@@ -32,6 +32,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
@@ -448,6 +449,14 @@ PyObject* replay(PyObject* plan, PyObject* items) {
   return result;
 }
 
+// replay with ATen's errors raised as torch raises them (torch.OutOfMemoryError for an
+// allocation, as torch.empty on the Python path).
+PyObject* replay_translated(PyObject* plan, PyObject* items) {
+  HANDLE_TH_ERRORS
+  return replay(plan, items);
+  END_HANDLE_TH_ERRORS
+}
+
 constexpr long kPlanned = 2;
 
 // fast_check(op, written, items, key=None, replay=False) -> None (validate in Python) |
@@ -477,12 +486,7 @@ PyObject* fast_check(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return PyLong_FromLong(kPlanned);
   }
   Py_INCREF(plan);  // the backend may forget layouts while it runs
-  PyObject* result = nullptr;
-  try {
-    result = replay(plan, args[2]);
-  } catch (const std::exception& e) {
-    if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, e.what());
-  }
+  PyObject* result = replay_translated(plan, args[2]);
   Py_DECREF(plan);
   if (result == nullptr) return nullptr;
   PyObject* out = PyTuple_Pack(1, result);
@@ -593,14 +597,11 @@ PyObject* fast_empty(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   for (Py_ssize_t i = 2; i < nargs; ++i) {
     if (!read_shape(args[i], shapes[i - 2])) return nullptr;
   }
-  try {
-    std::vector<at::Tensor> tensors =
-        alloc_outputs(like.options(), std::vector<at::ScalarType>(shapes.size(), dtype), shapes);
-    return wrap_all(tensors);
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
+  HANDLE_TH_ERRORS
+  std::vector<at::Tensor> tensors =
+      alloc_outputs(like.options(), std::vector<at::ScalarType>(shapes.size(), dtype), shapes);
+  return wrap_all(tensors);
+  END_HANDLE_TH_ERRORS
 }
 
 // launch_key_types(descriptor_type): the class launch_key describes by its fields.
