@@ -98,8 +98,7 @@ def validate(op: int, written: int, items: tuple, check_fn, backend=None):
     fast = _C.fast_check(op, written, items, backend, replay)
     if fast is None:
         check_fn(*items)
-        _C.fast_accept(op, written, items, backend)
-        if replay and _C.fast_check(op, written, items, backend) is True:
+        if _C.fast_accept(op, written, items, backend) and replay:
             _PENDING = (get_ident(), op, written, items, backend, [])
     elif fast is True and replay:
         _PENDING = (get_ident(), op, written, items, backend, [])
@@ -209,6 +208,13 @@ def _plan(fn, items, outs, args, result):
         note(t, (4, j))
         specs.append((like_desc, kind, tuple(shape)))
 
+    cuda_constants = []
+
+    def constant(t):
+        if t.is_cuda:
+            cuda_constants.append(t)
+        return (0, t)
+
     def describe(obj):
         if type(obj) in _SCALARS:
             return (0, obj)
@@ -231,13 +237,6 @@ def _plan(fn, items, outs, args, result):
             # a namedtuple: fastpath.cpp makes it with tuple.__new__, as its __new__ does
             return (6, None if type(obj) is tuple else type(obj), tuple(describe(e) for e in obj))
         raise LookupError
-
-    cuda_constants = []
-
-    def constant(t):
-        if t.is_cuda:
-            cuda_constants.append(t)
-        return (0, t)
 
     try:
         arg_descs = tuple(describe(a) for a in args)

@@ -318,6 +318,14 @@ enum DescKind : long { kConst = 0, kItem, kElem, kList, kOut, kView, kTuple };
 
 PyObject* build(PyObject* desc, PyObject* items, PyObject* outs);
 
+std::vector<int64_t> int_tuple(PyObject* tuple) {
+  std::vector<int64_t> out(static_cast<size_t>(PyTuple_GET_SIZE(tuple)));
+  for (size_t d = 0; d < out.size(); ++d) {
+    out[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(tuple, static_cast<Py_ssize_t>(d)));
+  }
+  return out;
+}
+
 PyObject* build_seq(PyObject* descs, PyObject* items, PyObject* outs, bool as_list) {
   const Py_ssize_t n = PyTuple_GET_SIZE(descs);
   PyObject* seq = as_list ? PyList_New(n) : PyTuple_New(n);
@@ -360,14 +368,8 @@ PyObject* build(PyObject* desc, PyObject* items, PyObject* outs) {
     case kView: {
       const at::Tensor& t =
           THPVariable_Unpack(PyTuple_GET_ITEM(items, PyLong_AsSsize_t(PyTuple_GET_ITEM(desc, 1))));
-      std::vector<int64_t> sizes, strides;
-      for (PyObject* src : {PyTuple_GET_ITEM(desc, 2), PyTuple_GET_ITEM(desc, 3)}) {
-        auto& dst = src == PyTuple_GET_ITEM(desc, 2) ? sizes : strides;
-        for (Py_ssize_t d = 0; d < PyTuple_GET_SIZE(src); ++d) {
-          dst.push_back(PyLong_AsLongLong(PyTuple_GET_ITEM(src, d)));
-        }
-      }
-      return THPVariable_Wrap(t.as_strided(sizes, strides));
+      return THPVariable_Wrap(
+          t.as_strided(int_tuple(PyTuple_GET_ITEM(desc, 2)), int_tuple(PyTuple_GET_ITEM(desc, 3))));
     }
     case kTuple: {
       PyObject* tup = build_seq(PyTuple_GET_ITEM(desc, 2), items, outs, false);
@@ -417,12 +419,10 @@ PyObject* replay(PyObject* plan, PyObject* items) {
     at::TensorOptions options;
     for (Py_ssize_t j = 0; j < n_out; ++j) {
       PyObject* spec = PyTuple_GET_ITEM(specs, j);
-      // The like tensor is an item or an item's element: borrowed from items.
-      PyObject* desc = PyTuple_GET_ITEM(spec, 0);
-      PyObject* obj = PyTuple_GET_ITEM(items, PyLong_AsSsize_t(PyTuple_GET_ITEM(desc, 1)));
-      if (PyTuple_GET_SIZE(desc) == 3) {
-        obj = PySequence_Fast_ITEMS(obj)[PyLong_AsSsize_t(PyTuple_GET_ITEM(desc, 2))];
-      }
+      // The like tensor is an item or an item's element (items keep it alive).
+      PyObject* obj = build(PyTuple_GET_ITEM(spec, 0), items, nullptr);
+      if (obj == nullptr) return nullptr;
+      Py_DECREF(obj);
       const at::Tensor& l = THPVariable_Unpack(obj);
       if (j == 0) options = l.options();
       dtypes.push_back(kind_dtype(PyLong_AsLong(PyTuple_GET_ITEM(spec, 1)), l));
@@ -494,7 +494,9 @@ PyObject* fast_check(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return out;
 }
 
-// fast_accept(op, written, items, key=None): remember the layout of a call Python validated.
+// fast_accept(op, written, items, key=None) -> bool: remember the layout of a call Python
+// validated; True when fast_check of the same call now answers True (remembered, every
+// tensor dense, written tensors apart: the call may record the layout's plan).
 PyObject* fast_accept(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   long op = 0;
   int64_t dense = 1;
@@ -503,11 +505,11 @@ PyObject* fast_accept(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (signature_of(args, nargs, op, sig, extents, dense)) {
     auto& map = g_accepted[op];
     if (map.size() >= kMaxLayouts) clear_layouts(map);
-    map.emplace(std::move(sig), nullptr);
-  } else if (PyErr_Occurred()) {
-    return nullptr;
+    const auto placed = map.emplace(std::move(sig), nullptr);
+    return PyBool_FromLong(dense && placed.first->second == nullptr && written_apart(extents));
   }
-  Py_RETURN_NONE;
+  if (PyErr_Occurred()) return nullptr;
+  Py_RETURN_FALSE;
 }
 
 // fast_plan(op, written, items, key, plan): give a remembered layout its call plan
@@ -626,7 +628,7 @@ PyMethodDef dflash_fastpath_methods[] = {
     DFLASH_FASTCALL("fast_check", fast_check,
                     "fast_check(op, written, items, key=None, replay=False): see fastpath.cpp"),
     DFLASH_FASTCALL("fast_accept", fast_accept,
-                    "fast_accept(op, written, items, key=None): remember a validated layout"),
+                    "fast_accept(op, written, items, key=None): remember a validated layout -> bool"),
     DFLASH_FASTCALL("fast_plan", fast_plan,
                     "fast_plan(op, written, items, key, plan): a remembered layout's call plan"),
     DFLASH_FASTCALL("fast_forget", fast_forget,
