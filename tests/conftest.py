@@ -29,6 +29,16 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
     _interpreter_patches.apply()
 
+# Every backend module is imported now, under the interpreter: a test that sets
+# TRITON_INTERPRET=0 for a while (tests/test_registry.py) must not be the first to
+# import a kernel module, or its kernels would be compiled ones for the rest of
+# the session ("0 active drivers" in whichever test launches one next).
+from dflash_kernels import _registry  # noqa: E402
+
+for _op in _registry.OPS:
+    for _backend in _registry.BACKENDS:
+        _registry._load(_op, _backend)
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
