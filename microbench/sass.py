@@ -269,9 +269,11 @@ _TL = {"bf16": "bf16", "fp8": "fp8e4nv"}
 # The verify kernels' ragged-layout arguments (issue 18) at their padded-call values:
 # rows_pass / _launch pass none of them for a padded batch.
 _VERIFY_PADDED = dict(RAGGED=("constexpr", False), cu_ptr=None, T=("constexpr", 1))
-# The row kernel's split-search arguments (issue 13) as rows_pass passes them without it.
-_VERIFY_SINGLE = dict(SPLIT_K=("constexpr", False), st_ptr=None, ms_ptr=None, cnt_ptr=None,
-                      mx_ptr=None, NPASS=0, NSPLIT_P2=("constexpr", 1))
+# The row kernel's split-search arguments (issue 13) as rows_pass passes them without it;
+# KEYDT 1: the catalog's bf16 logits are searched on their 16-bit keys.
+_VERIFY_SINGLE = dict(SEARCH_SPLIT=("constexpr", False), st_ptr=None, cnt_ptr=None,
+                      mx_ptr=None, pst_ptr=None, pms_ptr=None, pzf_ptr=None, NCOUNT=0, NMASS=0,
+                      NSPLIT_P2=("constexpr", 1), KEYDT=("constexpr", 1))
 
 
 def _verify_fold(S: int, ns: int, V: int, dp: bool, ragged: bool) -> dict:
@@ -463,23 +465,33 @@ def catalog(arch: int) -> List[tuple]:
                     **lay, JOINT=_c(joint),
                     **dict(_VERIFY_SINGLE, **_verify_fold(S, nsv, V, dp, bool(suffix)))),
                     num_warps=4, options=dict(enable_fp_fusion=False, **cap))))
-    # The split top-k search (issue 13; rows_pass takes it at B*S * 2 <= SMs, so here):
-    # the count pass launched SEARCH_PASSES times, and the row kernel that reads its state
-    # (top-k + top-p: top-p's search and stream stay in split 0; top-k alone streams split).
+    # The split search (issue 13; rows_pass takes it at B*S * 2 <= SMs, so here): the count
+    # pass and the top-p mass pass, each launched search_launches() times, and the row kernel
+    # that reads their state and streams its chunk (top-k alone, top-k + top-p).
+    nc, nm = tv.search_launches(True, True, torch.bfloat16)
+    search = dict(logits_ptr="*bf16", stride_lb=S * V, stride_ls=V, temp_ptr="*fp32",
+                  topk_ptr="*i32", topp_ptr="*fp32", st_ptr="*i64", cnt_ptr="*i32",
+                  mx_ptr="*fp32")
+    tail = dict(ROWS=B * S, S=S, V=V, CHUNK=chunk, NSPLIT=ns, KEYDT=_c(1), KWAY=_c(tv.KWAY),
+                SBLOCK=_c(tv.SEARCH_BLOCK_V), NSPLIT_P2=_c(1 << (ns - 1).bit_length()),
+                **_VERIFY_PADDED)
     out.append(("verify_chain.split.count", launch_job(vmod, "_search_count_kernel", dict(
-        logits_ptr="*bf16", stride_lb=S * V, stride_ls=V, temp_ptr="*fp32", topk_ptr="*i32",
-        st_ptr="*i64", ms_ptr="*fp32", cnt_ptr="*i32", mx_ptr="*fp32", t=3, ROWS=B * S, S=S,
-        V=V, CHUNK=chunk, NSPLIT=ns, KWAY=_c(tv.KWAY), SBLOCK=_c(tv.SEARCH_BLOCK_V),
-        NSPLIT_P2=_c(1 << (ns - 1).bit_length()), **_VERIFY_PADDED),
+        search, t=nc - 1, **tail, HAS_TOPK=_c(True), HAS_TOPP=_c(True)),
+        num_warps=4, options=dict(enable_fp_fusion=False))))
+    out.append(("verify_chain.split.mass", launch_job(vmod, "_search_mass_kernel", dict(
+        search, pst_ptr="*i64", pms_ptr="*i64", pzf_ptr="*i64", u=nm - 1, NCOUNT=nc, **tail,
+        HAS_TOPK=_c(True), JOINT=_c(False)),
         num_warps=4, options=dict(enable_fp_fusion=False))))
     for name, topp in (("topk", False), ("topk_topp", True)):
+        nc, nm = tv.search_launches(True, topp, torch.bfloat16)
         out.append((f"verify_chain.split.rows.{name}", launch_job(vmod, "_verify_rows_kernel", dict(
             rows_common, HAS_TEMP=_c(True), HAS_TOPK=_c(True), HAS_TOPP=_c(topp),
             NEED_MZ=_c(False), BLOCK=_c(tv.BLOCK_V), SBLOCK=_c(tv.SEARCH_BLOCK_V),
             KWAY=_c(tv.KWAY), HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0),
-            PRUNE=_c(tv.PRUNE), **_VERIFY_PADDED, JOINT=_c(False), SPLIT_K=_c(True),
-            st_ptr="*i64", ms_ptr="*fp32", cnt_ptr="*i32", mx_ptr="*fp32",
-            NPASS=tv.SEARCH_PASSES, **_verify_fold(S, ns, V, False, False)),
+            PRUNE=_c(tv.PRUNE), **_VERIFY_PADDED, JOINT=_c(False), SEARCH_SPLIT=_c(True),
+            st_ptr="*i64", cnt_ptr="*i32", mx_ptr="*fp32", pst_ptr="*i64", pms_ptr="*i64",
+            pzf_ptr="*i64", NCOUNT=nc, NMASS=nm, KEYDT=_c(1),
+            **_verify_fold(S, ns, V, False, False)),
             num_warps=4, options=dict(enable_fp_fusion=False))))
     out.append(("inject_kv.bf16", _inject_job("inject_kv", arch, torch.bfloat16)))
     out.append(("inject_kv.fp8", _inject_job("inject_kv", arch, torch.float8_e4m3fn)))

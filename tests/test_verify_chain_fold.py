@@ -67,8 +67,11 @@ def _check(call_ref, call_tri, monkeypatch, dev, nsplit, split_search=False):
     one, one_names = _traced(call_tri, monkeypatch, dev)
     again, _ = _traced(call_tri, monkeypatch, dev)
     # The pair really ran twice as a pair, and the fold as one rows launch (the split
-    # search's count launches stay in both).
-    count = ["_search_count_kernel"] * (tv.SEARCH_PASSES if split_search else 0)
+    # search's count and mass launches stay in both).
+    count = []
+    if split_search:
+        nc, nm = tv.search_launches(True, True, torch.float32)
+        count = ["_search_count_kernel"] * nc + ["_search_mass_kernel"] * nm
     assert two_names == count + ["_verify_rows_kernel", "_verify_finish_kernel"], two_names
     assert one_names == count + ["_verify_rows_kernel"], one_names
     assert_same_verify(one, want)
@@ -110,9 +113,10 @@ def test_fold_matches_reference_and_pair(name, device, monkeypatch):
 
 
 def test_fold_split_search(device, monkeypatch):
-    # The split top-k search: its SEARCH_PASSES count launches stay, rows + finish fold.
-    # Request 0: top-k alone (streamed over the splits); 1: greedy, all accepted; 2: top-k
-    # and top-p (split 0).
+    # The split search (fp32 logits, top-k and top-p): its count and mass launches stay,
+    # rows + finish fold.
+    # Request 0: top-k alone; 1: greedy, all accepted; 2: top-k and top-p (every filtered
+    # row streamed over the splits).
     V = 523
     kw = make_verify_case(3, 5, V, sampled="all", top_k=True, top_p=True, draft_probs=True,
                           match_frac=0.5, gen_seed=11, device=device)

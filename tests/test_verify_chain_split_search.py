@@ -1,31 +1,72 @@
-"""verify_chain's split top-k search (issue 13): top-k count passes spread over the row's
-vocab splits (SEARCH_PASSES launches of _search_count_kernel, then the split stream),
-forced on tiny vocabularies with 2..5 splits, token for token against the reference and
-the single-program search, on adversarial rows."""
+"""verify_chain's split threshold search (issue 13): top-k count passes and top-p mass
+passes spread over the row's vocab splits (search_launches() launches of
+_search_count_kernel / _search_mass_kernel, then the split stream), forced on tiny
+vocabularies with 2..5 splits, token for token against the reference and the single-program
+search, on adversarial rows, in each key space (fp32 keys of the scaled logits; bf16 / fp16
+logits' own 16-bit keys)."""
 
 import struct
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from dflash_kernels.triton_backend import verify_chain as tv
 from helpers import assert_same_verify, make_verify_case, run_verify
 
 NAN, NEG_INF = float("nan"), float("-inf")
+# (-inf bits, +inf bits, pattern width) of each key space's dtype.
+_INF_BITS = {0: (0xFF800000, 0x7F800000, 32), 1: (0xFF80, 0x7F80, 16), 2: (0xFC00, 0x7C00, 16)}
 
 
-def _key(x):
-    b = struct.unpack("<i", struct.pack("<f", x))[0]
-    return b ^ ((b >> 31) & 0x7FFFFFFF)
+def _ordered(bits, width):
+    """The order-preserving key of a float's bit pattern (sign-extended, magnitude flipped
+    for negatives), as the kernels define it."""
+    b = bits - (1 << width) if bits >> (width - 1) else bits
+    return b ^ ((b >> (width - 1)) & ((1 << (width - 1)) - 1))
 
 
-def test_search_passes_bound():
-    # The worst case of the KWAY-way search over the whole fp32 key range.
-    n, passes = _key(float("inf")) - _key(NEG_INF), 0
+@pytest.mark.parametrize("space", [0, 1, 2])
+def test_search_passes_bound(space):
+    # The KWAY-way search over a whole key space, [key(-inf), key(+inf)], ends in exactly
+    # SEARCH_PASSES passes (the split search launches that many; fewer would leave a range).
+    neg, pos, width = _INF_BITS[space]
+    lo, hi = _ordered(neg, width), _ordered(pos, width)
+    n, passes = hi - lo, 0
     while n > 0:
         n = (n + tv.KWAY) // tv.KWAY - 1
         passes += 1
-    assert passes <= tv.SEARCH_PASSES
+    assert passes == tv.SEARCH_PASSES[space]
+    consts = {0: (tv._KEY_LO, tv._KEY_HI), 1: (tv._KEY16_LO_BF16, tv._KEY16_HI_BF16),
+              2: (tv._KEY16_LO_FP16, tv._KEY16_HI_FP16)}[space]
+    assert (lo, hi) == tuple(int(getattr(c, "value", c)) for c in consts)
+
+
+@triton.jit
+def _cand_kernel(out_ptr, LO, N, KEYDT: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    key = (LO + i).to(tl.int64)
+    tl.store(out_ptr + i, tv._cand(key, 1.0, KEYDT), mask=i < N)
+
+
+@pytest.mark.parametrize("space, dtype", [(1, torch.bfloat16), (2, torch.float16)])
+def test_16_bit_keys_are_the_dtype_values_in_order(space, dtype):
+    # Every key of the 16-bit spaces, -inf .. +inf, gives its own pattern's value (exactly,
+    # via fp32), in increasing order: the search's candidates are logits of that dtype.
+    assert tv.key_space(dtype) == space
+    neg, pos, width = _INF_BITS[space]
+    lo, hi = _ordered(neg, width), _ordered(pos, width)
+    n = hi - lo + 1
+    out = torch.empty(n)
+    _cand_kernel[(1,)](out, lo, n, KEYDT=space, BLOCK=triton.next_power_of_2(n))
+    keys = torch.arange(lo, hi + 1, dtype=torch.int32)
+    bits = (keys ^ ((keys >> 15) & 0x7FFF)).to(torch.int16)
+    want = bits.view(dtype).float()
+    assert torch.equal(out, want)
+    assert (out[1:] >= out[:-1]).all() and out[0] == NEG_INF and out[-1] == float("inf")
+    # Only +-0 share a value: every other step goes strictly up.
+    assert int((out[1:] == out[:-1]).sum()) == 1
 
 
 def _force(monkeypatch, nsplit, split):
@@ -53,17 +94,26 @@ def _adversarial(V, g, S):
     return x, k
 
 
-@pytest.mark.parametrize("nsplit", [2, 3, 5])
-@pytest.mark.parametrize("mode", ["k", "kp", "joint"])
-def test_split_search_matches(nsplit, mode, monkeypatch):
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+# Every mode in both key spaces, 2 / 3 / 5 splits spread over them (interpreter time).
+@pytest.mark.parametrize("mode, dtype, nsplit", [
+    ("k", F32, 2), ("k", BF16, 5), ("p", F32, 3), ("p", BF16, 2), ("kp", F32, 5),
+    ("kp", BF16, 3), ("joint", F32, 3), ("joint", BF16, 2)])
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
+def test_split_search_matches(nsplit, mode, dtype, monkeypatch):
+    # (bf16 keys near the dtype's max scaled by 1/T > 1 overflow to +inf in fp32, as on a
+    # GPU: numpy warns.)
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
     g = torch.Generator().manual_seed(seed)
     V, S = int(torch.randint(300, 700, (1,), generator=g)), 2
     x, k = _adversarial(V, g, S)
     kw = make_verify_case(6, S, V, draft_probs=True, gen_seed=seed % 1000)
-    kw["logits"] = x
+    kw["logits"] = x.to(dtype)
     kw["temperature"] = torch.tensor([1.0, 0.7, 1.3, 1.0, 0.9, 1.0])
-    kw["top_k"] = k
+    if mode != "p":
+        kw["top_k"] = k
     if mode != "k":
         kw["top_p"] = torch.tensor([0.999, 1e-6, 0.5, 1.0, 0.9, 0.3])
     if mode == "joint":
@@ -103,3 +153,70 @@ def test_split_thresholds_exact_and_combine_load_bearing(nsplit, monkeypatch):
     assert torch.equal(a[:, 0], want)
     chunk0 = x[:, 0, : -(-(-(-V // 128)) // nsplit) * 128]   # _force: 128-wide tiles
     assert ((chunk0 >= want[:, None]).sum(1) < k).all()   # split 0 alone: too few above
+
+
+def _thr_p(x, k, p, nsplit, split, monkeypatch, joint=False):
+    _force(monkeypatch, nsplit, split)
+    B, S, V = x.shape
+    z = torch.zeros(B, dtype=torch.int64)
+    rp = tv.rows_pass(x, torch.ones(B), k, p, z, z, need_mz=True, joint=joint)
+    return rp["thr"].view(B, S)
+
+
+@pytest.mark.parametrize("nsplit, dtype, with_k", [(2, F32, False), (4, F32, True),
+                                                   (4, BF16, False), (2, BF16, True)])
+def test_split_top_p_thresholds_exact_and_combine_load_bearing(nsplit, dtype, with_k,
+                                                                monkeypatch):
+    # Top-p's threshold from the split mass passes equals the single program's bit for bit
+    # and the reference's kept set (integer masses: exact over any split); the rows' mass
+    # sits past split 0, so split 0's masses alone would end on another threshold.
+    from dflash_kernels.reference.verify_chain import kept_set
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    V = 1000
+    x = torch.randn(4, 1, V, generator=g) - 8.0
+    x[:, 0, 600:680] = torch.randn(4, 80, generator=g)
+    x[1, 0, 700::5] = NEG_INF
+    x[2, 0, 640:660] = 0.5                      # a tie group on the boundary
+    x = x.to(dtype)
+    k = torch.tensor([0, 50, 70, 0], dtype=torch.int32) if with_k else None
+    p = torch.tensor([0.5, 0.9, 0.3, 1e-6])
+    a = _thr_p(x, k, p, nsplit, False, monkeypatch)
+    b = _thr_p(x, k, p, nsplit, True, monkeypatch)
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    s = x[:, 0].float()
+    keep = kept_set(s[:, None], torch.ones(4, dtype=torch.bool), k, p)[:, 0]
+    assert torch.equal(s >= b, keep)
+    chunk0 = s[:, : -(-(-(-V // 128)) // nsplit) * 128]
+    assert (chunk0 < b).all()                   # split 0 holds no kept token
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_joint_thresholds(dtype, monkeypatch):
+    # SGLang's order: the whole row's mass (per-split int64 sums) sets the target.
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    V = 700
+    x = (torch.randn(3, 1, V, generator=g) * 2.0).to(dtype)
+    k = torch.tensor([5, 300, 40], dtype=torch.int32)
+    p = torch.tensor([0.9, 0.4, 0.99])
+    a = _thr_p(x, k, p, 3, False, monkeypatch, joint=True)
+    b = _thr_p(x, k, p, 3, True, monkeypatch, joint=True)
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_search_verify_tree(dtype, monkeypatch):
+    # verify_tree shares the row pass: with the split search forced its tokens are the
+    # reference's and those of the single-program search.
+    from test_verify_tree import make_case, run
+
+    kw = make_case(4, 6, 389, sampled="mixed", top_k=True, top_p=True, special_rows=True,
+                   gen_seed=23, dtype=dtype)
+    want = run("reference", kw)
+    _force(monkeypatch, 3, False)
+    single = run("triton", kw)
+    _force(monkeypatch, 3, True)
+    split = run("triton", kw)
+    for w, a, b in zip(want, single, split):
+        if w is not None:
+            assert torch.equal(b, w) and torch.equal(b, a)

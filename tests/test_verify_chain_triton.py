@@ -246,17 +246,23 @@ def kernel_thresholds(rows, temp, k, p, sblock):
     tv._verify_rows_kernel[(R, 1)](
         rows, V, V, temp, k, p, seeds, pos, pval, pidx, pm, pz, thr, 1, V,
         triton.cdiv(V, block) * block, 1, HAS_TEMP=True, HAS_TOPK=True, HAS_TOPP=True,
-        NEED_MZ=True, BLOCK=block, SBLOCK=sblock, KWAY=tv.KWAY, num_warps=4,
-        enable_fp_fusion=False)
+        NEED_MZ=True, BLOCK=block, SBLOCK=sblock, KWAY=tv.KWAY, KEYDT=tv.key_space(rows.dtype),
+        num_warps=4, enable_fp_fusion=False)
     return thr
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="launches the kernel on CPU tensors (interpreter)")
-@pytest.mark.parametrize("V, sblock", [(1000, None), (1030, None), (300, tv.SEARCH_BLOCK_V)])
-def test_search_thresholds_exact(V, sblock):
+@pytest.mark.parametrize("V, sblock, dtype", [
+    (1000, None, torch.float32), (1030, None, torch.float32), (300, tv.SEARCH_BLOCK_V, torch.float32),
+    (1000, None, torch.bfloat16), (300, tv.SEARCH_BLOCK_V, torch.float16)])
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
+def test_search_thresholds_exact(V, sblock, dtype):
+    # fp32 rows: keys of the scaled values; bf16 / fp16 rows: the logits' own 16-bit keys,
+    # whose candidates near the dtype's max overflow to +inf once scaled (numpy warns).
     from dflash_kernels.reference.verify_chain import kept_set
 
     rows, temp, k, p = stress_rows(V, gen_seed=V)
+    rows = rows.to(dtype)
     thr = kernel_thresholds(rows, temp, k, p, sblock or tv.block_size(V))
     scaled = scaled_rows(rows, temp)
     want = expected_thresholds(scaled, k, p)

@@ -1,5 +1,5 @@
-"""verify_chain in Triton: one launch (plus the split top-k search's count
-launches), no host synchronisation.
+"""verify_chain in Triton: one launch (plus the split search's count and mass
+launches at small B x S), no host synchronisation.
 
 The launch, grid ``(B*S rows, n_split)``: each program streams its vocab chunk
 once, keeping the running argmax (greedy rows) or the keyed Gumbel-max of
@@ -7,14 +7,20 @@ once, keeping the running argmax (greedy rows) or the keyed Gumbel-max of
 with ``draft_probs``, the online max / sum-exp of the scaled logits. It
 writes one (value, index, max, sum) partial per (row, split). A sampled row
 with top-k / top-p is handled whole by its split-0 program: a K-way search
-for the threshold on the fp32 key (each pass over the row evaluates KWAY = 16
-candidate thresholds at once: each thread loads 8 contiguous logits per tile
-in one 16-byte load and adds them into its own 16 counts or masses, in
-registers, with no barrier in the element loop; the lanes are summed after
-the row; the pass keeps one of 16 buckets: at most 8 passes for top-k, whose first pass
-also gives the row max, and 8 for top-p, whose first pass also gives the
-normaliser; top-p alone adds one max pass), then the Gumbel-max pass over the
-kept set; its other splits write neutral partials.
+for the threshold on an order-preserving integer key (the scaled fp32 logit's,
+or a bf16 / fp16 logit's own 16-bit pattern: :func:`_key_range`); each pass
+over the row evaluates KWAY = 16 candidate thresholds at once: each thread
+loads 8 contiguous logits per tile in one 16-byte load and adds them into its
+own 16 counts or int64 fixed-point masses (the contract's, docs/DESIGN.md), in
+registers, with no barrier in the element loop; the lanes are summed after the
+row; the pass keeps one of 16 buckets: at most SEARCH_PASSES (4 for 16-bit
+keys, 8 for fp32) passes for top-k, whose first pass also gives the row max,
+and as many for top-p, whose first pass also gives the normaliser; top-p alone
+adds one max pass), then the Gumbel-max pass over the kept set; its other
+splits write neutral partials. At small B x S (use_split_search) the passes
+run as launches over every split instead (_search_count_kernel,
+_search_mass_kernel: integer partials, the same thresholds) and every split
+streams its chunk.
 
 The finish (``_finish_request``), run by the program that arrives last at its
 request's counter (an acq_rel atomic after the partials are stored): reduce
@@ -60,11 +66,61 @@ def _key_of(x):
     return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
 
 
+# The threshold search's key spaces (KEYDT, from the logits dtype: key_space). 0 (fp32
+# logits): the order-preserving key of the scaled fp32 logit. 1 / 2 (bf16 / fp16 logits):
+# the key of the logit's own 16-bit pattern, scaled when compared. Scaling by 1/T > 0
+# rounds monotonically, so every order statistic of the scaled row is the scaled order
+# statistic of the logits: the same thresholds from 65,282 (bf16) or 63,490 (fp16) keys,
+# 4 passes of 16 candidates instead of 8 over fp32's 2**32.
+_KEY_LO = tl.constexpr(-2139095041)     # _key_of(-inf)
+_KEY_HI = tl.constexpr(2139095040)      # _key_of(+inf)
+_KEY16_LO_BF16 = tl.constexpr(-32641)   # bf16 -inf 0xFF80: -1 - 0x7F80
+_KEY16_HI_BF16 = tl.constexpr(32640)    # bf16 +inf 0x7F80
+_KEY16_LO_FP16 = tl.constexpr(-31745)   # fp16 -inf 0xFC00: -1 - 0x7C00
+_KEY16_HI_FP16 = tl.constexpr(31744)    # fp16 +inf 0x7C00
+
+
 @triton.jit
-def _value_of(key):
-    """Inverse of :func:`_key_of`."""
+def _key_range(KEYDT: tl.constexpr):
+    """(key of -inf, key of +inf) in the search's key space (int64 scalars)."""
+    if KEYDT == 1:
+        lo = tl.full((), _KEY16_LO_BF16, tl.int64)
+        hi = tl.full((), _KEY16_HI_BF16, tl.int64)
+    elif KEYDT == 2:
+        lo = tl.full((), _KEY16_LO_FP16, tl.int64)
+        hi = tl.full((), _KEY16_HI_FP16, tl.int64)
+    else:
+        lo = tl.full((), _KEY_LO, tl.int64)
+        hi = tl.full((), _KEY_HI, tl.int64)
+    return lo, hi
+
+
+@triton.jit
+def _cand(key, inv_t, KEYDT: tl.constexpr):
+    """The scaled fp32 threshold of a search key (:func:`_key_range`'s spaces)."""
     k = key.to(tl.int32)
-    return (k ^ ((k >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    if KEYDT == 0:
+        c = (k ^ ((k >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    else:
+        b = k ^ ((k >> 15) & 0x7FFF)        # the sign-extended 16-bit pattern
+        if KEYDT == 1:
+            x = (b << 16).to(tl.float32, bitcast=True)
+        else:
+            x = b.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        c = _scale(x, inv_t)
+    return c
+
+
+@triton.jit
+def _topp_hi(lo, m, KEYDT: tl.constexpr):
+    """Top of top-p's search range above ``lo``: the key of the kept max m (fp32 keys) or
+    of +inf (16-bit keys: the logit of m is not known); ``lo`` (nothing to search) when the
+    row has no finite kept logit."""
+    if KEYDT == 0:
+        hi = _key_of(m)
+    else:
+        lo_, hi = _key_range(KEYDT)
+    return tl.where(m > float("-inf"), hi, lo)
 
 
 @triton.jit
@@ -94,9 +150,9 @@ def _load_scaled(row_ptr, offs, end, inv_t):
 
 
 @triton.jit
-def _row_max(row_ptr, V, inv_t, BLOCK: tl.constexpr):
+def _row_max(row_ptr, V, inv_t, BLOCK: tl.constexpr, start=0):
     acc = tl.full((BLOCK,), float("-inf"), tl.float32)
-    for off in range(0, V, BLOCK):
+    for off in range(start, V, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         acc = tl.maximum(acc, _load_scaled(row_ptr, offs, V, inv_t))
     return tl.max(acc, axis=0)
@@ -146,6 +202,33 @@ def _add_columns(acc, s, w, c2):
     return acc
 
 
+# round(exp(s - m) * 2**40) in fp32 (the reference's token_mass): 2**40 scales exactly, and
+# below 2**23 adding 2**23 leaves no fraction bit, so the sum rounds half to even as
+# torch.round does (the launches disable fp fusion; nothing reassociates the two adds).
+_MASS_SCALE = tl.constexpr(1099511627776.0)
+_ROUND_HALF_EVEN = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _mass_of(s, m):
+    """int64 fixed-point mass ``round(exp(s - m) * 2**40)`` of scaled logits s (0 for -inf;
+    s = m = +inf, a +inf row's point mass, as exp(0)). A function of (s, m) alone, so its
+    sums are exact in any order and over any split of the row."""
+    d = s - m
+    e = tl.exp(tl.where(d != d, 0.0, d)) * _MASS_SCALE
+    e = tl.where(e < _ROUND_HALF_EVEN, (e + _ROUND_HALF_EVEN) - _ROUND_HALF_EVEN, e)
+    return e.to(tl.int64)
+
+
+@triton.jit
+def _top_p_target(tp, z):
+    """int64 mass top-p must reach (reference top_p_target): ``clamp(ceil(tp * z), 1, z)``
+    in fp64, 1 when z = 0."""
+    t = tl.math.ceil(tp.to(tl.float64) * z.to(tl.float64))
+    t = tl.where(z > 0, tl.maximum(t, 1.0), 1.0).to(tl.int64)
+    return tl.where(z > 0, tl.minimum(t, z), 1)
+
+
 @triton.jit
 def _kway_count(row_ptr, V, inv_t, cand, K: tl.constexpr, BLOCK: tl.constexpr, start=0):
     """Per candidate threshold ``cand [K]``: #(s >= cand); and the row max.
@@ -166,27 +249,61 @@ def _kway_count(row_ptr, V, inv_t, cand, K: tl.constexpr, BLOCK: tl.constexpr, s
 
 @triton.jit
 def _kway_mass(row_ptr, V, inv_t, cand, m, K: tl.constexpr, BLOCK: tl.constexpr,
-               FULL: tl.constexpr = False):
-    """Per candidate threshold ``cand [K]``: sum of exp(s - m) over s >= cand (m the finite row max);
-    and (FULL) the mass of the whole row, else 0.
-
-    Every candidate sums the same terms in the same order (a lane adds its elements one by
-    one in element order, 0 for those the candidate drops; the lanes are summed after the
-    row), and fp32 addition is monotone, so the mass is monotone in the threshold. The
-    whole row's mass adds the same terms in the same order as a candidate at -inf would.
-    """
+               FULL: tl.constexpr = False, start=0):
+    """Per candidate threshold ``cand [K]``: the int64 mass (:func:`_mass_of`, m the finite
+    row max) of s >= cand over [start, V); and (FULL) the mass of all of it, else 0.
+    Integer sums: the same bits in any order, in one program or summed over splits."""
     c2 = cand[:, None]
-    acc = tl.zeros((K, BLOCK // _SEARCH_VEC), tl.float32)
-    full = tl.zeros((BLOCK // _SEARCH_VEC,), tl.float32)
-    for off in range(0, V, BLOCK):
+    acc = tl.zeros((K, BLOCK // _SEARCH_VEC), tl.int64)
+    full = tl.zeros((BLOCK // _SEARCH_VEC,), tl.int64)
+    for off in range(start, V, BLOCK):
         offs = _search_tile(off, BLOCK)
-        s = _load_scaled(row_ptr, offs, V, inv_t)      # lanes past V: -inf, e = 0
-        e = tl.exp(s - m)
-        acc = _add_columns(acc, s, e, c2)
+        s = _load_scaled(row_ptr, offs, V, inv_t)      # lanes past V: -inf, mass 0
+        w = _mass_of(s, m)
+        acc = _add_columns(acc, s, w, c2)
         if FULL:
-            e0, e1, e2, e3, e4, e5, e6, e7 = _columns(e)
-            full = full + e0 + e1 + e2 + e3 + e4 + e5 + e6 + e7
+            w0, w1, w2, w3, w4, w5, w6, w7 = _columns(w)
+            full = full + w0 + w1 + w2 + w3 + w4 + w5 + w6 + w7
     return tl.sum(acc, axis=1), tl.sum(full, axis=0)
+
+
+@triton.jit
+def _candidates(lo, hi, inv_t, KWAY: tl.constexpr, KEYDT: tl.constexpr):
+    """A pass's KWAY scaled candidate thresholds: [lo, hi] in KWAY buckets from lo."""
+    slot = tl.arange(0, KWAY).to(tl.int64)
+    step = (hi - lo + KWAY) // KWAY
+    return _cand(tl.minimum(lo + slot * step, hi), inv_t, KEYDT)
+
+
+@triton.jit
+def _next_range(lo, hi, ok, KWAY: tl.constexpr):
+    """The bucket after a pass: the highest slot whose candidate passed (``ok [KWAY]``;
+    slot 0, lo itself, when none did)."""
+    slot = tl.arange(0, KWAY).to(tl.int64)
+    step = (hi - lo + KWAY) // KWAY
+    last = (hi - lo) // step  # the slots whose start lo + slot * step <= hi
+    lo = lo + tl.max(tl.where(ok & (slot <= last), slot, 0), axis=0) * step
+    return lo, tl.minimum(lo + step - 1, hi)
+
+
+@triton.jit
+def _mass_step(lo, hi, mass, z_full, target, first, tp, k_on, KWAY: tl.constexpr,
+               JOINT: tl.constexpr):
+    """One top-p pass's step from its candidates' masses: (lo, hi, target). The first pass
+    (``first``) fixes the target from slot 0's mass (lo: the top-k set's, or the row's) or,
+    JOINT with top-k on, from the whole row's mass ``z_full``; a JOINT target the top-k set
+    already meets ends the search at lo (the nucleus holds the top-k set)."""
+    slot = tl.arange(0, KWAY)
+    z0 = tl.sum(tl.where(slot == 0, mass, 0), axis=0)
+    whole = False
+    if JOINT:
+        t_full = _top_p_target(tp, z_full)
+        target = tl.where(first, tl.where(k_on, t_full, _top_p_target(tp, z0)), target)
+        whole = first & k_on & (t_full >= z0)
+    else:
+        target = tl.where(first, _top_p_target(tp, z0), target)
+    lo_next, hi_next = _next_range(lo, hi, mass >= target, KWAY)
+    return tl.where(whole, lo, lo_next), tl.where(whole, lo, hi_next), target
 
 
 @triton.jit
@@ -268,9 +385,33 @@ def _tree_depth(par_row, node):
 
 
 @triton.jit
-def _count_state(st_ptr, ms_ptr, cnt_ptr, mx_ptr, r, t, ROWS, NSPLIT, k,
-                 KWAY: tl.constexpr, NSPLIT_P2: tl.constexpr):
-    """Split top-k search: the row's (lo, hi, max) after count passes 0 .. t-1 (t >= 1).
+def _filters(topk_ptr, topp_ptr, b, V, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr):
+    """(k, top_p, top-k on, top-p on) of request b (on: the filter removes something)."""
+    k = 0
+    tp = 1.0
+    k_on = False
+    p_on = False
+    if HAS_TOPK:
+        k = tl.load(topk_ptr + b)
+        k_on = (k > 0) & (k < V)
+    if HAS_TOPP:
+        tp = tl.load(topp_ptr + b)
+        p_on = tp < 1.0
+    return k, tp, k_on, p_on
+
+
+@triton.jit
+def _split_max(mx_ptr, r, NSPLIT, NSPLIT_P2: tl.constexpr):
+    """Split search: row r's max scaled logit, from the first count pass's per-split maxima."""
+    o = tl.arange(0, NSPLIT_P2)
+    return tl.max(tl.load(mx_ptr + r * NSPLIT + o, mask=o < NSPLIT, other=float("-inf")),
+                  axis=0)
+
+
+@triton.jit
+def _count_state(st_ptr, cnt_ptr, r, t, ROWS, NSPLIT, k, KWAY: tl.constexpr,
+                 NSPLIT_P2: tl.constexpr):
+    """Split top-k search: the row's (lo, hi) after count passes 0 .. t-1 (t >= 1).
 
     State t-1 (written by pass t-1's split 0) plus pass t-1's per-split counts, summed in
     split order (int32: exact in any order), so every program derives the same state and
@@ -278,22 +419,48 @@ def _count_state(st_ptr, ms_ptr, cnt_ptr, mx_ptr, r, t, ROWS, NSPLIT, k,
     so = (t - 1) * ROWS + r
     lo = tl.load(st_ptr + 2 * so)
     hi = tl.load(st_ptr + 2 * so + 1)
-    m = tl.load(ms_ptr + so)
     if lo < hi:
-        slot = tl.arange(0, KWAY).to(tl.int64)
-        step = (hi - lo + KWAY) // KWAY
-        last = (hi - lo) // step
         o = tl.arange(0, NSPLIT_P2)
         po = so * NSPLIT + o
         c = tl.load(cnt_ptr + po[:, None] * KWAY + tl.arange(0, KWAY)[None, :],
                     mask=(o < NSPLIT)[:, None], other=0)
-        cnt = tl.sum(c, axis=0)
-        mx = tl.max(tl.load(mx_ptr + po, mask=o < NSPLIT, other=float("-inf")), axis=0)
-        m = tl.maximum(m, mx)
-        ok = (slot <= last) & (cnt >= k)
-        lo = lo + tl.max(tl.where(ok, slot, 0), axis=0) * step
-        hi = tl.minimum(lo + step - 1, hi)
-    return lo, hi, m
+        lo, hi = _next_range(lo, hi, tl.sum(c, axis=0) >= k, KWAY)
+    return lo, hi
+
+
+@triton.jit
+def _mass_state(st_ptr, cnt_ptr, mx_ptr, pst_ptr, pms_ptr, pzf_ptr, r, u, NCOUNT, ROWS,
+                NSPLIT, k, k_on, tp, KEYDT: tl.constexpr, KWAY: tl.constexpr,
+                NSPLIT_P2: tl.constexpr, JOINT: tl.constexpr):
+    """Split top-p search: the row's (lo, hi, target, m) after mass passes 0 .. u-1.
+
+    u = 0: lo is top-k's threshold key (after its NCOUNT count passes) or the key of
+    -inf, hi :func:`_topp_hi`, m the row max from the first count pass. Later: state u-1
+    (pass u-1's split 0 wrote it) stepped by pass u-1's per-split int64 masses, summed
+    exactly, so every program and the single-program search take the same steps."""
+    m = _split_max(mx_ptr, r, NSPLIT, NSPLIT_P2)
+    target = tl.full((), 0, tl.int64)
+    if u == 0:
+        lo, hi = _key_range(KEYDT)
+        if k_on:
+            lo, hi = _count_state(st_ptr, cnt_ptr, r, NCOUNT, ROWS, NSPLIT, k, KWAY, NSPLIT_P2)
+        hi = _topp_hi(lo, m, KEYDT)
+    else:
+        so = (u - 1) * ROWS + r
+        lo = tl.load(pst_ptr + 3 * so)
+        hi = tl.load(pst_ptr + 3 * so + 1)
+        target = tl.load(pst_ptr + 3 * so + 2)
+        if lo < hi:
+            o = tl.arange(0, NSPLIT_P2)
+            po = so * NSPLIT + o
+            mass = tl.sum(tl.load(pms_ptr + po[:, None] * KWAY + tl.arange(0, KWAY)[None, :],
+                                  mask=(o < NSPLIT)[:, None], other=0), axis=0)
+            z_full = tl.full((), 0, tl.int64)
+            if JOINT:
+                z_full = tl.sum(tl.load(pzf_ptr + po, mask=o < NSPLIT, other=0), axis=0)
+            lo, hi, target = _mass_step(lo, hi, mass, z_full, target, u == 1, tp, k_on, KWAY,
+                                        JOINT)
+    return lo, hi, target, m
 
 
 @triton.jit
@@ -320,42 +487,77 @@ def _program_row(logits_ptr, stride_lb, stride_ls, r, sp, S, V, CHUNK, RAGGED: t
 
 @triton.jit
 def _search_count_kernel(
-    logits_ptr, stride_lb, stride_ls, temp_ptr, topk_ptr, st_ptr, ms_ptr, cnt_ptr, mx_ptr,
+    logits_ptr, stride_lb, stride_ls, temp_ptr, topk_ptr, topp_ptr, st_ptr, cnt_ptr, mx_ptr,
     t, ROWS, S, V, CHUNK, NSPLIT,
-    KWAY: tl.constexpr, SBLOCK: tl.constexpr, NSPLIT_P2: tl.constexpr,
+    HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, KEYDT: tl.constexpr, KWAY: tl.constexpr,
+    SBLOCK: tl.constexpr, NSPLIT_P2: tl.constexpr,
     RAGGED: tl.constexpr = False, cu_ptr=None, T=1,
 ):
-    # Count pass t of the split top-k search, grid (rows, NSPLIT): derive the row's state
-    # after passes < t (_count_state), split 0 records it, and, while lo < hi, count the
-    # KWAY candidates over this program's chunk and store the partial counts and max.
-    # A row that is greedy, unfiltered by top-k or past a ragged request exits at once.
+    # Count pass t of the split search, grid (rows, NSPLIT): a top-k row derives its state
+    # after passes < t (_count_state), split 0 records it, and, while lo < hi, the program
+    # counts the KWAY candidates over its chunk (partial counts at cnt_ptr). Pass 0 also
+    # stores each chunk's max (mx_ptr: the m of the masses), for top-p-only rows too, which
+    # do nothing else here. Greedy, unfiltered and ragged padding rows exit at once.
     r = tl.program_id(0)
     sp = tl.program_id(1)
     b, j, start, end, live, row_ptr = _program_row(logits_ptr, stride_lb, stride_ls, r, sp, S,
                                                    V, CHUNK, RAGGED, cu_ptr, T)
     sampled, inv_t = _temperature(temp_ptr, b)
-    k = tl.load(topk_ptr + b)
-    if sampled & live & (k > 0) & (k < V):
+    k, tp, k_on, p_on = _filters(topk_ptr, topp_ptr, b, V, HAS_TOPK, HAS_TOPP)
+    if sampled & live & k_on:
         if t == 0:
-            lo = _key_of(tl.full((), float("-inf"), tl.float32))
-            hi = _key_of(tl.full((), float("inf"), tl.float32))
-            m = tl.full((), float("-inf"), tl.float32)
+            lo, hi = _key_range(KEYDT)
         else:
-            lo, hi, m = _count_state(st_ptr, ms_ptr, cnt_ptr, mx_ptr, r, t, ROWS, NSPLIT, k,
-                                     KWAY, NSPLIT_P2)
+            lo, hi = _count_state(st_ptr, cnt_ptr, r, t, ROWS, NSPLIT, k, KWAY, NSPLIT_P2)
         so = t * ROWS + r
         if sp == 0:
             tl.store(st_ptr + 2 * so, lo)
             tl.store(st_ptr + 2 * so + 1, hi)
-            tl.store(ms_ptr + so, m)
         if lo < hi:
-            slot = tl.arange(0, KWAY).to(tl.int64)
-            step = (hi - lo + KWAY) // KWAY
-            cand = _value_of(tl.minimum(lo + slot * step, hi))
+            cand = _candidates(lo, hi, inv_t, KWAY, KEYDT)
             cnt, mx = _kway_count(row_ptr, end, inv_t, cand, KWAY, SBLOCK, start)
+            tl.store(cnt_ptr + (so * NSPLIT + sp) * KWAY + tl.arange(0, KWAY), cnt)
+            if t == 0:
+                tl.store(mx_ptr + r * NSPLIT + sp, mx)
+    elif sampled & live & p_on & (t == 0):
+        tl.store(mx_ptr + r * NSPLIT + sp, _row_max(row_ptr, end, inv_t, SBLOCK, start))
+
+
+@triton.jit
+def _search_mass_kernel(
+    logits_ptr, stride_lb, stride_ls, temp_ptr, topk_ptr, topp_ptr, st_ptr, cnt_ptr, mx_ptr,
+    pst_ptr, pms_ptr, pzf_ptr, u, NCOUNT, ROWS, S, V, CHUNK, NSPLIT,
+    HAS_TOPK: tl.constexpr, KEYDT: tl.constexpr, KWAY: tl.constexpr, SBLOCK: tl.constexpr,
+    NSPLIT_P2: tl.constexpr, JOINT: tl.constexpr = False,
+    RAGGED: tl.constexpr = False, cu_ptr=None, T=1,
+):
+    # Mass pass u of the split top-p search, grid (rows, NSPLIT), after the NCOUNT count
+    # passes: a top-p row derives its state after mass passes < u (_mass_state), split 0
+    # records it (pst_ptr: lo, hi, target), and, while lo < hi, the program sums the KWAY
+    # candidates' int64 masses over its chunk (pms_ptr; JOINT: the chunk's whole mass at
+    # pzf_ptr). Rows without top-p exit at once.
+    r = tl.program_id(0)
+    sp = tl.program_id(1)
+    b, j, start, end, live, row_ptr = _program_row(logits_ptr, stride_lb, stride_ls, r, sp, S,
+                                                   V, CHUNK, RAGGED, cu_ptr, T)
+    sampled, inv_t = _temperature(temp_ptr, b)
+    k, tp, k_on, p_on = _filters(topk_ptr, topp_ptr, b, V, HAS_TOPK, True)
+    if sampled & live & p_on:
+        lo, hi, target, m = _mass_state(st_ptr, cnt_ptr, mx_ptr, pst_ptr, pms_ptr, pzf_ptr, r,
+                                        u, NCOUNT, ROWS, NSPLIT, k, k_on, tp, KEYDT, KWAY,
+                                        NSPLIT_P2, JOINT)
+        so = u * ROWS + r
+        if sp == 0:
+            tl.store(pst_ptr + 3 * so, lo)
+            tl.store(pst_ptr + 3 * so + 1, hi)
+            tl.store(pst_ptr + 3 * so + 2, target)
+        if lo < hi:
+            cand = _candidates(lo, hi, inv_t, KWAY, KEYDT)
+            mass, z_full = _kway_mass(row_ptr, end, inv_t, cand, m, KWAY, SBLOCK, JOINT, start)
             po = so * NSPLIT + sp
-            tl.store(cnt_ptr + po * KWAY + tl.arange(0, KWAY), cnt)
-            tl.store(mx_ptr + po, mx)
+            tl.store(pms_ptr + po * KWAY + tl.arange(0, KWAY), mass)
+            if JOINT:
+                tl.store(pzf_ptr + po, z_full)
 
 
 @triton.jit
@@ -366,8 +568,9 @@ def _verify_rows_kernel(
     NEED_MZ: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr, KWAY: tl.constexpr,
     HAS_TREE: tl.constexpr = False, par_ptr=None, stride_pb=0, PRUNE: tl.constexpr = True,
     RAGGED: tl.constexpr = False, cu_ptr=None, T=1, JOINT: tl.constexpr = False,
-    SPLIT_K: tl.constexpr = False, st_ptr=None, ms_ptr=None, cnt_ptr=None, mx_ptr=None,
-    NPASS=0, NSPLIT_P2: tl.constexpr = 1,
+    SEARCH_SPLIT: tl.constexpr = False, st_ptr=None, cnt_ptr=None, mx_ptr=None, pst_ptr=None,
+    pms_ptr=None, pzf_ptr=None, NCOUNT=0, NMASS=0, NSPLIT_P2: tl.constexpr = 1,
+    KEYDT: tl.constexpr = 0,
     FOLD: tl.constexpr = False, arr_ptr=None, bt_ptr=None, stride_tb=0, nd_ptr=None,
     dp_ptr=None, stride_db=0, stride_ds=0, seq_ptr=None, acc_ptr=None, out_ptr=None,
     bonus_ptr=None, nsl_ptr=None, HAS_SEQ: tl.constexpr = False, S_P2: tl.constexpr = 1,
@@ -379,10 +582,11 @@ def _verify_rows_kernel(
     # cu_rows[b] + j (cu_ptr, clamped by _ragged_rows); a program past the request's
     # rows streams nothing and writes neutral partials, which the finish kernel never uses.
     # JOINT: top-p's target is top_p times the whole row's mass (SGLang's order).
-    # SPLIT_K: the top-k threshold comes from the NPASS split count launches
-    # (_search_count_kernel: state st_ptr / ms_ptr, partials cnt_ptr / mx_ptr); a row with
-    # top-p still runs its mass search and stream in split 0, a top-k-only row streams
-    # its chunk in every split like an unfiltered sampled row.
+    # SEARCH_SPLIT: the thresholds come from the split search's NCOUNT count launches
+    # (_search_count_kernel: state st_ptr, partials cnt_ptr / mx_ptr) and NMASS mass
+    # launches (_search_mass_kernel: state pst_ptr, partials pms_ptr / pzf_ptr); every
+    # filtered row then streams its chunk in every split like an unfiltered sampled row.
+    # KEYDT: the search's key space (_key_range; key_space(logits.dtype)).
     # FOLD (verify_chain's one launch): the program that arrives last at request b's
     # counter (arr_ptr, int32 [>= B], 0 between launches) runs b's finish (_finish_request:
     # bt_ptr .. nsl_ptr, HAS_SEQ, S_P2 are its arguments; NSPLIT_P2 = next_pow2(NSPLIT);
@@ -406,96 +610,51 @@ def _verify_rows_kernel(
         else:
             depth = j
         p_lo, p_hi = tnoise.position_words(tl.load(pos_ptr + b) + depth + 1)
-        filt = sampled & False
-        k = 0
-        tp = 1.0
-        if HAS_TOPK:
-            k = tl.load(topk_ptr + b)
-            filt = filt | ((k > 0) & (k < V))
-        if HAS_TOPP:
-            tp = tl.load(topp_ptr + b)
-            filt = filt | (tp < 1.0)
-        filt = filt & sampled & live
-        if filt:
-            slot = tl.arange(0, KWAY).to(tl.int64)
-            m = tl.full((), NEG, tl.float32)
-            lo = _key_of(thr)
-            single = True
-            if SPLIT_K:
-                if (k > 0) & (k < V):
-                    lo, hi, m = _count_state(st_ptr, ms_ptr, cnt_ptr, mx_ptr, r, NPASS,
-                                             tl.num_programs(0), NSPLIT, k, KWAY, NSPLIT_P2)
-                    thr = _value_of(lo)
-                single = False
-                if HAS_TOPP:
-                    single = tp < 1.0
-            if single & (sp == 0):
-                # Whole row in this program: K-way threshold searches on the order-preserving
-                # key (each pass splits [lo, hi] into KWAY buckets starting at lo, and keeps
-                # the highest bucket whose start passes), then the Gumbel-max.
-                if HAS_TOPK and not SPLIT_K:
-                    if (k > 0) & (k < V):
-                        # No max pass: the first count pass spans every key up to +inf and
-                        # yields the row max for top-p on the way.
-                        hi = _key_of(tl.full((), float("inf"), tl.float32))
-                        while lo < hi:
-                            step = (hi - lo + KWAY) // KWAY
-                            last = (hi - lo) // step  # the slots whose start lo + slot * step <= hi
-                            cand = _value_of(tl.minimum(lo + slot * step, hi))
-                            cnt, mx = _kway_count(row_ptr, V, inv_t, cand, KWAY, SBLOCK)
-                            m = tl.maximum(m, mx)
-                            ok = (slot <= last) & (cnt >= k)
-                            lo = lo + tl.max(tl.where(ok, slot, 0), axis=0) * step
-                            hi = tl.minimum(lo + step - 1, hi)
-                        thr = _value_of(lo)
-                if HAS_TOPP:
-                    if tp < 1.0:
-                        if m == NEG:  # no top-k pass gave it (or an all -inf row: -inf again)
-                            m = _row_max(row_ptr, V, inv_t, BLOCK)
-                        if m > NEG:
-                            hi = _key_of(m)
-                            target = tl.full((), 0.0, tl.float32)
-                            npass = 0
-                            k_on = False
-                            if HAS_TOPK:
-                                k_on = (k > 0) & (k < V)
-                            while lo < hi:
-                                step = (hi - lo + KWAY) // KWAY
-                                last = (hi - lo) // step
-                                cand = _value_of(tl.minimum(lo + slot * step, hi))
-                                mass, z_full = _kway_mass(row_ptr, V, inv_t, cand, m, KWAY, SBLOCK,
-                                                          JOINT)
-                                # Slot 0 is lo: the first pass gives the normaliser (the mass
-                                # of the top-k set), later passes recompute it bit for bit.
-                                z0 = tl.sum(tl.where(slot == 0, mass, 0.0), axis=0)
-                                first_pass = npass == 0
-                                whole = False
-                                if JOINT:
-                                    # The nucleus of the whole row: it cuts the top-k set only
-                                    # when its mass target is below the set's mass.
-                                    t_full = tp * z_full
-                                    target = tl.where(first_pass, tl.where(k_on, t_full, tp * z0),
-                                                      target)
-                                    whole = first_pass & k_on & (t_full >= z0)
-                                else:
-                                    target = tl.where(first_pass, tp * z0, target)
-                                npass += 1
-                                ok = (slot <= last) & (mass >= target)
-                                lo_next = lo + tl.max(tl.where(ok, slot, 0), axis=0) * step
-                                if JOINT:
-                                    hi = tl.where(whole, lo, tl.minimum(lo_next + step - 1, hi))
-                                    lo = tl.where(whole, lo, lo_next)
-                                else:
-                                    lo = lo_next
-                                    hi = tl.minimum(lo + step - 1, hi)
-                            thr = _value_of(lo)
-                bv, bi, m_run, z_run = _stream_best(row_ptr, 0, V, inv_t, thr, k0, k1, p_lo, p_hi,
-                                                    True, NEED_MZ, BLOCK, PRUNE)
-            elif single:
-                bi = 2147483647
-            else:
+        k, tp, k_on, p_on = _filters(topk_ptr, topp_ptr, b, V, HAS_TOPK, HAS_TOPP)
+        if (k_on | p_on) & sampled & live:
+            if SEARCH_SPLIT:
+                if p_on:
+                    lo, hi, target, m = _mass_state(
+                        st_ptr, cnt_ptr, mx_ptr, pst_ptr, pms_ptr, pzf_ptr, r, NMASS, NCOUNT,
+                        tl.num_programs(0), NSPLIT, k, k_on, tp, KEYDT, KWAY, NSPLIT_P2, JOINT)
+                else:
+                    lo, hi = _count_state(st_ptr, cnt_ptr, r, NCOUNT, tl.num_programs(0),
+                                          NSPLIT, k, KWAY, NSPLIT_P2)
+                thr = _cand(lo, inv_t, KEYDT)
                 bv, bi, m_run, z_run = _stream_best(row_ptr, start, end, inv_t, thr, k0, k1,
                                                     p_lo, p_hi, True, NEED_MZ, BLOCK, PRUNE)
+            elif sp == 0:
+                # Whole row in this program: K-way threshold searches on the search key
+                # (each pass splits [lo, hi] into KWAY buckets starting at lo, and keeps
+                # the highest bucket whose start passes), then the Gumbel-max.
+                m = tl.full((), NEG, tl.float32)
+                lo, hi = _key_range(KEYDT)
+                if k_on:
+                    # No max pass: the first count pass spans every key up to +inf and
+                    # yields the row max for top-p on the way.
+                    while lo < hi:
+                        cand = _candidates(lo, hi, inv_t, KWAY, KEYDT)
+                        cnt, mx = _kway_count(row_ptr, V, inv_t, cand, KWAY, SBLOCK)
+                        m = tl.maximum(m, mx)
+                        lo, hi = _next_range(lo, hi, cnt >= k, KWAY)
+                if p_on:
+                    if m == NEG:  # no top-k pass gave it (or an all -inf row: -inf again)
+                        m = _row_max(row_ptr, V, inv_t, BLOCK)
+                    hi = _topp_hi(lo, m, KEYDT)
+                    target = tl.full((), 0, tl.int64)
+                    first = True
+                    while lo < hi:
+                        cand = _candidates(lo, hi, inv_t, KWAY, KEYDT)
+                        mass, z_full = _kway_mass(row_ptr, V, inv_t, cand, m, KWAY, SBLOCK,
+                                                  JOINT)
+                        lo, hi, target = _mass_step(lo, hi, mass, z_full, target, first, tp,
+                                                    k_on, KWAY, JOINT)
+                        first = False
+                thr = _cand(lo, inv_t, KEYDT)
+                bv, bi, m_run, z_run = _stream_best(row_ptr, 0, V, inv_t, thr, k0, k1, p_lo, p_hi,
+                                                    True, NEED_MZ, BLOCK, PRUNE)
+            else:
+                bi = 2147483647     # the row is split 0's: neutral partials
         elif sampled:
             bv, bi, m_run, z_run = _stream_best(row_ptr, start, end, inv_t, thr, k0, k1, p_lo,
                                                 p_hi, True, NEED_MZ, BLOCK, PRUNE)
@@ -720,13 +879,31 @@ GREEDY_BLOCK_V = 4096
 GREEDY_MAXNREG = 128
 
 
-# Split top-k search (issue 13): the count passes of top-k rows run as SEARCH_PASSES
-# launches of grid (rows, n_split) instead of one program per row. SEARCH_PASSES bounds the
-# passes of the KWAY-way search over the fp32 key range [key(-inf), key(+inf)] (8 at
-# KWAY 16; tests/test_verify_chain_split_search.py recomputes it). SPLIT_SEARCH: None picks
-# from host-known sizes (use_split_search), True / False force it (tests).
-SEARCH_PASSES = 8
+# The threshold search's key space per logits dtype (KEYDT of the kernels, _key_range):
+# 16-bit logits are searched on their own bit patterns.
+KEY_SPACE = {torch.bfloat16: 1, torch.float16: 2}
+# Passes of the KWAY-way search over a whole key space, [key(-inf), key(+inf)]: fp32 8,
+# bf16 / fp16 4 (tests/test_verify_chain_split_search.py recomputes them).
+SEARCH_PASSES = {0: 8, 1: 4, 2: 4}
+
+
+def key_space(dtype: torch.dtype) -> int:
+    """KEYDT of logits of ``dtype``: 1 bf16, 2 fp16, 0 fp32 (scaled-logit keys)."""
+    return KEY_SPACE.get(dtype, 0)
+
+
+# Split search (issue 13): at small B x S the threshold search runs as graph-static
+# launches of grid (rows, n_split) instead of one program per row: search_launches() count
+# passes (_search_count_kernel; with top-p alone, one pass for the row max) then, with
+# top-p, the mass passes (_search_mass_kernel). SPLIT_SEARCH: None picks from host-known
+# sizes (use_split_search), True / False force it (tests).
 SPLIT_SEARCH = None
+
+
+def search_launches(has_topk: bool, has_topp: bool, dtype: torch.dtype) -> tuple:
+    """(count, mass) launches of the split search for logits of ``dtype``."""
+    n = SEARCH_PASSES[key_space(dtype)]
+    return (n if has_topk else 1 if has_topp else 0), (n if has_topp else 0)
 
 # verify_chain is one launch: the rows kernel's last-arriving program of each request runs
 # its finish (FOLD). False launches the old pair (rows, then _verify_finish_kernel): a test
@@ -740,7 +917,7 @@ UNFOLDED = dict(FOLD=False, arr_ptr=None, bt_ptr=None, stride_tb=0, nd_ptr=None,
 
 
 def use_split_search(rows: int, nsplit: int, device: torch.device) -> bool:
-    """Spread top-k's count passes over the row's splits: when B*S rows leave most SMs idle
+    """Spread the threshold search over the row's splits: when B*S rows leave most SMs idle
     (rows * 2 <= SMs) and the row has several splits. Never under the interpreter unless
     forced (SPLIT_SEARCH)."""
     if nsplit < 2:
@@ -852,22 +1029,33 @@ def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False
         extra.update({n: dummy if v is None else v for n, v in finish.items()},
                      NSPLIT_P2=next_pow2(nsplit))
     sblock = search_block(V, dev)
-    if has_topk and use_split_search(rows, nsplit, dev):
-        # Graph-static: SEARCH_PASSES launches whatever the data; a finished or unfiltered
-        # row's programs exit after reading a few words of state.
-        npass = SEARCH_PASSES
-        st = torch.empty(2 * (npass + 1) * rows, dtype=torch.int64, device=dev)
-        ms = torch.empty((npass + 1) * rows, **f32)
-        cnt = torch.empty(npass * rows * nsplit * KWAY, dtype=torch.int32, device=dev)
-        mx = torch.empty(npass * rows * nsplit, **f32)
+    keydt = key_space(logits.dtype)
+    extra["KEYDT"] = keydt
+    if (has_topk or has_topp) and use_split_search(rows, nsplit, dev):
+        # Graph-static: search_launches() launches whatever the data; a finished or
+        # unfiltered row's programs exit after reading a few words of state.
+        ncount, nmass = search_launches(has_topk, has_topp, logits.dtype)
+        i64 = dict(dtype=torch.int64, device=dev)
+        st = torch.empty(2 * ncount * rows, **i64)
+        cnt = torch.empty(ncount * rows * nsplit * KWAY, dtype=torch.int32, device=dev)
+        mx = torch.empty(rows * nsplit, **f32)
+        pst = torch.empty(3 * max(nmass, 1) * rows, **i64)
+        pms = torch.empty(max(nmass, 1) * rows * nsplit * KWAY, **i64)
+        pzf = torch.empty(nmass * rows * nsplit, **i64) if extra.get("JOINT") else pms
         rag = _ragged_args(cu_rows, logits.shape[0])
-        for t in range(npass):
-            launch(_search_count_kernel, (rows, nsplit),
-                logits, stride_lb, stride_ls, temp, top_k, st, ms, cnt, mx,
-                t, rows, S, V, chunk, nsplit,
-                KWAY=KWAY, SBLOCK=sblock, NSPLIT_P2=next_pow2(nsplit), **rag,
-                num_warps=4, enable_fp_fusion=False)
-        extra.update(SPLIT_K=True, st_ptr=st, ms_ptr=ms, cnt_ptr=cnt, mx_ptr=mx, NPASS=npass,
+        common = (logits, stride_lb, stride_ls, temp, top_k if has_topk else dummy,
+                  top_p if has_topp else dummy, st, cnt, mx)
+        for t in range(ncount):
+            launch(_search_count_kernel, (rows, nsplit), *common, t, rows, S, V, chunk, nsplit,
+                   HAS_TOPK=has_topk, HAS_TOPP=has_topp, KEYDT=keydt, KWAY=KWAY, SBLOCK=sblock,
+                   NSPLIT_P2=next_pow2(nsplit), **rag, num_warps=4, enable_fp_fusion=False)
+        for u in range(nmass):
+            launch(_search_mass_kernel, (rows, nsplit), *common, pst, pms, pzf, u, ncount,
+                   rows, S, V, chunk, nsplit, HAS_TOPK=has_topk, KEYDT=keydt, KWAY=KWAY,
+                   SBLOCK=sblock, NSPLIT_P2=next_pow2(nsplit), JOINT=bool(extra.get("JOINT")),
+                   **rag, num_warps=4, enable_fp_fusion=False)
+        extra.update(SEARCH_SPLIT=True, st_ptr=st, cnt_ptr=cnt, mx_ptr=mx, pst_ptr=pst,
+                     pms_ptr=pms, pzf_ptr=pzf, NCOUNT=ncount, NMASS=nmass,
                      NSPLIT_P2=next_pow2(nsplit))
     launch(_verify_rows_kernel, (rows, nsplit),
         logits, stride_lb, stride_ls, temp,
