@@ -486,6 +486,21 @@ def _program_row(logits_ptr, stride_lb, stride_ls, r, sp, S, V, CHUNK, RAGGED: t
 
 
 @triton.jit
+def _search_program(logits_ptr, stride_lb, stride_ls, temp_ptr, topk_ptr, topp_ptr, S, V,
+                    CHUNK, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
+                    RAGGED: tl.constexpr, cu_ptr, T):
+    """A split-search program (row r, split sp): ``(r, sp, start, end, row_ptr, 1/T, k, top_p,
+    top-k on, top-p on)``, the filters on only for a sampled, live row."""
+    r = tl.program_id(0)
+    sp = tl.program_id(1)
+    b, j, start, end, live, row_ptr = _program_row(logits_ptr, stride_lb, stride_ls, r, sp, S,
+                                                   V, CHUNK, RAGGED, cu_ptr, T)
+    sampled, inv_t = _temperature(temp_ptr, b)
+    k, tp, k_on, p_on = _filters(topk_ptr, topp_ptr, b, V, HAS_TOPK, HAS_TOPP)
+    return r, sp, start, end, row_ptr, inv_t, k, tp, k_on & sampled & live, p_on & sampled & live
+
+
+@triton.jit
 def _search_count_kernel(
     logits_ptr, stride_lb, stride_ls, temp_ptr, topk_ptr, topp_ptr, st_ptr, cnt_ptr, mx_ptr,
     t, ROWS, S, V, CHUNK, NSPLIT,
@@ -498,13 +513,10 @@ def _search_count_kernel(
     # counts the KWAY candidates over its chunk (partial counts at cnt_ptr). Pass 0 also
     # stores each chunk's max (mx_ptr: the m of the masses), for top-p-only rows too, which
     # do nothing else here. Greedy, unfiltered and ragged padding rows exit at once.
-    r = tl.program_id(0)
-    sp = tl.program_id(1)
-    b, j, start, end, live, row_ptr = _program_row(logits_ptr, stride_lb, stride_ls, r, sp, S,
-                                                   V, CHUNK, RAGGED, cu_ptr, T)
-    sampled, inv_t = _temperature(temp_ptr, b)
-    k, tp, k_on, p_on = _filters(topk_ptr, topp_ptr, b, V, HAS_TOPK, HAS_TOPP)
-    if sampled & live & k_on:
+    r, sp, start, end, row_ptr, inv_t, k, tp, k_on, p_on = _search_program(
+        logits_ptr, stride_lb, stride_ls, temp_ptr, topk_ptr, topp_ptr, S, V, CHUNK,
+        HAS_TOPK, HAS_TOPP, RAGGED, cu_ptr, T)
+    if k_on:
         if t == 0:
             lo, hi = _key_range(KEYDT)
         else:
@@ -519,7 +531,7 @@ def _search_count_kernel(
             tl.store(cnt_ptr + (so * NSPLIT + sp) * KWAY + tl.arange(0, KWAY), cnt)
             if t == 0:
                 tl.store(mx_ptr + r * NSPLIT + sp, mx)
-    elif sampled & live & p_on & (t == 0):
+    elif p_on & (t == 0):
         tl.store(mx_ptr + r * NSPLIT + sp, _row_max(row_ptr, end, inv_t, SBLOCK, start))
 
 
@@ -536,13 +548,10 @@ def _search_mass_kernel(
     # records it (pst_ptr: lo, hi, target), and, while lo < hi, the program sums the KWAY
     # candidates' int64 masses over its chunk (pms_ptr; JOINT: the chunk's whole mass at
     # pzf_ptr). Rows without top-p exit at once.
-    r = tl.program_id(0)
-    sp = tl.program_id(1)
-    b, j, start, end, live, row_ptr = _program_row(logits_ptr, stride_lb, stride_ls, r, sp, S,
-                                                   V, CHUNK, RAGGED, cu_ptr, T)
-    sampled, inv_t = _temperature(temp_ptr, b)
-    k, tp, k_on, p_on = _filters(topk_ptr, topp_ptr, b, V, HAS_TOPK, True)
-    if sampled & live & p_on:
+    r, sp, start, end, row_ptr, inv_t, k, tp, k_on, p_on = _search_program(
+        logits_ptr, stride_lb, stride_ls, temp_ptr, topk_ptr, topp_ptr, S, V, CHUNK,
+        HAS_TOPK, True, RAGGED, cu_ptr, T)
+    if p_on:
         lo, hi, target, m = _mass_state(st_ptr, cnt_ptr, mx_ptr, pst_ptr, pms_ptr, pzf_ptr, r,
                                         u, NCOUNT, ROWS, NSPLIT, k, k_on, tp, KEYDT, KWAY,
                                         NSPLIT_P2, JOINT)
