@@ -35,7 +35,11 @@ def test_search_passes_bound(space):
     lo, hi = _ordered(neg, width), _ordered(pos, width)
     n, passes = hi - lo, 0
     while n > 0:
-        n = (n + tv.KWAY) // tv.KWAY - 1
+        # power-of-two buckets: width 2**sh, sh the least multiple of 4 with n >> sh < 16
+        sh = 0
+        while n >> sh >= tv.KWAY:
+            sh += 4
+        n = (1 << sh) - 1
         passes += 1
     assert passes == tv.SEARCH_PASSES[space]
     consts = {0: (tv._KEY_LO, tv._KEY_HI), 1: (tv._KEY16_LO_BF16, tv._KEY16_HI_BF16),

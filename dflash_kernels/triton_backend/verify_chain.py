@@ -230,6 +230,89 @@ def _top_p_target(tp, z):
 
 
 @triton.jit
+def _search_key(x, inv_t, KEYDT: tl.constexpr):
+    """int32 search key (:func:`_key_range`'s spaces) of raw logits ``x`` (fp32 after the
+    load): NaN as -inf; fp32 logits keyed on the scaled value, 16-bit ones on their own
+    pattern (scaling is monotone, so the thresholds are the same)."""
+    if KEYDT == 0:
+        bits = _scale(x, inv_t).to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    else:
+        x = tl.where(x != x, float("-inf"), x)
+        if KEYDT == 1:
+            b = x.to(tl.int32, bitcast=True) >> 16     # bf16 -> fp32 is a 16-bit shift
+        else:
+            b = x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+        key = b ^ ((b >> 15) & 0x7FFF)
+    return key
+
+
+@triton.jit
+def _shift(lo, hi):
+    """log2 of a pass's bucket width: the smallest multiple of 4 with (hi - lo) >> sh < 16
+    (KWAY = 16 power-of-two buckets from lo; int64 scalar)."""
+    w = hi - lo
+    sh = tl.full((), 0, tl.int64)
+    for _ in tl.static_range(8):
+        sh = tl.where((w >> sh) >= 16, sh + 4, sh)
+    return sh
+
+
+_NIBBLES = tl.constexpr(1085102592571150095)   # 0x0F0F0F0F0F0F0F0F
+
+
+@triton.jit
+def _kway_hist(row_ptr, V, inv_t, lo, hi, K: tl.constexpr, BLOCK: tl.constexpr,
+               KEYDT: tl.constexpr, start=0):
+    """Per candidate ``lo + j << sh`` (:func:`_candidates`): #(key >= it); and the row's
+    max scaled logit.
+
+    A packed histogram instead of K compares per element: each element in [lo, +inf)
+    adds ``1 << 4d`` (d its bucket, keys above hi in bucket 15) into one int64 per thread
+    column; a tile's 8 elements per column keep every 4-bit field <= 8; the fields are
+    spread into two 8-bit-field words (<= 31 tiles x 8) and flushed into K int32 counts
+    every 31 tiles. Integer counts: exact in any order and over any split."""
+    R: tl.constexpr = BLOCK // _SEARCH_VEC
+    GROUP: tl.constexpr = 31 * BLOCK
+    sh = _shift(lo, hi).to(tl.int32)
+    lo32 = lo.to(tl.int32)
+    j = tl.arange(0, K)
+    byte = ((j // 2) * 8).to(tl.int64)
+    hist = tl.zeros((K,), tl.int32)
+    mx = tl.full((R,), float("-inf"), tl.float32)
+    key_lo, key_hi = _key_range(KEYDT)
+    mk = tl.full((R,), 0, tl.int32) + key_lo.to(tl.int32)
+    for g in range(start, V, GROUP):   # [start, V): V is the chunk's end in a split pass
+        ev = tl.zeros((R,), tl.int64)
+        od = tl.zeros((R,), tl.int64)
+        for off in range(g, tl.minimum(g + GROUP, V), BLOCK):
+            offs = _search_tile(off, BLOCK)
+            inb = offs < V
+            x = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            key = _search_key(x, inv_t, KEYDT)
+            if KEYDT == 0:
+                mx = tl.maximum(mx, tl.max(_scale(x, inv_t), axis=0))
+                d = tl.minimum((key.to(tl.int64) - lo) >> sh, 15).to(tl.int32)
+                ok = inb & (d >= 0)
+            else:
+                mk = tl.maximum(mk, tl.max(key, axis=0))
+                d = (key - lo32) >> sh
+                ok = inb & (d >= 0)
+                d = tl.minimum(d, 15)
+            one = tl.full(d.shape, 1, tl.int64)
+            t = tl.sum(tl.where(ok, one << (d * 4).to(tl.int64), 0), axis=0)
+            ev += t & _NIBBLES
+            od += (t >> 4) & _NIBBLES
+        src = tl.where((j % 2 == 0)[:, None], ev[None, :], od[None, :])
+        hist += tl.sum(((src >> byte[:, None]) & 0xFF).to(tl.int32), axis=1)
+    ge = tl.sum(tl.where(j[None, :] >= j[:, None], hist[None, :], 0), axis=1)
+    if KEYDT != 0:
+        mx = tl.full((R,), 0.0, tl.float32) + _cand(tl.max(mk, axis=0).to(tl.int64), inv_t,
+                                                        KEYDT)
+    return ge, tl.max(mx, axis=0)
+
+
+@triton.jit
 def _kway_count(row_ptr, V, inv_t, cand, K: tl.constexpr, BLOCK: tl.constexpr, start=0):
     """Per candidate threshold ``cand [K]``: #(s >= cand); and the row max.
 
@@ -271,7 +354,7 @@ def _kway_mass(row_ptr, V, inv_t, cand, m, K: tl.constexpr, BLOCK: tl.constexpr,
 def _candidates(lo, hi, inv_t, KWAY: tl.constexpr, KEYDT: tl.constexpr):
     """A pass's KWAY scaled candidate thresholds: [lo, hi] in KWAY buckets from lo."""
     slot = tl.arange(0, KWAY).to(tl.int64)
-    step = (hi - lo + KWAY) // KWAY
+    step = tl.full((), 1, tl.int64) << _shift(lo, hi)
     return _cand(tl.minimum(lo + slot * step, hi), inv_t, KEYDT)
 
 
@@ -280,7 +363,7 @@ def _next_range(lo, hi, ok, KWAY: tl.constexpr):
     """The bucket after a pass: the highest slot whose candidate passed (``ok [KWAY]``;
     slot 0, lo itself, when none did)."""
     slot = tl.arange(0, KWAY).to(tl.int64)
-    step = (hi - lo + KWAY) // KWAY
+    step = tl.full((), 1, tl.int64) << _shift(lo, hi)
     last = (hi - lo) // step  # the slots whose start lo + slot * step <= hi
     lo = lo + tl.max(tl.where(ok & (slot <= last), slot, 0), axis=0) * step
     return lo, tl.minimum(lo + step - 1, hi)
@@ -526,8 +609,7 @@ def _search_count_kernel(
             tl.store(st_ptr + 2 * so, lo)
             tl.store(st_ptr + 2 * so + 1, hi)
         if lo < hi:
-            cand = _candidates(lo, hi, inv_t, KWAY, KEYDT)
-            cnt, mx = _kway_count(row_ptr, end, inv_t, cand, KWAY, SBLOCK, start)
+            cnt, mx = _kway_hist(row_ptr, end, inv_t, lo, hi, KWAY, SBLOCK, KEYDT, start)
             tl.store(cnt_ptr + (so * NSPLIT + sp) * KWAY + tl.arange(0, KWAY), cnt)
             if t == 0:
                 tl.store(mx_ptr + r * NSPLIT + sp, mx)
@@ -629,7 +711,7 @@ def _verify_rows_kernel(
                 else:
                     lo, hi = _count_state(st_ptr, cnt_ptr, r, NCOUNT, tl.num_programs(0),
                                           NSPLIT, k, KWAY, NSPLIT_P2)
-                thr = _cand(lo, inv_t, KEYDT)
+                thr = _cand(lo, inv_t, KEYDT) + 0.0  # -0.0 as +0.0 (key -1 vs 0)
                 bv, bi, m_run, z_run = _stream_best(row_ptr, start, end, inv_t, thr, k0, k1,
                                                     p_lo, p_hi, True, NEED_MZ, BLOCK, PRUNE)
             elif sp == 0:
@@ -659,7 +741,7 @@ def _verify_rows_kernel(
                         lo, hi, target = _mass_step(lo, hi, mass, z_full, target, first, tp,
                                                     k_on, KWAY, JOINT)
                         first = False
-                thr = _cand(lo, inv_t, KEYDT)
+                thr = _cand(lo, inv_t, KEYDT) + 0.0  # -0.0 as +0.0 (key -1 vs 0)
                 bv, bi, m_run, z_run = _stream_best(row_ptr, 0, V, inv_t, thr, k0, k1, p_lo, p_hi,
                                                     True, NEED_MZ, BLOCK, PRUNE)
             else:
