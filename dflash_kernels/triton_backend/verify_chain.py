@@ -112,6 +112,13 @@ def _cand(key, inv_t, KEYDT: tl.constexpr):
 
 
 @triton.jit
+def _threshold(lo, inv_t, KEYDT: tl.constexpr):
+    """The kept set's scaled threshold from the search's final key: -0.0 written as +0.0
+    (the packed count keys -0.0 below +0.0; the same kept set, the compare path's bits)."""
+    return _cand(lo, inv_t, KEYDT) + 0.0
+
+
+@triton.jit
 def _topp_hi(lo, m, KEYDT: tl.constexpr):
     """Top of top-p's search range above ``lo``: the key of the kept max m (fp32 keys) or
     of +inf (16-bit keys: the logit of m is not known); ``lo`` (nothing to search) when the
@@ -230,21 +237,15 @@ def _top_p_target(tp, z):
 
 
 @triton.jit
-def _search_key(x, inv_t, KEYDT: tl.constexpr):
-    """int32 search key (:func:`_key_range`'s spaces) of raw logits ``x`` (fp32 after the
-    load): NaN as -inf; fp32 logits keyed on the scaled value, 16-bit ones on their own
-    pattern (scaling is monotone, so the thresholds are the same)."""
-    if KEYDT == 0:
-        bits = _scale(x, inv_t).to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+def _key16(x, KEYDT: tl.constexpr):
+    """int32 key of bf16 (KEYDT 1) / fp16 (KEYDT 2) logits ``x`` (fp32 after the load) in
+    :func:`_key_range`'s space, NaN as -inf: the pattern :func:`_cand` maps back."""
+    x = tl.where(x != x, float("-inf"), x)
+    if KEYDT == 1:
+        b = x.to(tl.int32, bitcast=True) >> 16     # bf16 -> fp32 is a 16-bit shift
     else:
-        x = tl.where(x != x, float("-inf"), x)
-        if KEYDT == 1:
-            b = x.to(tl.int32, bitcast=True) >> 16     # bf16 -> fp32 is a 16-bit shift
-        else:
-            b = x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-        key = b ^ ((b >> 15) & 0x7FFF)
-    return key
+        b = x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    return b ^ ((b >> 15) & 0x7FFF)
 
 
 @triton.jit
@@ -280,7 +281,7 @@ def _kway_hist(row_ptr, V, inv_t, lo, hi, K: tl.constexpr, BLOCK: tl.constexpr,
     byte = ((j // 2) * 8).to(tl.int64)
     hist = tl.zeros((K,), tl.int32)
     mx = tl.full((R,), float("-inf"), tl.float32)
-    key_lo, key_hi = _key_range(KEYDT)
+    key_lo, _ = _key_range(KEYDT)
     mk = tl.full((R,), 0, tl.int32) + key_lo.to(tl.int32)
     for g in range(start, V, GROUP):   # [start, V): V is the chunk's end in a split pass
         ev = tl.zeros((R,), tl.int64)
@@ -289,16 +290,15 @@ def _kway_hist(row_ptr, V, inv_t, lo, hi, K: tl.constexpr, BLOCK: tl.constexpr,
             offs = _search_tile(off, BLOCK)
             inb = offs < V
             x = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
-            key = _search_key(x, inv_t, KEYDT)
-            if KEYDT == 0:
-                mx = tl.maximum(mx, tl.max(_scale(x, inv_t), axis=0))
-                d = tl.minimum((key.to(tl.int64) - lo) >> sh, 15).to(tl.int32)
-                ok = inb & (d >= 0)
-            else:
+            if KEYDT == 0:      # keys of the scaled values; int64: key - lo can pass 2**31
+                s = _scale(x, inv_t)
+                mx = tl.maximum(mx, tl.max(s, axis=0))
+                d = tl.minimum((_key_of(s) - lo) >> sh, 15).to(tl.int32)
+            else:               # the logits' own patterns (scaling is monotone)
+                key = _key16(x, KEYDT)
                 mk = tl.maximum(mk, tl.max(key, axis=0))
-                d = (key - lo32) >> sh
-                ok = inb & (d >= 0)
-                d = tl.minimum(d, 15)
+                d = tl.minimum((key - lo32) >> sh, 15)
+            ok = inb & (d >= 0)     # keys below lo count for no candidate
             one = tl.full(d.shape, 1, tl.int64)
             t = tl.sum(tl.where(ok, one << (d * 4).to(tl.int64), 0), axis=0)
             ev += t & _NIBBLES
@@ -306,10 +306,11 @@ def _kway_hist(row_ptr, V, inv_t, lo, hi, K: tl.constexpr, BLOCK: tl.constexpr,
         src = tl.where((j % 2 == 0)[:, None], ev[None, :], od[None, :])
         hist += tl.sum(((src >> byte[:, None]) & 0xFF).to(tl.int32), axis=1)
     ge = tl.sum(tl.where(j[None, :] >= j[:, None], hist[None, :], 0), axis=1)
-    if KEYDT != 0:
-        mx = tl.full((R,), 0.0, tl.float32) + _cand(tl.max(mk, axis=0).to(tl.int64), inv_t,
-                                                        KEYDT)
-    return ge, tl.max(mx, axis=0)
+    if KEYDT == 0:
+        m = tl.max(mx, axis=0)
+    else:               # the max scaled logit is the scaled max logit
+        m = _cand(tl.max(mk, axis=0).to(tl.int64), inv_t, KEYDT)
+    return ge, m
 
 
 @triton.jit
@@ -363,8 +364,9 @@ def _next_range(lo, hi, ok, KWAY: tl.constexpr):
     """The bucket after a pass: the highest slot whose candidate passed (``ok [KWAY]``;
     slot 0, lo itself, when none did)."""
     slot = tl.arange(0, KWAY).to(tl.int64)
-    step = tl.full((), 1, tl.int64) << _shift(lo, hi)
-    last = (hi - lo) // step  # the slots whose start lo + slot * step <= hi
+    sh = _shift(lo, hi)
+    step = tl.full((), 1, tl.int64) << sh
+    last = (hi - lo) >> sh  # the slots whose start lo + slot * step <= hi
     lo = lo + tl.max(tl.where(ok & (slot <= last), slot, 0), axis=0) * step
     return lo, tl.minimum(lo + step - 1, hi)
 
@@ -711,7 +713,7 @@ def _verify_rows_kernel(
                 else:
                     lo, hi = _count_state(st_ptr, cnt_ptr, r, NCOUNT, tl.num_programs(0),
                                           NSPLIT, k, KWAY, NSPLIT_P2)
-                thr = _cand(lo, inv_t, KEYDT) + 0.0  # -0.0 as +0.0 (key -1 vs 0)
+                thr = _threshold(lo, inv_t, KEYDT)
                 bv, bi, m_run, z_run = _stream_best(row_ptr, start, end, inv_t, thr, k0, k1,
                                                     p_lo, p_hi, True, NEED_MZ, BLOCK, PRUNE)
             elif sp == 0:
@@ -741,7 +743,7 @@ def _verify_rows_kernel(
                         lo, hi, target = _mass_step(lo, hi, mass, z_full, target, first, tp,
                                                     k_on, KWAY, JOINT)
                         first = False
-                thr = _cand(lo, inv_t, KEYDT) + 0.0  # -0.0 as +0.0 (key -1 vs 0)
+                thr = _threshold(lo, inv_t, KEYDT)
                 bv, bi, m_run, z_run = _stream_best(row_ptr, 0, V, inv_t, thr, k0, k1, p_lo, p_hi,
                                                     True, NEED_MZ, BLOCK, PRUNE)
             else:
