@@ -73,6 +73,52 @@ def test_16_bit_keys_are_the_dtype_values_in_order(space, dtype):
     assert int((out[1:] == out[:-1]).sum()) == 1
 
 
+@triton.jit
+def _hist_kernel(x_ptr, lh_ptr, out_ptr, V, KEYDT: tl.constexpr, BLOCK: tl.constexpr):
+    ge, m = tv._kway_hist(x_ptr, V, 1.0, tl.load(lh_ptr), tl.load(lh_ptr + 1), tv.KWAY, BLOCK,
+                          KEYDT)
+    tl.store(out_ptr + tl.arange(0, tv.KWAY), ge)
+
+
+def _floats(keys, space):
+    """The values of search keys (int64 tensor) in a key space: the kernels' key map inverted."""
+    _, _, width = _INF_BITS[space]
+    bits = keys ^ ((keys >> (width - 1)) & ((1 << (width - 1)) - 1))
+    if space == 0:
+        return bits.to(torch.int32).view(torch.float32)
+    return bits.to(torch.int16).view(torch.bfloat16 if space == 1 else torch.float16)
+
+
+@pytest.mark.parametrize("space", [0, 1])
+def test_packed_count_far_keys(space):
+    # The packed count (_kway_hist) per candidate lo + j << sh: #(key >= it), against plain
+    # integer math, on ranges from the whole key space down to 16 keys at a large key, with
+    # keys far below lo: an fp32 key 2**32 - 2**30 - 3 below lo narrowed to int32 before
+    # its sign was read landed in bucket 3.
+    neg, pos, width = _INF_BITS[space]
+    klo, khi = _ordered(neg, width), _ordered(pos, width)
+    g = torch.Generator().manual_seed(13 + space)
+    top = khi - 2 ** (width - 1) // 64          # a large finite key (fp32: about 1.7e38)
+    ranges = [(klo, khi), (0, khi), (top, top + 15), (top - 4000, top)]
+    for lo, hi in ranges:
+        keys = torch.randint(klo, khi + 1, (300,), generator=g)
+        near = lo + torch.randint(-20, 40, (60,), generator=g)
+        keys = torch.cat([keys, near.clamp(klo, khi)])
+        if space == 0:      # int32-truncated distances 2**30 + 3 and 5, and 3 * 2**30 + 1
+            keys = torch.cat([keys, torch.tensor([lo - 2**32 + 2**30 + 3, lo - 3 * 2**30 + 5,
+                                                  lo - 2**32 + 2**31 + 1])])
+        keys = keys[(keys >= klo) & (keys <= khi)]
+        x = _floats(keys, space)
+        out = torch.empty(tv.KWAY, dtype=torch.int32)
+        lh = torch.tensor([lo, hi], dtype=torch.int64)
+        _hist_kernel[(1,)](x, lh, out, x.numel(), KEYDT=space, BLOCK=64)
+        sh = 0
+        while (hi - lo) >> sh >= tv.KWAY:
+            sh += 4
+        want = [int((keys >= lo + (j << sh)).sum()) for j in range(tv.KWAY)]
+        assert out.tolist() == want, (lo, hi)
+
+
 def _force(monkeypatch, nsplit, split):
     monkeypatch.setattr(tv, "BLOCK_V", 128)
     monkeypatch.setattr(tv, "num_splits", lambda rows, V, dev, greedy=False:

@@ -290,10 +290,10 @@ def _kway_hist(row_ptr, V, inv_t, lo, hi, K: tl.constexpr, BLOCK: tl.constexpr,
             offs = _search_tile(off, BLOCK)
             inb = offs < V
             x = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
-            if KEYDT == 0:      # keys of the scaled values; int64: key - lo can pass 2**31
-                s = _scale(x, inv_t)
+            if KEYDT == 0:      # keys of the scaled values; int64: key - lo can pass 2**31,
+                s = _scale(x, inv_t)        # so the bucket is clamped before it narrows
                 mx = tl.maximum(mx, tl.max(s, axis=0))
-                d = tl.minimum((_key_of(s) - lo) >> sh, 15).to(tl.int32)
+                d = tl.minimum(tl.maximum((_key_of(s) - lo) >> sh, -1), 15).to(tl.int32)
             else:               # the logits' own patterns (scaling is monotone)
                 key = _key16(x, KEYDT)
                 mk = tl.maximum(mk, tl.max(key, axis=0))
