@@ -259,9 +259,6 @@ def _shift(lo, hi):
     return sh
 
 
-_NIBBLES = tl.constexpr(1085102592571150095)   # 0x0F0F0F0F0F0F0F0F
-
-
 @triton.jit
 def _kway_hist(row_ptr, V, inv_t, lo, hi, K: tl.constexpr, BLOCK: tl.constexpr,
                KEYDT: tl.constexpr, start=0):
@@ -269,23 +266,27 @@ def _kway_hist(row_ptr, V, inv_t, lo, hi, K: tl.constexpr, BLOCK: tl.constexpr,
     max scaled logit.
 
     A packed histogram instead of K compares per element: each element in [lo, +inf)
-    adds ``1 << 4d`` (d its bucket, keys above hi in bucket 15) into one int64 per thread
-    column; a tile's 8 elements per column keep every 4-bit field <= 8; the fields are
-    spread into two 8-bit-field words (<= 31 tiles x 8) and flushed into K int32 counts
-    every 31 tiles. Integer counts: exact in any order and over any split."""
+    adds ``1 << 4 (d % 8)`` (d its bucket, keys above hi in bucket 15) into one of two
+    int32 per thread column (d < 8 or not); a tile's 8 elements per column keep every
+    4-bit field <= 8; the fields are spread into four 8-bit-field words (<= 31 tiles x 8)
+    and flushed into K int32 counts every 31 tiles. int32 words, not int64: the rows
+    kernel's register budget at unaligned rows (tests/test_verify_tree.py). Integer
+    counts: exact in any order and over any split."""
     R: tl.constexpr = BLOCK // _SEARCH_VEC
     GROUP: tl.constexpr = 31 * BLOCK
     sh = _shift(lo, hi).to(tl.int32)
     lo32 = lo.to(tl.int32)
     j = tl.arange(0, K)
-    byte = ((j // 2) * 8).to(tl.int64)
+    byte = ((j % 8) // 2) * 8
     hist = tl.zeros((K,), tl.int32)
     mx = tl.full((R,), float("-inf"), tl.float32)
     key_lo, _ = _key_range(KEYDT)
     mk = tl.full((R,), 0, tl.int32) + key_lo.to(tl.int32)
     for g in range(start, V, GROUP):   # [start, V): V is the chunk's end in a split pass
-        ev = tl.zeros((R,), tl.int64)
-        od = tl.zeros((R,), tl.int64)
+        ev0 = tl.zeros((R,), tl.int32)
+        od0 = tl.zeros((R,), tl.int32)
+        ev1 = tl.zeros((R,), tl.int32)
+        od1 = tl.zeros((R,), tl.int32)
         for off in range(g, tl.minimum(g + GROUP, V), BLOCK):
             offs = _search_tile(off, BLOCK)
             inb = offs < V
@@ -299,36 +300,23 @@ def _kway_hist(row_ptr, V, inv_t, lo, hi, K: tl.constexpr, BLOCK: tl.constexpr,
                 mk = tl.maximum(mk, tl.max(key, axis=0))
                 d = tl.minimum((key - lo32) >> sh, 15)
             ok = inb & (d >= 0)     # keys below lo count for no candidate
-            one = tl.full(d.shape, 1, tl.int64)
-            t = tl.sum(tl.where(ok, one << (d * 4).to(tl.int64), 0), axis=0)
-            ev += t & _NIBBLES
-            od += (t >> 4) & _NIBBLES
-        src = tl.where((j % 2 == 0)[:, None], ev[None, :], od[None, :])
-        hist += tl.sum(((src >> byte[:, None]) & 0xFF).to(tl.int32), axis=1)
+            bit = tl.where(ok, 1 << ((d * 4) & 31), 0)
+            t0 = tl.sum(tl.where(d < 8, bit, 0), axis=0)
+            t1 = tl.sum(tl.where(d < 8, 0, bit), axis=0)
+            ev0 += t0 & 0x0F0F0F0F
+            od0 += (t0 >> 4) & 0x0F0F0F0F
+            ev1 += t1 & 0x0F0F0F0F
+            od1 += (t1 >> 4) & 0x0F0F0F0F
+        w0 = tl.where((j % 2 == 0)[:, None], ev0[None, :], od0[None, :])
+        w1 = tl.where((j % 2 == 0)[:, None], ev1[None, :], od1[None, :])
+        src = tl.where((j < 8)[:, None], w0, w1)
+        hist += tl.sum((src >> byte[:, None]) & 0xFF, axis=1)
     ge = tl.sum(tl.where(j[None, :] >= j[:, None], hist[None, :], 0), axis=1)
     if KEYDT == 0:
         m = tl.max(mx, axis=0)
     else:               # the max scaled logit is the scaled max logit
         m = _cand(tl.max(mk, axis=0).to(tl.int64), inv_t, KEYDT)
     return ge, m
-
-
-@triton.jit
-def _kway_count(row_ptr, V, inv_t, cand, K: tl.constexpr, BLOCK: tl.constexpr, start=0):
-    """Per candidate threshold ``cand [K]``: #(s >= cand); and the row max.
-
-    Each thread loads 8 contiguous elements per tile and adds them one by one into its
-    lane's K counters ``acc [K, BLOCK // 8]`` (every candidate in the thread's registers),
-    reduced across lanes once after the row."""
-    c2 = cand[:, None]
-    acc = tl.zeros((K, BLOCK // _SEARCH_VEC), tl.int32)
-    mx = tl.full((BLOCK // _SEARCH_VEC,), float("-inf"), tl.float32)
-    for off in range(start, V, BLOCK):  # [start, V): V is the chunk's end in a split pass
-        offs = _search_tile(off, BLOCK)
-        s = _load_scaled(row_ptr, offs, V, inv_t)
-        mx = tl.maximum(mx, tl.max(s, axis=0))
-        acc = _add_columns(acc, s, (offs < V).to(tl.int32), c2)
-    return tl.sum(acc, axis=1), tl.max(mx, axis=0)
 
 
 @triton.jit
@@ -726,8 +714,7 @@ def _verify_rows_kernel(
                     # No max pass: the first count pass spans every key up to +inf and
                     # yields the row max for top-p on the way.
                     while lo < hi:
-                        cand = _candidates(lo, hi, inv_t, KWAY, KEYDT)
-                        cnt, mx = _kway_count(row_ptr, V, inv_t, cand, KWAY, SBLOCK)
+                        cnt, mx = _kway_hist(row_ptr, V, inv_t, lo, hi, KWAY, SBLOCK, KEYDT)
                         m = tl.maximum(m, mx)
                         lo, hi = _next_range(lo, hi, cnt >= k, KWAY)
                 if p_on:
