@@ -298,6 +298,17 @@ _VERIFY_UNFOLDED = {n: ("constexpr", v) if isinstance(v, bool) or n == "S_P2" el
                                      nsl_ptr=None, HAS_SEQ=False, S_P2=1).items()}
 
 
+def _verify_compact(both: bool) -> dict:
+    """The row kernel's top-p workspace as rows_pass passes it: with top-k and top-p in one
+    program, COMPACT_CAP elements per row (bf16 logits); else none. The kernel's last
+    arguments: a job's parameters are in the kernel's order (launch_job's divisibility)."""
+    from dflash_kernels.triton_backend import verify_chain as tv
+
+    if both and tv.COMPACT_CAP:
+        return dict(CAP=_c(tv.COMPACT_CAP), ws_ptr="*bf16", ctr_ptr="*i32")
+    return dict(CAP=_c(0), ws_ptr=None, ctr_ptr=None)
+
+
 def launch_job(module: str, kernel: str, params: dict, num_warps: int = 4, num_stages: int = 3,
                options: Optional[dict] = None) -> TritonJob:
     """A TritonJob as Triton's launcher specializes a call with these arguments.
@@ -463,7 +474,8 @@ def catalog(arch: int) -> List[tuple]:
                     BLOCK=_c(blk), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
                     HAS_TREE=_c(False), par_ptr=_c(None), stride_pb=_c(0), PRUNE=_c(tv.PRUNE),
                     **lay, JOINT=_c(joint),
-                    **dict(_VERIFY_SINGLE, **_verify_fold(S, nsv, V, dp, bool(suffix)))),
+                    **dict(_VERIFY_SINGLE, **_verify_fold(S, nsv, V, dp, bool(suffix))),
+                    **_verify_compact(topk and topp)),
                     num_warps=4, options=dict(enable_fp_fusion=False, **cap))))
     # The split search (issue 13; rows_pass takes it at B*S * 2 <= SMs, so here): the count
     # pass and the top-p mass pass, each launched search_launches() times, and the row kernel
@@ -491,7 +503,7 @@ def catalog(arch: int) -> List[tuple]:
             PRUNE=_c(tv.PRUNE), **_VERIFY_PADDED, JOINT=_c(False), SEARCH_SPLIT=_c(True),
             st_ptr="*i64", cnt_ptr="*i32", mx_ptr="*fp32", pst_ptr="*i64", pms_ptr="*i64",
             pzf_ptr="*i64", NCOUNT=nc, NMASS=nm, KEYDT=_c(1),
-            **_verify_fold(S, ns, V, False, False)),
+            **_verify_fold(S, ns, V, False, False), **_verify_compact(False)),
             num_warps=4, options=dict(enable_fp_fusion=False))))
     out.append(("inject_kv.bf16", _inject_job("inject_kv", arch, torch.bfloat16)))
     out.append(("inject_kv.fp8", _inject_job("inject_kv", arch, torch.float8_e4m3fn)))
@@ -562,7 +574,8 @@ def _tree_catalog(arch: int) -> List[tuple]:
             HAS_TEMP=_c(True), HAS_TOPK=_c(topk), HAS_TOPP=_c(topk), NEED_MZ=_c(False),
             BLOCK=_c(tv.BLOCK_V), SBLOCK=_c(tv.SEARCH_BLOCK_V), KWAY=_c(tv.KWAY),
             HAS_TREE=_c(True), par_ptr="*i32", stride_pb=N, PRUNE=_c(tv.PRUNE),
-            **_VERIFY_PADDED, JOINT=_c(False), **_VERIFY_SINGLE, **_VERIFY_UNFOLDED),
+            **_VERIFY_PADDED, JOINT=_c(False), **_VERIFY_SINGLE, **_VERIFY_UNFOLDED,
+            **_verify_compact(topk)),
             num_warps=4, options=dict(enable_fp_fusion=False))))
     for n in (64, 256):
         nsn = _verify_nsplit(arch, B * n, V)

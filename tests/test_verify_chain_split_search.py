@@ -3,7 +3,8 @@ passes spread over the row's vocab splits (search_launches() launches of
 _search_count_kernel / _search_mass_kernel, then the split stream), forced on tiny
 vocabularies with 2..5 splits, token for token against the reference and the single-program
 search, on adversarial rows, in each key space (fp32 keys of the scaled logits; bf16 / fp16
-logits' own 16-bit keys)."""
+logits' own 16-bit keys). Also the single-program search's packed count (_kway_hist) and
+its compacted top-p (top-k's kept set in a per-row workspace, _compact)."""
 
 import struct
 
@@ -147,14 +148,9 @@ def _adversarial(V, g, S):
 F32, BF16 = torch.float32, torch.bfloat16
 
 
-# Every mode in both key spaces, 2 / 3 / 5 splits spread over them (interpreter time).
-@pytest.mark.parametrize("mode, dtype, nsplit", [
-    ("k", F32, 2), ("k", BF16, 5), ("p", F32, 3), ("p", BF16, 2), ("kp", F32, 5),
-    ("kp", BF16, 3), ("joint", F32, 3), ("joint", BF16, 2)])
-@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
-def test_split_search_matches(nsplit, mode, dtype, monkeypatch):
-    # (bf16 keys near the dtype's max scaled by 1/T > 1 overflow to +inf in fp32, as on a
-    # GPU: numpy warns.)
+def _adversarial_case(mode, dtype):
+    """verify_chain's arguments on :func:`_adversarial` rows (fresh seed, V 300..700, S 2)
+    with the filters of ``mode`` (k, p, kp, joint), the reference's result and the seed."""
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
     g = torch.Generator().manual_seed(seed)
     V, S = int(torch.randint(300, 700, (1,), generator=g)), 2
@@ -168,12 +164,23 @@ def test_split_search_matches(nsplit, mode, dtype, monkeypatch):
         kw["top_p"] = torch.tensor([0.999, 1e-6, 0.5, 1.0, 0.9, 0.3])
     if mode == "joint":
         kw["filter_order"] = "joint"
-    want = run_verify("reference", kw)
+    return kw, run_verify("reference", kw), seed
+
+
+# Every mode in both key spaces, 2 / 3 / 5 splits spread over them (interpreter time).
+@pytest.mark.parametrize("mode, dtype, nsplit", [
+    ("k", F32, 2), ("k", BF16, 5), ("p", F32, 3), ("p", BF16, 2), ("kp", F32, 5),
+    ("kp", BF16, 3), ("joint", F32, 3), ("joint", BF16, 2)])
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
+def test_split_search_matches(nsplit, mode, dtype, monkeypatch):
+    # (bf16 keys near the dtype's max scaled by 1/T > 1 overflow to +inf in fp32, as on a
+    # GPU: numpy warns.)
+    kw, want, seed = _adversarial_case(mode, dtype)     # seed: pytest's locals on failure
     _force(monkeypatch, nsplit, False)
     single = run_verify("triton", kw)
     _force(monkeypatch, nsplit, True)
     split = run_verify("triton", kw)
-    assert_same_verify(split, want)     # seed: printed by pytest's locals on failure
+    assert_same_verify(split, want)
     assert_same_verify(split, single)
 
 
@@ -270,3 +277,80 @@ def test_split_search_verify_tree(dtype, monkeypatch):
     for w, a, b in zip(want, single, split):
         if w is not None:
             assert torch.equal(b, w) and torch.equal(b, a)
+
+
+# Top-k + top-p in one program: top-p's mass passes over top-k's kept set compacted into the
+# row's workspace (COMPACT_CAP), or over the row when it does not fit (cap 3) or is off (0).
+@pytest.mark.parametrize("cap, mode, dtype", [(1024, "kp", F32), (1024, "joint", BF16),
+                                              (3, "kp", BF16), (3, "joint", F32),
+                                              (0, "kp", F32)])
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
+def test_compacted_top_p_matches(cap, mode, dtype, monkeypatch):
+    kw, want, seed = _adversarial_case(mode, dtype)     # seed: pytest's locals on failure
+    _force(monkeypatch, 2, False)
+    monkeypatch.setattr(tv, "COMPACT_CAP", cap)
+    assert_same_verify(run_verify("triton", kw), want)
+
+
+def test_compaction_holds_top_k_kept_set(monkeypatch):
+    # The workspace the mass passes read: each row's logits with a scaled value >= top-k's
+    # threshold (the sorted k-th scaled value), bit for bit (in atomic-slot order: compared
+    # sorted), then -inf up to a multiple of 8.
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    B, S, V, cap = 3, 2, 500, 64
+    x = torch.randn(B, S, V, generator=g).to(torch.bfloat16)
+    x[0, :, 100:110] = 3.0                      # ties at the k-th value: 10 kept, k 4
+    k = torch.tensor([4, 1, 40], dtype=torch.int32)
+    temp = torch.tensor([1.0, 0.7, 1.3])
+    seen = {}
+    real = tv.launch
+
+    def spy(kernel, grid, *args, **kw):
+        if kw.get("CAP"):
+            seen["ws"] = kw["ws_ptr"]
+        return real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(tv, "launch", spy)
+    monkeypatch.setattr(tv, "COMPACT_CAP", cap)
+    _force(monkeypatch, 1, False)
+    z = torch.zeros(B, dtype=torch.int64)
+    rp = tv.rows_pass(x, temp, k, torch.full((B,), 0.9), z, z, need_mz=True)
+    ws = seen["ws"].view(B, S, cap)
+    for b in range(B):
+        for j in range(S):
+            s = x[b, j].float() * (1.0 / temp[b])
+            kth = torch.sort(s, descending=True).values[int(k[b]) - 1]
+            kept = x[b, j][s >= kth]
+            assert (s >= rp["thr"].view(B, S)[b, j]).sum() <= kept.numel()   # top-p within
+            assert int(k[b]) <= kept.numel() <= cap
+            n = kept.numel()
+            got = torch.sort(ws[b, j, :n].view(torch.int16)).values
+            assert torch.equal(got, torch.sort(kept.view(torch.int16)).values)
+            n8 = min(-(-n // 8) * 8, cap)
+            assert (ws[b, j, n:n8] == NEG_INF).all()
+
+
+@pytest.mark.parametrize("joint, dtype", [(False, BF16), (True, F32)])
+def test_compacted_thresholds_exact(joint, dtype, monkeypatch):
+    # Kept-set thresholds with the compacted mass passes equal the whole-row passes' bit for
+    # bit, on rows where top-p cuts inside top-k's set (so every survivor's mass counts).
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    B, S, V = 8, 2, 400
+    x = torch.randn(B, S, V, generator=g) * 4
+    x[::2, :, -1] = x.max() + 1                 # the max last in row order: the last survivor
+    x = x.to(dtype)
+    k = torch.randint(8, 60, (B,), generator=g, dtype=torch.int32)
+    p = torch.rand(B, generator=g) * 0.5 + 0.05
+    temp = torch.rand(B, generator=g) + 0.5
+    z = torch.zeros(B, dtype=torch.int64)
+    _force(monkeypatch, 1, False)
+    thr = {}
+    for cap in (1024, 0):
+        monkeypatch.setattr(tv, "COMPACT_CAP", cap)
+        thr[cap] = tv.rows_pass(x, temp, k, p, z, z, need_mz=True, joint=joint)["thr"]
+    assert torch.equal(thr[1024].view(torch.int32), thr[0].view(torch.int32))
+    s = x.float() * (1.0 / temp).view(B, 1, 1)
+    kth = torch.sort(s, dim=-1, descending=True).values.gather(-1, (k.long() - 1).view(B, 1, 1)
+                                                              .expand(B, S, 1))
+    n_p, n_k = (s >= thr[0].view(B, S, 1)).sum(-1), (s >= kth).sum(-1)
+    assert (n_p < n_k).float().mean() > 0.5     # top-p inside top-k on most rows

@@ -340,6 +340,39 @@ def _kway_mass(row_ptr, V, inv_t, cand, m, K: tl.constexpr, BLOCK: tl.constexpr,
 
 
 @triton.jit
+def _compact(row_ptr, V, inv_t, c0, m, ws_ptr, ctr_ptr, CAP: tl.constexpr,
+             BLOCK: tl.constexpr, FULL: tl.constexpr):
+    """Copies the logits whose scaled value is >= c0 (top-k's kept set) to
+    ``ws_ptr[0 : min(n, CAP)]``, then -inf up to the next multiple of 8 (mass 0; the mass
+    passes keep their 16-byte loads): ``(n rounded up to 8, the int64 mass of the whole row
+    if FULL else 0)``. The raw logits, so a mass pass scales them to the same bits.
+
+    Slots come from a relaxed atomic counter (``ctr_ptr``, int32, zeroed here): no scan,
+    no barrier per tile. Their order varies from run to run; the integer mass sums over
+    them do not."""
+    tl.store(ctr_ptr, 0)
+    tl.debug_barrier()
+    zf = tl.zeros((BLOCK // _SEARCH_VEC,), tl.int64)
+    for off in range(0, V, BLOCK):
+        offs = _search_tile(off, BLOCK)
+        inb = offs < V
+        x = tl.load(row_ptr + offs, mask=inb, other=float("-inf"))
+        s = _scale(x.to(tl.float32), inv_t)
+        keep = inb & (s >= c0)
+        pos = tl.atomic_add(ctr_ptr + tl.zeros_like(offs), 1, mask=keep, sem="relaxed")
+        tl.store(ws_ptr + pos, x, mask=keep & (pos < CAP))
+        if FULL:
+            zf += tl.sum(_mass_of(s, m), axis=0)    # -inf lanes (and past V): mass 0
+    tl.debug_barrier()
+    n = tl.atomic_add(ctr_ptr, 0, sem="relaxed")    # the count, at the atomics' level
+    pad = n + tl.arange(0, 8)
+    n8 = ((n + 7) >> 3) << 3
+    tl.store(ws_ptr + pad, tl.full((8,), float("-inf"), tl.float32).to(ws_ptr.dtype.element_ty),
+             mask=(pad < n8) & (pad < CAP))
+    return n8, tl.sum(zf, axis=0)
+
+
+@triton.jit
 def _candidates(lo, hi, inv_t, KWAY: tl.constexpr, KEYDT: tl.constexpr):
     """A pass's KWAY scaled candidate thresholds: [lo, hi] in KWAY buckets from lo."""
     slot = tl.arange(0, KWAY).to(tl.int64)
@@ -655,6 +688,7 @@ def _verify_rows_kernel(
     FOLD: tl.constexpr = False, arr_ptr=None, bt_ptr=None, stride_tb=0, nd_ptr=None,
     dp_ptr=None, stride_db=0, stride_ds=0, seq_ptr=None, acc_ptr=None, out_ptr=None,
     bonus_ptr=None, nsl_ptr=None, HAS_SEQ: tl.constexpr = False, S_P2: tl.constexpr = 1,
+    CAP: tl.constexpr = 0, ws_ptr=None, ctr_ptr=None,
 ):
     # HAS_TREE (verify_tree): row j is tree node j, whose token sits at position
     # positions[b] + depth(j) + 1 (a chain row is the tree node of depth j).
@@ -672,6 +706,10 @@ def _verify_rows_kernel(
     # counter (arr_ptr, int32 [>= B], 0 between launches) runs b's finish (_finish_request:
     # bt_ptr .. nsl_ptr, HAS_SEQ, S_P2 are its arguments; NSPLIT_P2 = next_pow2(NSPLIT);
     # draft_probs iff NEED_MZ).
+    # CAP > 0 (single-program search, top-k + top-p): top-p's mass passes read top-k's kept
+    # set from the row's CAP-element workspace (ws_ptr, logits dtype, [rows, CAP]) after one
+    # compaction pass instead of the whole row, when it fits (docs/verify_chain.md); ctr_ptr:
+    # int32 [rows], the compaction's slot counters.
     r = tl.program_id(0)
     sp = tl.program_id(1)
     b, j, start, end, live, row_ptr = _program_row(logits_ptr, stride_lb, stride_ls, r, sp, S,
@@ -723,10 +761,25 @@ def _verify_rows_kernel(
                     hi = _topp_hi(lo, m, KEYDT)
                     target = tl.full((), 0, tl.int64)
                     first = True
+                    src, n_src = row_ptr, V
+                    fits = False
+                    zf_c = tl.full((), 0, tl.int64)
+                    if CAP > 0:
+                        # Every candidate is >= lo's, so the masses count top-k's kept set
+                        # only: from the workspace when it holds all of it (else the row).
+                        if k_on & (lo < hi):
+                            ws = ws_ptr + r.to(tl.int64) * CAP
+                            n_c, zf_c = _compact(row_ptr, V, inv_t, _cand(lo, inv_t, KEYDT), m,
+                                                 ws, ctr_ptr + r, CAP, SBLOCK, JOINT)
+                            fits = n_c <= CAP
+                            tl.debug_barrier()  # the workspace's stores before its loads
+                            src = tl.where(fits, ws, row_ptr)
+                            n_src = tl.where(fits, n_c, V)
                     while lo < hi:
                         cand = _candidates(lo, hi, inv_t, KWAY, KEYDT)
-                        mass, z_full = _kway_mass(row_ptr, V, inv_t, cand, m, KWAY, SBLOCK,
+                        mass, z_full = _kway_mass(src, n_src, inv_t, cand, m, KWAY, SBLOCK,
                                                   JOINT)
+                        z_full = tl.where(fits, zf_c, z_full)   # JOINT: the whole row's
                         lo, hi, target = _mass_step(lo, hi, mass, z_full, target, first, tp,
                                                     k_on, KWAY, JOINT)
                         first = False
@@ -939,6 +992,9 @@ BLOCK_V = 1024
 # Sampled rows skip the noise of tiles that cannot hold the winner (_stream_best); the
 # tests switch it off to compare against the unpruned loop.
 PRUNE = True
+# Single-program top-k + top-p: top-p's mass passes read top-k's kept set, copied into a
+# COMPACT_CAP-element workspace per row by one pass, when it fits (else the row); 0: off.
+COMPACT_CAP = 1024
 # Threshold search: KWAY candidates per pass over the row, on SEARCH_BLOCK_V-wide tiles
 # on a GPU: 128 threads x 8 contiguous elements (_SEARCH_VEC), KWAY per-lane accumulators
 # a thread in registers.
@@ -1137,6 +1193,10 @@ def rows_pass(logits, temperature, top_k, top_p, seeds, positions, need_mz=False
         extra.update(SEARCH_SPLIT=True, st_ptr=st, cnt_ptr=cnt, mx_ptr=mx, pst_ptr=pst,
                      pms_ptr=pms, pzf_ptr=pzf, NCOUNT=ncount, NMASS=nmass,
                      NSPLIT_P2=next_pow2(nsplit))
+    elif has_topk and has_topp and COMPACT_CAP > 0:
+        extra.update(CAP=COMPACT_CAP,
+                     ws_ptr=torch.empty(rows * COMPACT_CAP, dtype=logits.dtype, device=dev),
+                     ctr_ptr=torch.empty(rows, dtype=torch.int32, device=dev))
     launch(_verify_rows_kernel, (rows, nsplit),
         logits, stride_lb, stride_ls, temp,
         top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,

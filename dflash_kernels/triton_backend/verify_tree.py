@@ -104,13 +104,14 @@ def compile_spec(kernel: str, N: int = 64) -> dict:
                    topk_ptr="*i32", topp_ptr="*fp32", seed_ptr="*i64", pos_ptr="*i64",
                    pval_ptr="*fp32", pidx_ptr="*i32", pm_ptr="*fp32", pz_ptr="*fp32",
                    thr_ptr="*fp32", S="i32", V="i32", CHUNK="i32", NSPLIT="i32",
-                   par_ptr="*i32", stride_pb="i32", NCOUNT="i32", NMASS="i32")
+                   par_ptr="*i32", stride_pb="i32", NCOUNT="i32", NMASS="i32", ws_ptr="*bf16",
+                   ctr_ptr="*i32")
         const = dict(HAS_TEMP=True, HAS_TOPK=True, HAS_TOPP=True, NEED_MZ=False,
                      BLOCK=vc.BLOCK_V, SBLOCK=vc.SEARCH_BLOCK_V, KWAY=vc.KWAY, HAS_TREE=True,
                      PRUNE=vc.PRUNE, RAGGED=False, cu_ptr=None, T=1, JOINT=False,
                      SEARCH_SPLIT=False, st_ptr=None, cnt_ptr=None, mx_ptr=None, pst_ptr=None,
                      pms_ptr=None, pzf_ptr=None, NSPLIT_P2=1, KEYDT=vc.key_space(torch.bfloat16),
-                     **vc.UNFOLDED)
+                     CAP=vc.COMPACT_CAP, **vc.UNFOLDED)
         warps = 4
     elif kernel == "_verify_tree_walk_kernel":
         sig = dict(tok_ptr="*i64", par_ptr="*i32", nn_ptr="*i32", seq_ptr="*i32",
