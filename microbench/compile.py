@@ -42,7 +42,9 @@ for job in json.load(open(sys.argv[1])):
         kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
         # A tuple argument's types arrive as a JSON list; "t.i" names its element i.
         signature = {n: tuple(t) if isinstance(t, list) else t for n, t in job["signature"].items()}
-        names = list(signature)
+        # attrs are keyed by the kernel's own argument positions (ASTSource matches the
+        # signature by name): a job that lists its arguments in another order keeps its hints.
+        names = list(kernel.arg_names)
         def path(n):
             name, _, i = n.partition(".")
             return (names.index(name),) + ((int(i),) if i else ())

@@ -226,14 +226,15 @@ def _attention_loop(row):
 @pytest.mark.parametrize("name", ATTN_SPLIT)
 def test_attention_split_keeps_the_budget(rows, name, arch):
     # The merge folded into the split launch (docs/block_attention.md "Split merge"): 0 spills,
-    # 2 CTAs/SM, and the context loop of the 1-split build (its loads, within 1% of its
-    # instructions); the merge streams the partials in 16-byte loads.
+    # 2 CTAs/SM, and the context loop of the 1-split build (its loads, within 2.5% of its
+    # instructions: 608 vs 596 at bf16 page 1 on sm_90a since the hints land on the right
+    # arguments); the merge streams the partials in 16-byte loads.
     r = rows[(name, arch)]
     assert r["spills"] == 0 and r["local"] == 0 and r["ctas_per_sm"] >= 2, r
     assert r["mma"] == [MMA[arch]] and not r["uses_tma"]
     lp, plain = _attention_loop(r), _main(rows[(name.replace(".split", ""), arch)])
     assert lp["load_kinds"] == plain["load_kinds"] and lp["tiles_in_flight"] >= 2
-    assert abs(lp["instructions"] - plain["instructions"]) <= 0.01 * plain["instructions"], \
+    assert abs(lp["instructions"] - plain["instructions"]) <= 0.025 * plain["instructions"], \
         (lp["instructions"], plain["instructions"])
     merge = [lp for lp in r["loops"] if lp["load_kinds"].get("LDG.128", 0) >= 8]
     assert len(merge) == 1, [(lp["instructions"], lp["load_kinds"]) for lp in r["loops"]]
@@ -487,7 +488,9 @@ TREE_BUDGET = {
     "tree_mask.n256": {90: (40, 6), 100: (40, 6)},
     "copy_kv.bf16": {90: (32, 16), 100: (32, 16)},
     "copy_kv.bf16.staged": {90: (30, 16), 100: (30, 16)},
-    "block_attention.mask.causal": {90: (126, 2), 100: (112, 2)},
+    # sm_100a causal 114 since the compile hints land on the right arguments (were 112 with
+    # the block's strides' hints on other arguments).
+    "block_attention.mask.causal": {90: (126, 2), 100: (114, 2)},
     "block_attention.mask.bits": {90: (122, 2), 100: (117, 2)},
 }
 
