@@ -300,8 +300,7 @@ _VERIFY_UNFOLDED = {n: ("constexpr", v) if isinstance(v, bool) or n == "S_P2" el
 
 def _verify_compact(both: bool) -> dict:
     """The row kernel's top-p workspace as rows_pass passes it: with top-k and top-p in one
-    program, COMPACT_CAP elements per row (bf16 logits); else none. The kernel's last
-    arguments: a job's parameters are in the kernel's order (launch_job's divisibility)."""
+    program, COMPACT_CAP elements per row (bf16 logits); else none (CAP 0)."""
     from dflash_kernels.triton_backend import verify_chain as tv
 
     if both and tv.COMPACT_CAP:
